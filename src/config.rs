@@ -1,0 +1,382 @@
+//! Command line and environment: every setting of PRODUCT.md as a clap flag
+//! with its environment variable, parsed into typed values and validated
+//! before anything binds. Nothing else in the crate reads `std::env`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// corral: one stable Ollama address in front of a changing fleet of Ollama servers.
+#[derive(Debug, Parser)]
+#[command(
+    name = "corral",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to run; plain `corral` is `corral serve`.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Settings of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    /// Log verbosity: DEBUG, INFO, WARNING, ERROR, or a RUST_LOG-style filter.
+    #[arg(long, env = "LOG_LEVEL", default_value = "INFO", global = true)]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Serve(ServeArgs),
+    /// Run simulated Ollama backends on consecutive ports.
+    Sim(SimArgs),
+    /// Run the proxy and a small simulated fleet in one process.
+    Demo(DemoArgs),
+}
+
+/// Settings of the proxy. Variable names are kept exactly from ollama_proxy.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Bind address.
+    #[arg(long = "host", env = "PROXY_HOST", default_value = "0.0.0.0")]
+    pub proxy_host: IpAddr,
+
+    /// Bind port.
+    #[arg(long = "port", env = "PROXY_PORT", default_value_t = 11434)]
+    pub proxy_port: u16,
+
+    /// Host of the port-range backends.
+    #[arg(long, env = "BACKEND_HOST", default_value = "127.0.0.1")]
+    pub backend_host: String,
+
+    /// First port scanned (inclusive).
+    #[arg(long, env = "BACKEND_PORT_START", default_value_t = 24000)]
+    pub backend_port_start: u16,
+
+    /// Last port scanned (inclusive).
+    #[arg(long, env = "BACKEND_PORT_END", default_value_t = 24100)]
+    pub backend_port_end: u16,
+
+    /// Extra backends by URL, comma-separated (`http://gpu7:11434,...`).
+    #[arg(long, env = "BACKENDS", value_delimiter = ',', value_parser = parse_backend_url)]
+    pub backends: Vec<http::Uri>,
+
+    /// Seconds between scans.
+    #[arg(long = "scan-interval", env = "SCAN_INTERVAL_SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub scan_interval: Duration,
+
+    /// Timeout of one probe, in seconds.
+    #[arg(long = "probe-timeout", env = "PROBE_TIMEOUT_SECONDS", default_value = "1.0", value_parser = parse_seconds)]
+    pub probe_timeout: Duration,
+
+    /// Extra attempts after the first failure.
+    #[arg(long, env = "MAX_RETRIES", default_value_t = 2)]
+    pub max_retries: u32,
+
+    /// Requests in flight per backend; 0 = no cap.
+    #[arg(long, env = "MAX_CONCURRENT_PER_BACKEND", default_value_t = 1)]
+    pub max_concurrent_per_backend: u32,
+
+    /// How long a request may wait for a free backend, in seconds.
+    #[arg(long = "queue-timeout", env = "QUEUE_TIMEOUT_SECONDS", default_value = "3600", value_parser = parse_seconds)]
+    pub queue_timeout: Duration,
+
+    /// Waiting requests at most; past that, 503 at once.
+    #[arg(long, env = "MAX_QUEUE", default_value_t = 100_000)]
+    pub max_queue: usize,
+
+    /// Request bytes held by waiting requests at most; past that, 503 at once.
+    #[arg(long, env = "MAX_QUEUE_BYTES", default_value_t = 1 << 30)]
+    pub max_queue_bytes: usize,
+
+    /// TCP connect timeout to a backend, in seconds.
+    #[arg(long = "backend-connect-timeout", env = "BACKEND_CONNECT_TIMEOUT_SECONDS", default_value = "2.0", value_parser = parse_seconds)]
+    pub backend_connect_timeout: Duration,
+
+    /// Longest silence from a backend while a response is awaited, in seconds.
+    #[arg(long = "backend-read-timeout", env = "BACKEND_READ_TIMEOUT_SECONDS", default_value = "600.0", value_parser = parse_seconds)]
+    pub backend_read_timeout: Duration,
+
+    /// Refuse `"stream": true` with 400 and default a missing `stream` to false.
+    #[arg(long, env = "REJECT_STREAMING", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub reject_streaming: bool,
+
+    /// Larger request bodies get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 100 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Client keys, comma-separated; when set, requests need `Authorization: Bearer <key>`.
+    #[arg(
+        long = "api-keys",
+        env = "PROXY_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Key for the POST actions under /__proxy/; when empty they are loopback-only.
+    #[arg(
+        long = "admin-key",
+        env = "PROXY_ADMIN_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_key: String,
+
+    /// Seconds that in-flight requests get to finish after SIGTERM or SIGINT.
+    #[arg(long = "shutdown-grace", env = "SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
+
+    /// Longest time a client may take to send its request headers, in seconds.
+    #[arg(long = "client-header-timeout", env = "CLIENT_HEADER_TIMEOUT_SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub client_header_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// Cross-field checks that clap cannot express; the message is for the user.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.backend_port_start > self.backend_port_end {
+            return Err(format!(
+                "BACKEND_PORT_START ({}) is greater than BACKEND_PORT_END ({})",
+                self.backend_port_start, self.backend_port_end
+            ));
+        }
+        if self.scan_interval.is_zero() {
+            return Err("SCAN_INTERVAL_SECONDS must be greater than 0".into());
+        }
+        if self.probe_timeout.is_zero() {
+            return Err("PROBE_TIMEOUT_SECONDS must be greater than 0".into());
+        }
+        // An empty key (from `PROXY_API_KEYS=a,,b`) would let anyone in with `Bearer `.
+        if self.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err("PROXY_API_KEYS contains an empty key".into());
+        }
+        Ok(())
+    }
+
+    /// The settings as an empty command line gives them (environment included),
+    /// for tests and the demo to adjust.
+    pub fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Only::try_parse_from(["corral"])
+            .expect("every serve setting has a default")
+            .serve
+    }
+}
+
+/// Settings of `corral sim`.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Address the simulated servers listen on.
+    #[arg(long, env = "SIM_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port of the first simulated server; the others follow consecutively.
+    #[arg(long, env = "SIM_PORT_START", default_value_t = 24000)]
+    pub port_start: u16,
+
+    /// How many simulated servers to run.
+    #[arg(long, env = "SIM_COUNT", default_value_t = 1)]
+    pub count: u16,
+
+    /// A TOML fleet file describing each server; flags give the defaults.
+    #[arg(long, env = "SIM_FLEET")]
+    pub fleet: Option<PathBuf>,
+
+    /// Models every server has, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "llama3.2,all-minilm")]
+    pub models: Vec<String>,
+
+    /// Models loaded at start, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub loaded: Vec<String>,
+
+    /// Concurrent requests per loaded model (like OLLAMA_NUM_PARALLEL).
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+
+    /// Requests waiting for a model load at most (like OLLAMA_MAX_QUEUE).
+    #[arg(long, default_value_t = 512)]
+    pub max_queue: usize,
+
+    /// Seconds to load a model that is not loaded.
+    #[arg(long, default_value = "0", value_parser = parse_seconds)]
+    pub load_time: Duration,
+
+    /// Tokens generated per second; 0 answers at once.
+    #[arg(long, default_value_t = 50.0)]
+    pub tokens_per_second: f64,
+
+    /// Tokens in an answer unless `num_predict` asks otherwise.
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+
+    /// Seed of the deterministic output.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Fraction of requests answered with 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+
+    /// Seconds after which a server dies (its listener and connections close).
+    #[arg(long, value_parser = parse_seconds)]
+    pub lifetime: Option<Duration>,
+
+    /// Seconds before a server starts listening.
+    #[arg(long, value_parser = parse_seconds)]
+    pub start_delay: Option<Duration>,
+}
+
+/// Settings of `corral demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Port of the proxy.
+    #[arg(long, env = "PROXY_PORT", default_value_t = 11434)]
+    pub port: u16,
+
+    /// Simulated backends to start.
+    #[arg(long, default_value_t = 4)]
+    pub backends: u16,
+
+    /// Port of the first simulated backend.
+    #[arg(long, default_value_t = 24000)]
+    pub backend_port_start: u16,
+}
+
+/// Parses seconds as Python's float() would accept them ("5", "1.5") into a Duration.
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        format!("'{s}' is not a valid number of seconds (must be finite and not negative)")
+    })
+}
+
+/// Accepts `http://host:port` (a path prefix is kept); refuses anything else.
+fn parse_backend_url(s: &str) -> Result<http::Uri, String> {
+    let s = s.trim();
+    let uri: http::Uri = s.parse().map_err(|e| format!("'{s}' is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(uri),
+        (Some(other), _) if other != "http" => Err(format!(
+            "'{s}': only http:// backends are supported (put TLS in front of corral, not behind it)"
+        )),
+        _ => Err(format!("'{s}' is not an absolute http:// URL")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("corral").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn plain_corral_is_serve_with_the_documented_defaults() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+        let s = cli.serve;
+        assert_eq!(s.proxy_port, 11434);
+        assert_eq!((s.backend_port_start, s.backend_port_end), (24000, 24100));
+        assert_eq!(s.scan_interval, Duration::from_secs(5));
+        assert_eq!(s.probe_timeout, Duration::from_secs(1));
+        assert_eq!(s.max_retries, 2);
+        assert_eq!(s.max_concurrent_per_backend, 1);
+        assert_eq!(s.max_queue, 100_000);
+        assert_eq!(s.max_body_bytes, 104_857_600);
+        assert!(!s.reject_streaming);
+    }
+
+    #[test]
+    fn seconds_accept_fractions_and_refuse_negatives() {
+        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert!(parse_seconds("inf").is_err());
+    }
+
+    #[test]
+    fn backend_urls_must_be_http() {
+        let cli = parse(&["--backends", "http://gpu7:11434,http://10.0.0.2:11434"]).unwrap();
+        assert_eq!(cli.serve.backends.len(), 2);
+        assert!(parse(&["--backends", "https://gpu7:11434"]).is_err());
+        assert!(parse(&["--backends", "gpu7:11434"]).is_err());
+    }
+
+    #[test]
+    fn reversed_port_range_fails_validation() {
+        let cli = parse(&[
+            "--backend-port-start",
+            "24100",
+            "--backend-port-end",
+            "24000",
+        ])
+        .unwrap();
+        assert!(
+            cli.serve
+                .validate()
+                .unwrap_err()
+                .contains("BACKEND_PORT_START")
+        );
+    }
+
+    #[test]
+    fn reject_streaming_reads_true_and_false_words() {
+        assert!(
+            parse(&["--reject-streaming", "true"])
+                .unwrap()
+                .serve
+                .reject_streaming
+        );
+        assert!(
+            !parse(&["--reject-streaming", "0"])
+                .unwrap()
+                .serve
+                .reject_streaming
+        );
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        assert!(
+            matches!(parse(&["sim", "--count", "3"]).unwrap().command, Some(Command::Sim(a)) if a.count == 3)
+        );
+        assert!(matches!(
+            parse(&["demo"]).unwrap().command,
+            Some(Command::Demo(_))
+        ));
+        assert!(
+            matches!(parse(&["serve", "--port", "1"]).unwrap().command, Some(Command::Serve(a)) if a.proxy_port == 1)
+        );
+    }
+}

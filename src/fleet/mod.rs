@@ -1,0 +1,1 @@
+//! The fleet: backends, slots, the wait queue and discovery.

@@ -1,0 +1,36 @@
+//! corral: a load-balancing proxy that makes a changing fleet of Ollama
+//! servers look like one Ollama server, and a simulator of such servers.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, as flag and environment variable.
+//! - [`model`]: model names as Ollama compares them.
+//! - [`fleet`]: the backends, their health and models, the slots and the wait
+//!   queue, and discovery (the scan loop). One lock, never held across `.await`.
+//! - [`proxy`]: the HTTP server: routes, forwarding, retries, streaming,
+//!   fleet-wide answers, admin endpoints, errors.
+//! - [`sim`]: simulated Ollama servers (`corral sim`); shares no code with the
+//!   proxy, so that it cannot share its bugs.
+//! - [`demo`]: the proxy and a small simulated fleet in one process.
+//!
+//! # The request path
+//!
+//! 1. `proxy::routes` matches the path; auth and body-size limits apply.
+//! 2. `proxy::body` reads the body once and peeks `model` and `stream`.
+//! 3. `fleet` admits the request: 404 for a model no backend ever listed,
+//!    503 when the queue is full.
+//! 4. The request takes a `Slot` on the best eligible backend, or waits in
+//!    the FIFO queue until a freed slot is handed to it.
+//! 5. `proxy::forward` sends it; a failure before the first byte reached the
+//!    client marks the backend unhealthy and goes back to step 4 elsewhere.
+//! 6. The response streams back chunk by chunk; the `Slot` is released when
+//!    the body ends or the client goes away (which cancels the backend call).
+
+pub mod config;
+pub mod demo;
+pub mod fleet;
+pub mod logging;
+pub mod model;
+pub mod proxy;
+pub mod shutdown;
+pub mod sim;

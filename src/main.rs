@@ -1,0 +1,50 @@
+//! The `corral` binary: parse the command line, set up logging, bind, run
+//! until a signal, exit 0. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, error::ErrorKind};
+use corral::config::{Cli, Command, ServeArgs};
+use corral::{demo, logging, proxy, shutdown, sim};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(message) = logging::init(&cli.log_level, cli.log_format) {
+        Cli::command()
+            .error(ErrorKind::InvalidValue, message)
+            .exit();
+    }
+    let result = match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Sim(args)) => sim::run(args, shutdown::signal())
+            .await
+            .map_err(|e| e.to_string()),
+        Some(Command::Demo(args)) => demo::run(args, shutdown::signal())
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("corral: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    if let Err(message) = args.validate() {
+        Cli::command()
+            .error(ErrorKind::ArgumentConflict, message)
+            .exit();
+    }
+    let addr = std::net::SocketAddr::new(args.proxy_host, args.proxy_port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    proxy::serve(listener, args, shutdown::signal())
+        .await
+        .map_err(|e| e.to_string())
+}
