@@ -30,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod fleet;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod shutdown;

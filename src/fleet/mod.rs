@@ -1,1 +1,208 @@
-//! The fleet: backends, slots, the wait queue and discovery.
+//! The fleet: a cheap `Clone` handle over the one lock that guards the
+//! backends, their slots and the wait queue. Routing decisions are made by
+//! the sans-io [`scheduler`]; this module adds the waiting (a oneshot per
+//! waiter, so a freed slot wakes exactly the waiter that gets it), the queue
+//! timeout, and the [`Slot`] guard that gives a slot back when dropped.
+
+pub mod backend;
+pub mod discovery;
+pub mod scheduler;
+mod slot;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use backend::{Backend, BackendId, ProbeReport, Target};
+pub use scheduler::{Limits, Rejection, Want};
+pub use slot::Slot;
+
+use scheduler::{Decision, Outcome, Scheduler};
+
+/// What a waiter receives: its slot, or why it will not get one.
+type Grant = Result<Slot, Rejection>;
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AcquireError {
+    /// Turned away by the scheduler.
+    #[error("{0:?}")]
+    Rejected(Rejection),
+    /// Waited QUEUE_TIMEOUT_SECONDS without a slot.
+    #[error("no backend became free within the queue timeout")]
+    QueueTimeout,
+}
+
+/// The fleet handle, shared by the proxy, discovery and admin endpoints.
+#[derive(Clone)]
+pub struct Fleet {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// A std mutex, not tokio's: every critical section is a few map
+    /// operations and nothing is awaited while it is held, so parking a
+    /// thread is cheaper than an async lock.
+    state: Mutex<Scheduler<oneshot::Sender<Grant>>>,
+    queue_timeout: Duration,
+}
+
+impl Fleet {
+    /// An empty fleet with these limits.
+    pub fn new(limits: Limits, queue_timeout: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(Scheduler::new(limits)),
+                queue_timeout,
+            }),
+        }
+    }
+
+    /// Locks the state. A panic while holding the lock leaves consistent data
+    /// behind (every change is a single map operation), so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, Scheduler<oneshot::Sender<Grant>>> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the state under the lock; `f` must be quick.
+    pub fn read<T>(&self, f: impl FnOnce(&Scheduler<oneshot::Sender<Grant>>) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// Changes the state under the lock, then hands out whatever slots the
+    /// change freed or rejections it caused.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Scheduler<oneshot::Sender<Grant>>) -> T) -> T {
+        let (value, out) = {
+            let mut state = self.lock();
+            let value = f(&mut state);
+            (value, state.dispatch())
+        };
+        self.deliver(out);
+        value
+    }
+
+    /// Gets a slot for the request: at once when an eligible backend is free,
+    /// else after waiting in the FIFO queue. Dropping the future (the client
+    /// went away) leaves the queue at once.
+    pub async fn acquire(&self, want: Want, bytes: usize) -> Result<Slot, AcquireError> {
+        let (seq, rx) = {
+            let mut state = self.lock();
+            match state.try_acquire(&want) {
+                Decision::Granted(target) => return Ok(Slot::new(self.clone(), target)),
+                Decision::Rejected(r) => return Err(AcquireError::Rejected(r)),
+                Decision::Wait => {
+                    let (tx, rx) = oneshot::channel();
+                    let seq = state
+                        .enqueue(want, bytes, tx)
+                        .map_err(AcquireError::Rejected)?;
+                    (seq, rx)
+                }
+            }
+        };
+        let mut place = QueuePlace {
+            fleet: self,
+            seq: Some(seq),
+        };
+        let mut rx = rx;
+        let deadline = Instant::now() + self.shared.queue_timeout;
+        match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(grant) => {
+                place.seq = None;
+                grant
+                    .unwrap_or(Err(Rejection::Exhausted))
+                    .map_err(AcquireError::Rejected)
+            }
+            Err(_) => {
+                if place.leave() {
+                    return Err(AcquireError::QueueTimeout);
+                }
+                // Granted in the same instant: the grant is on its way.
+                match rx.await {
+                    Ok(grant) => grant.map_err(AcquireError::Rejected),
+                    Err(_) => Err(AcquireError::QueueTimeout),
+                }
+            }
+        }
+    }
+
+    /// Marks a backend unhealthy after a failed attempt; it comes back only
+    /// through a later successful probe.
+    pub fn mark_failed(&self, id: &BackendId, error: String) {
+        self.update(|s| {
+            if let Some(b) = s.backend_mut(id) {
+                b.failures += 1;
+            }
+            if s.mark_unhealthy(id, error.clone()) {
+                tracing::warn!(backend = %id, %error, "backend marked unhealthy");
+            }
+        });
+    }
+
+    /// Counts a request a backend answered.
+    pub fn record_served(&self, target: &Arc<Target>) {
+        let mut state = self.lock();
+        if let Some(b) = state.backend_mut(&target.id) {
+            if Arc::ptr_eq(&b.target, target) {
+                b.served += 1;
+            }
+        }
+    }
+
+    /// Drains (true) or undrains (false) a backend; false when there is no such backend.
+    pub fn set_draining(&self, id: &BackendId, draining: bool) -> bool {
+        let found = self.update(|s| match s.backend_mut(id) {
+            Some(b) => {
+                b.draining = draining;
+                true
+            }
+            None => false,
+        });
+        if found {
+            tracing::info!(backend = %id, draining, "drain state changed");
+        }
+        found
+    }
+
+    fn release(&self, target: &Arc<Target>) {
+        let out = self.lock().release(target);
+        self.deliver(out);
+    }
+
+    /// Sends outcomes to their waiters, outside the lock. A waiter that gave
+    /// up meanwhile drops its receiver; the slot then comes back through
+    /// `Slot`'s drop and goes to the next waiter.
+    fn deliver(&self, out: Vec<(oneshot::Sender<Grant>, Outcome)>) {
+        for (tx, outcome) in out {
+            let grant = match outcome {
+                Outcome::Granted(target) => Ok(Slot::new(self.clone(), target)),
+                Outcome::Rejected(r) => Err(r),
+            };
+            let _ = tx.send(grant);
+        }
+    }
+}
+
+/// A request's place in the queue; leaves the queue when dropped unless it
+/// already left with a grant.
+struct QueuePlace<'a> {
+    fleet: &'a Fleet,
+    seq: Option<u64>,
+}
+
+impl QueuePlace<'_> {
+    /// Leaves the queue; false when the waiter had already been granted.
+    fn leave(&mut self) -> bool {
+        match self.seq.take() {
+            Some(seq) => self.fleet.lock().dequeue(seq).is_some(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}

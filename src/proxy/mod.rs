@@ -1,17 +1,182 @@
-//! The proxy's HTTP server.
+//! The proxy: its shared state ([`App`]), the accept loop with graceful
+//! shutdown, and the modules of the request path.
+//!
+//! `serve(listener, args, shutdown)` takes a bound socket and a future that
+//! says when to stop, so the binary passes a real port and a signal while
+//! tests bind `127.0.0.1:0`.
+
+mod admin;
+mod aggregate;
+mod auth;
+mod body;
+pub mod error;
+mod forward;
+mod routes;
+mod stream;
+pub mod upstream;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use crate::config::ServeArgs;
+use crate::fleet::discovery::Discovery;
+use crate::fleet::{Fleet, Limits};
+use crate::metrics::Metrics;
+use upstream::Upstream;
 
-/// Serves the proxy on `listener` until `shutdown` completes.
+/// What every request handler shares.
+pub struct App {
+    /// The settings.
+    pub args: ServeArgs,
+    /// The backends, slots and queue.
+    pub fleet: Fleet,
+    /// The client to the backends.
+    pub upstream: Upstream,
+    /// The metric families.
+    pub metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// The state for these settings, with an empty fleet.
+    pub fn new(args: ServeArgs) -> Self {
+        let limits = Limits {
+            cap: args.max_concurrent_per_backend,
+            max_queue: args.max_queue,
+            max_queue_bytes: args.max_queue_bytes,
+        };
+        Self {
+            fleet: Fleet::new(limits, args.queue_timeout),
+            upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
+            metrics: Arc::new(Metrics::new()),
+            args,
+        }
+    }
+}
+
+/// A running proxy, for tests and the demo.
+pub struct ProxyHandle {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The shared state, to look at the fleet.
+    pub app: Arc<App>,
+    /// Cancelled after the first scan.
+    pub ready: CancellationToken,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting, turns queued requests away, lets in-flight ones
+    /// finish (up to the grace period), and waits until all is done.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the proxy on `listener` and its discovery loop; returns at once.
+pub fn start(listener: TcpListener, args: ServeArgs) -> std::io::Result<ProxyHandle> {
+    let addr = listener.local_addr()?;
+    let app = Arc::new(App::new(args));
+    let stop = CancellationToken::new();
+    let ready = CancellationToken::new();
+    let task = tokio::spawn(run(listener, Arc::clone(&app), stop.clone(), ready.clone()));
+    Ok(ProxyHandle {
+        addr,
+        app,
+        ready,
+        stop,
+        task,
+    })
+}
+
+/// Serves until `shutdown` completes, then shuts down gracefully.
 pub async fn serve(
-    _listener: TcpListener,
-    _args: ServeArgs,
+    listener: TcpListener,
+    args: ServeArgs,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let handle = start(listener, args)?;
+    tracing::info!(addr = %handle.addr, "corral listening");
     shutdown.await;
+    handle.shutdown().await;
+    tracing::info!("corral stopped");
     Ok(())
+}
+
+async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    stop: CancellationToken,
+    ready: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    let scanning = CancellationToken::new();
+    tasks.spawn(Discovery::new(app.fleet.clone(), &app.args).run(scanning.clone(), ready));
+
+    let router = routes::router(Arc::clone(&app));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.args.client_header_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service =
+            router
+                .clone()
+                .map_request(move |request: http::Request<hyper::body::Incoming>| {
+                    let mut request = request.map(axum::body::Body::new);
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request
+                });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tasks.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        in_flight = app
+            .fleet
+            .read(|s| s.backends().values().map(|b| b.in_flight).sum::<u32>()),
+        waiting = app.fleet.read(|s| s.queue_len()),
+        "shutting down: no new connections, queued requests turned away"
+    );
+    app.fleet.update(|s| s.close());
+    crate::shutdown::with_grace(app.args.shutdown_grace, graceful.shutdown()).await;
+    scanning.cancel();
+    tasks.close();
+    // Connections past the grace period are cut; the scan loop ends at once.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), tasks.wait()).await;
 }

@@ -1,0 +1,178 @@
+//! One backend as the fleet knows it: its identity, health, models and
+//! counters. Plain data; the scheduler and discovery change it under the
+//! fleet lock.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::model::ModelName;
+
+/// Names a backend: its port for the scanned range, its URL's authority for a
+/// `BACKENDS` entry. Range backends sort first, by port, so that "lowest port"
+/// tie-breaks are deterministic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendId {
+    /// A backend of the scanned port range.
+    Port(u16),
+    /// A backend named in `BACKENDS`, by `host:port`.
+    Url(Arc<str>),
+}
+
+impl BackendId {
+    /// Parses the id as `/__proxy/backends/{id}/drain` spells it.
+    pub fn parse(s: &str) -> Self {
+        match s.parse::<u16>() {
+            Ok(port) => Self::Port(port),
+            Err(_) => Self::Url(s.into()),
+        }
+    }
+
+    /// The port for range backends.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Self::Port(p) => Some(*p),
+            Self::Url(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Port(p) => write!(f, "{p}"),
+            Self::Url(a) => f.write_str(a),
+        }
+    }
+}
+
+impl Serialize for BackendId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Port(p) => s.serialize_u16(*p),
+            Self::Url(a) => s.serialize_str(a),
+        }
+    }
+}
+
+/// Where requests for a backend go: fixed for the backend's lifetime, shared
+/// with every slot so that forwarding needs no lock.
+#[derive(Debug)]
+pub struct Target {
+    /// The backend's id.
+    pub id: BackendId,
+    /// Base URL without a trailing slash, `http://127.0.0.1:24001`.
+    pub base: String,
+    /// The `host:port` to send as `Host`: Ollama on loopback refuses others.
+    pub authority: http::HeaderValue,
+}
+
+impl Target {
+    /// A target from a base URL such as `http://127.0.0.1:24001` or `http://gpu7:11434/ollama`.
+    pub fn new(id: BackendId, base: &http::Uri) -> Self {
+        let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
+        let path = base.path().trim_end_matches('/');
+        Self {
+            id,
+            base: format!("http://{authority}{path}"),
+            authority: http::HeaderValue::from_str(authority)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
+        }
+    }
+}
+
+/// What a successful probe found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProbeReport {
+    /// Models of `/api/tags`, as the backend spells them.
+    pub models: Vec<String>,
+    /// The `/api/tags` entries themselves, for the fleet-wide `/api/tags`.
+    pub tags: Vec<serde_json::Value>,
+    /// Models of `/api/ps`, as the backend spells them.
+    pub loaded: Vec<String>,
+    /// The `/api/ps` entries themselves, for the fleet-wide `/api/ps`.
+    pub ps: Vec<serde_json::Value>,
+    /// `/api/version`, when the backend answered it.
+    pub version: Option<String>,
+}
+
+/// A backend's state.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where its requests go.
+    pub target: Arc<Target>,
+    /// Healthy: the last probe succeeded and no request failed on it since.
+    pub healthy: bool,
+    /// Drained: finishes what it has, gets nothing new.
+    pub draining: bool,
+    /// Models its last successful probe listed, normalised.
+    pub models: HashSet<ModelName>,
+    /// Models its last successful probe found loaded, normalised.
+    pub loaded: HashSet<ModelName>,
+    /// The last successful probe's findings, for the fleet-wide views.
+    pub report: ProbeReport,
+    /// Requests holding a slot on it now.
+    pub in_flight: u32,
+    /// Why it was last marked unhealthy.
+    pub last_error: Option<String>,
+    /// Requests it answered (any status) since it (re)appeared.
+    pub served: u64,
+    /// Attempts that failed on it since it (re)appeared.
+    pub failures: u64,
+    /// Probes in a row that failed; reset by a successful one.
+    pub failed_probes: u32,
+}
+
+impl Backend {
+    /// A backend not yet probed: unhealthy, no models.
+    pub fn new(target: Arc<Target>) -> Self {
+        Self {
+            target,
+            healthy: false,
+            draining: false,
+            models: HashSet::new(),
+            loaded: HashSet::new(),
+            report: ProbeReport::default(),
+            in_flight: 0,
+            last_error: None,
+            served: 0,
+            failures: 0,
+            failed_probes: 0,
+        }
+    }
+
+    /// Whether the backend listed `model` at its last probe; `None` (a request
+    /// without a model) fits any backend, which then gives its own error.
+    pub fn has_model(&self, model: Option<&ModelName>) -> bool {
+        model.is_none_or(|m| self.models.contains(m))
+    }
+
+    /// Whether `model` is loaded there.
+    pub fn has_loaded(&self, model: Option<&ModelName>) -> bool {
+        model.is_some_and(|m| self.loaded.contains(m))
+    }
+
+    /// Records a successful probe. Returns true when this looks like another
+    /// server than before (it was down and came back with other models or
+    /// another version: a new batch job on a reused port), in which case the
+    /// counters start afresh.
+    pub fn apply_probe(&mut self, report: ProbeReport) -> bool {
+        let was_healthy = self.healthy;
+        let replaced = !was_healthy
+            && !self.report.models.is_empty()
+            && (self.report.models != report.models || self.report.version != report.version);
+        if replaced {
+            self.served = 0;
+            self.failures = 0;
+            self.last_error = None;
+        }
+        self.models = report.models.iter().map(|m| ModelName::parse(m)).collect();
+        self.loaded = report.loaded.iter().map(|m| ModelName::parse(m)).collect();
+        self.report = report;
+        self.healthy = true;
+        self.failed_probes = 0;
+        replaced
+    }
+}

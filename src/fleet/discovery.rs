@@ -1,0 +1,242 @@
+//! Discovery: every scan interval, probe every port of the range and every
+//! `BACKENDS` URL with `GET /api/tags`, all at once, and apply the results to
+//! the fleet in one step. A backend that answers with a readable model list is
+//! healthy; anything else makes it unhealthy. Healthy ones are also asked
+//! `/api/ps` (loaded models) and `/api/version`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{BackendId, Fleet, ProbeReport, Target};
+use crate::config::ServeArgs;
+
+/// Range backends that fail this many probes in a row, with nothing in
+/// flight, are forgotten (their metrics series retire with them).
+const FORGET_AFTER_FAILED_PROBES: u32 = 12;
+
+/// Largest probe answer read; a real `/api/tags` of hundreds of models is far smaller.
+const MAX_PROBE_BODY: usize = 8 << 20;
+
+/// The scan loop's settings and its HTTP client.
+pub struct Discovery {
+    fleet: Fleet,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    range: Vec<Arc<Target>>,
+    extra: Vec<Arc<Target>>,
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// The outcome of probing one backend.
+pub type ProbeResult = Result<ProbeReport, String>;
+
+impl Discovery {
+    /// Discovery over the range and `BACKENDS` of `args`; the `BACKENDS` are
+    /// added to the fleet at once (unhealthy until probed).
+    pub fn new(fleet: Fleet, args: &ServeArgs) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(args.probe_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(2)
+            .build(connector);
+        let range = (args.backend_port_start..=args.backend_port_end)
+            .filter_map(|port| {
+                let uri = format!("http://{}:{port}", args.backend_host)
+                    .parse()
+                    .ok()?;
+                Some(Arc::new(Target::new(BackendId::Port(port), &uri)))
+            })
+            .collect();
+        let extra: Vec<Arc<Target>> = args
+            .backends
+            .iter()
+            .map(|uri| {
+                let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+                Arc::new(Target::new(BackendId::Url(authority.into()), uri))
+            })
+            .collect();
+        fleet.update(|s| {
+            for t in &extra {
+                s.add_backend(Arc::clone(t));
+            }
+        });
+        Self {
+            fleet,
+            client,
+            range,
+            extra,
+            interval: args.scan_interval,
+            timeout: args.probe_timeout,
+        }
+    }
+
+    /// Scans until `shutdown` is cancelled; `ready` is cancelled after the first scan.
+    pub async fn run(self, shutdown: CancellationToken, ready: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            self.scan().await;
+            ready.cancel();
+        }
+    }
+
+    /// Probes every backend once, concurrently, and applies the results.
+    pub async fn scan(&self) {
+        let started = Instant::now();
+        let mut probes: FuturesUnordered<_> = self
+            .range
+            .iter()
+            .chain(&self.extra)
+            .map(|t| async move { (t, self.probe(t).await) })
+            .collect();
+        let mut results = Vec::with_capacity(self.range.len() + self.extra.len());
+        while let Some(r) = probes.next().await {
+            results.push(r);
+        }
+        let healthy = self.fleet.update(|s| {
+            for (target, result) in results {
+                apply(s, target, result);
+            }
+            s.healthy_count()
+        });
+        tracing::debug!(
+            healthy,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "scan done"
+        );
+    }
+
+    async fn probe(&self, target: &Target) -> ProbeResult {
+        let deadline = Instant::now() + self.timeout;
+        let tags = self.get_json(target, "/api/tags", deadline).await?;
+        let tags =
+            model_entries(&tags).ok_or_else(|| "probe: /api/tags has no model list".to_string())?;
+        // Loaded models and version are extras: a backend that cannot answer
+        // them is still healthy.
+        let (ps, version) = tokio::join!(
+            self.get_json(target, "/api/ps", deadline),
+            self.get_json(target, "/api/version", deadline)
+        );
+        let ps = ps.ok().as_ref().and_then(model_entries).unwrap_or_default();
+        Ok(ProbeReport {
+            models: tags.iter().filter_map(entry_name).collect(),
+            loaded: ps.iter().filter_map(entry_name).collect(),
+            tags,
+            ps,
+            version: version
+                .ok()
+                .and_then(|v| v.get("version")?.as_str().map(str::to_owned)),
+        })
+    }
+
+    async fn get_json(
+        &self,
+        target: &Target,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Value, String> {
+        let uri: http::Uri = format!("{}{path}", target.base)
+            .parse()
+            .map_err(|e| format!("probe: bad URL: {e}"))?;
+        let request = http::Request::get(uri)
+            .header(http::header::HOST, target.authority.clone())
+            .body(Empty::new())
+            .map_err(|e| format!("probe: {e}"))?;
+        let fetch = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("probe {path}: {}", describe(&e)))?;
+            if !response.status().is_success() {
+                return Err(format!("probe {path}: status {}", response.status()));
+            }
+            let body = http_body_util::Limited::new(response.into_body(), MAX_PROBE_BODY)
+                .collect()
+                .await
+                .map_err(|e| format!("probe {path}: reading body: {e}"))?
+                .to_bytes();
+            serde_json::from_slice(&body).map_err(|e| format!("probe {path}: not JSON: {e}"))
+        };
+        tokio::time::timeout_at(deadline, fetch)
+            .await
+            .unwrap_or_else(|_| Err(format!("probe {path}: timed out")))
+    }
+}
+
+/// Applies one probe result under the fleet lock, logging health changes once.
+fn apply<W>(s: &mut super::scheduler::Scheduler<W>, target: &Arc<Target>, result: ProbeResult) {
+    let id = &target.id;
+    match result {
+        Ok(report) => {
+            s.add_backend(Arc::clone(target));
+            let was_healthy = s.backends().get(id).is_some_and(|b| b.healthy);
+            let models = report.models.join(",");
+            let replaced = s.apply_probe(id, report);
+            if !was_healthy {
+                tracing::info!(backend = %id, %models, replaced, "backend healthy");
+            }
+        }
+        Err(error) => {
+            let Some(backend) = s.backend_mut(id) else {
+                return;
+            };
+            backend.failed_probes = backend.failed_probes.saturating_add(1);
+            let forget = matches!(id, BackendId::Port(_))
+                && backend.failed_probes >= FORGET_AFTER_FAILED_PROBES
+                && backend.in_flight == 0;
+            if s.mark_unhealthy(id, error.clone()) {
+                tracing::warn!(backend = %id, %error, "backend unhealthy");
+            }
+            if forget {
+                tracing::info!(backend = %id, "backend forgotten");
+                s.remove_backend(id);
+            }
+        }
+    }
+}
+
+/// The `models` array of a `/api/tags` or `/api/ps` answer.
+fn model_entries(v: &Value) -> Option<Vec<Value>> {
+    v.get("models")?.as_array().cloned()
+}
+
+/// A model entry's name: `model`, else `name`.
+fn entry_name(entry: &Value) -> Option<String> {
+    entry
+        .get("model")
+        .or_else(|| entry.get("name"))?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// One line for a client error: hyper-util's top level says little ("client
+/// error (Connect)"); its source says what happened.
+pub fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,343 @@
+//! Prometheus metrics (`GET /metrics`): the registry and every metric family,
+//! named `corral_*` in base units. Labels are bounded: endpoints are the fixed
+//! route set, models only those some backend listed, backends only those in
+//! the fleet table (a forgotten backend's series are removed).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-request series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route path, e.g. `/api/chat`.
+    pub endpoint: String,
+    /// Model display name, or `unknown` / `none`.
+    pub model: String,
+    /// HTTP status returned to the client.
+    pub status: u16,
+}
+
+/// Labels of per-endpoint series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Route path.
+    pub endpoint: String,
+}
+
+/// Labels of per-backend series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Backend id (port or host:port).
+    pub backend: String,
+}
+
+/// Labels of per-backend failure series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Backend id.
+    pub backend: String,
+    /// connect, timeout, reset, status_5xx, body, mid_stream.
+    pub kind: String,
+}
+
+/// Labels of token series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Model display name.
+    pub model: String,
+    /// `in` (prompt) or `out` (generated).
+    pub direction: String,
+}
+
+/// Labels of per-model series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Model display name.
+    pub model: String,
+}
+
+/// Labels of queue rejections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// queue_full, queue_bytes_full, queue_timeout, unknown_model, shutting_down.
+    pub reason: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to ~9 minutes.
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+fn rate_histogram() -> Histogram {
+    // 1 to ~4,000 tokens per second.
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+/// Every metric family corral exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by endpoint, model and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Whole request duration, until the response body ended.
+    pub request_duration: HistogramFamily<EndpointLabels>,
+    /// Time until the first response byte was ready for the client.
+    pub time_to_first_byte: HistogramFamily<EndpointLabels>,
+    /// Requests waiting for a slot now.
+    pub queue_depth: Gauge,
+    /// Time spent waiting for a slot.
+    pub queue_wait: Histogram,
+    /// Requests turned away before reaching a backend, by reason.
+    pub rejections: Family<ReasonLabels, Counter>,
+    /// Backend health now (1 healthy, 0 not).
+    pub backend_healthy: Family<BackendLabels, Gauge>,
+    /// Requests holding a slot on the backend now.
+    pub backend_in_flight: Family<BackendLabels, Gauge>,
+    /// Attempts sent to the backend.
+    pub backend_requests: Family<BackendLabels, Counter>,
+    /// Failed attempts on the backend, by kind.
+    pub backend_failures: Family<FailureLabels, Counter>,
+    /// Latency of the backend's last successful probe.
+    pub probe_seconds: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Attempts after the first.
+    pub retries: Counter,
+    /// Streams that ended with an error after their first byte.
+    pub stream_errors: Family<EndpointLabels, Counter>,
+    /// Prompt and generated tokens, from the backend's final chunk or usage.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Generation speed per request.
+    pub tokens_per_second: HistogramFamily<ModelLabels>,
+    /// Backends with series now, to retire those that leave the fleet.
+    backends_seen: Mutex<HashSet<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every family registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            time_to_first_byte: Family::new_with_constructor(latency_histogram),
+            queue_depth: Gauge::default(),
+            queue_wait: latency_histogram(),
+            rejections: Family::default(),
+            backend_healthy: Family::default(),
+            backend_in_flight: Family::default(),
+            backend_requests: Family::default(),
+            backend_failures: Family::default(),
+            probe_seconds: Family::default(),
+            retries: Counter::default(),
+            stream_errors: Family::default(),
+            tokens: Family::default(),
+            tokens_per_second: Family::new_with_constructor(rate_histogram),
+            backends_seen: Mutex::new(HashSet::new()),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "corral_requests",
+            "Requests answered, by endpoint, model and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "corral_request_duration_seconds",
+            "Request duration until the response body ended",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "corral_time_to_first_byte_seconds",
+            "Time until the first response byte",
+            m.time_to_first_byte.clone(),
+        );
+        r.register(
+            "corral_queue_depth",
+            "Requests waiting for a backend slot",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "corral_queue_wait_seconds",
+            "Time requests waited for a backend slot",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "corral_queue_rejections",
+            "Requests turned away before reaching a backend, by reason",
+            m.rejections.clone(),
+        );
+        r.register(
+            "corral_backend_healthy",
+            "1 when the backend is healthy",
+            m.backend_healthy.clone(),
+        );
+        r.register(
+            "corral_backend_in_flight",
+            "Requests holding a slot on the backend",
+            m.backend_in_flight.clone(),
+        );
+        r.register(
+            "corral_backend_requests",
+            "Attempts sent to the backend",
+            m.backend_requests.clone(),
+        );
+        r.register(
+            "corral_backend_failures",
+            "Failed attempts on the backend, by kind",
+            m.backend_failures.clone(),
+        );
+        r.register(
+            "corral_backend_probe_seconds",
+            "Duration of the backend's last successful probe",
+            m.probe_seconds.clone(),
+        );
+        r.register(
+            "corral_retries",
+            "Attempts after a request's first",
+            m.retries.clone(),
+        );
+        r.register(
+            "corral_stream_errors",
+            "Streams that ended with an error after their first byte",
+            m.stream_errors.clone(),
+        );
+        r.register(
+            "corral_tokens",
+            "Prompt (in) and generated (out) tokens",
+            m.tokens.clone(),
+        );
+        r.register(
+            "corral_tokens_per_second",
+            "Generation speed of a request",
+            m.tokens_per_second.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Sets the per-backend gauges from the fleet table and retires the
+    /// series of backends that left it.
+    pub fn set_backends<'a>(
+        &self,
+        backends: impl Iterator<Item = (String, bool, u32, Option<Duration>)> + 'a,
+    ) {
+        let mut seen = self.backends_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = HashSet::new();
+        for (backend, healthy, in_flight, probe) in backends {
+            let labels = BackendLabels {
+                backend: backend.clone(),
+            };
+            self.backend_healthy
+                .get_or_create(&labels)
+                .set(i64::from(healthy));
+            self.backend_in_flight
+                .get_or_create(&labels)
+                .set(i64::from(in_flight));
+            if let Some(p) = probe {
+                self.probe_seconds
+                    .get_or_create(&labels)
+                    .set(p.as_secs_f64());
+            }
+            now.insert(backend);
+        }
+        for gone in seen.difference(&now) {
+            let labels = BackendLabels {
+                backend: gone.clone(),
+            };
+            self.backend_healthy.remove(&labels);
+            self.backend_in_flight.remove(&labels);
+            self.backend_requests.remove(&labels);
+            self.probe_seconds.remove(&labels);
+            for kind in FAILURE_KINDS {
+                self.backend_failures.remove(&FailureLabels {
+                    backend: gone.clone(),
+                    kind: (*kind).into(),
+                });
+            }
+        }
+        *seen = now;
+    }
+
+    /// Counts a failed attempt.
+    pub fn backend_failed(&self, backend: &str, kind: &str) {
+        self.backend_failures
+            .get_or_create(&FailureLabels {
+                backend: backend.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a rejection.
+    pub fn rejected(&self, reason: &str) {
+        self.rejections
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Records the tokens of a finished generation.
+    pub fn record_tokens(
+        &self,
+        model: &str,
+        prompt: u64,
+        generated: u64,
+        eval_seconds: Option<f64>,
+    ) {
+        if prompt > 0 {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    model: model.into(),
+                    direction: "in".into(),
+                })
+                .inc_by(prompt);
+        }
+        if generated > 0 {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    model: model.into(),
+                    direction: "out".into(),
+                })
+                .inc_by(generated);
+            if let Some(secs) = eval_seconds.filter(|s| *s > 0.0) {
+                self.tokens_per_second
+                    .get_or_create(&ModelLabels {
+                        model: model.into(),
+                    })
+                    .observe(generated as f64 / secs);
+            }
+        }
+    }
+}
+
+/// Every `kind` label of `corral_backend_failures`.
+pub const FAILURE_KINDS: &[&str] = &[
+    "connect",
+    "timeout",
+    "reset",
+    "status_5xx",
+    "body",
+    "mid_stream",
+];

@@ -1,0 +1,166 @@
+//! The proxy's own endpoints: `/__proxy/health`, `/__proxy/backends` (the
+//! ollama_proxy fields `port`, `healthy`, `in_flight` first, then more),
+//! drain and undrain, and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
+use serde::Serialize;
+use serde_json::json;
+
+use super::App;
+use super::auth::bearer_matches;
+use super::error::{Api, ProxyError};
+use crate::fleet::{Backend, BackendId};
+
+/// `GET /__proxy/health`.
+pub async fn health(State(app): State<Arc<App>>) -> Response {
+    let healthy = app.fleet.read(|s| s.healthy_count());
+    Json(json!({ "status": "ok", "healthy_backends": healthy })).into_response()
+}
+
+/// One row of `/__proxy/backends`.
+#[derive(Serialize)]
+pub struct BackendView {
+    /// The port (range backends) or null.
+    pub port: Option<u16>,
+    /// Healthy now.
+    pub healthy: bool,
+    /// Requests holding a slot now.
+    pub in_flight: u32,
+    /// The id to drain it by.
+    pub id: BackendId,
+    /// Its base URL.
+    pub url: String,
+    /// Drained: gets nothing new.
+    pub draining: bool,
+    /// Models of its last successful probe.
+    pub models: Vec<String>,
+    /// Loaded models of its last successful probe.
+    pub loaded_models: Vec<String>,
+    /// Ollama version, if it said.
+    pub version: Option<String>,
+    /// Why it was last marked unhealthy.
+    pub last_error: Option<String>,
+    /// Requests it answered.
+    pub requests_served: u64,
+    /// Attempts that failed on it.
+    pub failures: u64,
+}
+
+impl BackendView {
+    fn of(b: &Backend) -> Self {
+        Self {
+            port: b.target.id.port(),
+            healthy: b.healthy,
+            in_flight: b.in_flight,
+            id: b.target.id.clone(),
+            url: b.target.base.clone(),
+            draining: b.draining,
+            models: b.report.models.clone(),
+            loaded_models: b.report.loaded.clone(),
+            version: b.report.version.clone(),
+            last_error: b.last_error.clone(),
+            requests_served: b.served,
+            failures: b.failures,
+        }
+    }
+}
+
+/// Every backend of the table, sorted by port (then URL).
+pub fn backend_views(app: &App) -> Vec<BackendView> {
+    app.fleet
+        .read(|s| s.backends().values().map(BackendView::of).collect())
+}
+
+/// `GET /__proxy/backends`.
+pub async fn backends(State(app): State<Arc<App>>) -> Response {
+    let queue = app.fleet.read(|s| (s.queue_len(), s.queued_bytes()));
+    Json(json!({
+        "backends": backend_views(&app),
+        "queue": { "waiting": queue.0, "bytes": queue.1 },
+    }))
+    .into_response()
+}
+
+/// `POST /__proxy/backends/{id}/drain`.
+pub async fn drain(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    set_draining(&app, peer, &headers, &id, true)
+}
+
+/// `POST /__proxy/backends/{id}/undrain`.
+pub async fn undrain(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    set_draining(&app, peer, &headers, &id, false)
+}
+
+fn set_draining(
+    app: &App,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    id: &str,
+    draining: bool,
+) -> Response {
+    if let Err(e) = check_admin(app, peer, headers) {
+        return e.render(Api::Ollama);
+    }
+    let backend = BackendId::parse(id);
+    if !app.fleet.set_draining(&backend, draining) {
+        return ProxyError::NotFound(format!("no backend '{id}' (see GET /__proxy/backends)"))
+            .render(Api::Ollama);
+    }
+    Json(json!({ "id": backend, "draining": draining })).into_response()
+}
+
+/// PROXY_ADMIN_KEY set: its bearer token is required; unset: loopback clients only.
+fn check_admin(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
+    if app.args.admin_key.is_empty() {
+        if peer.ip().is_loopback() {
+            return Ok(());
+        }
+        return Err(ProxyError::Forbidden(
+            "admin actions are allowed only from loopback when PROXY_ADMIN_KEY is unset",
+        ));
+    }
+    if bearer_matches(headers, std::slice::from_ref(&app.args.admin_key)) {
+        Ok(())
+    } else {
+        Err(ProxyError::Unauthorized)
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (rows, depth) = app.fleet.read(|s| {
+        let rows: Vec<(String, bool, u32)> = s
+            .backends()
+            .values()
+            .map(|b| (b.target.id.to_string(), b.healthy, b.in_flight))
+            .collect();
+        (rows, s.queue_len())
+    });
+    app.metrics.queue_depth.set(depth as i64);
+    app.metrics
+        .set_backends(rows.into_iter().map(|(id, h, f)| (id, h, f, None)));
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}

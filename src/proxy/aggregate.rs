@@ -1,0 +1,115 @@
+//! Answers from the fleet as a whole, built from the last scan: `/api/tags`
+//! and `/v1/models` (every model of the healthy backends, once), `/api/ps`
+//! (every loaded model, once), `/api/version`, and `GET /`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::App;
+use super::error::{Api, ProxyError};
+use crate::model::ModelName;
+
+/// `GET /` and `HEAD /`, as Ollama answers them.
+pub async fn root() -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "Ollama is running",
+    )
+        .into_response()
+}
+
+/// The entries of every healthy backend, each model once (first backend by id wins).
+fn union(app: &App, pick: fn(&crate::fleet::ProbeReport) -> &Vec<Value>) -> Vec<Value> {
+    app.fleet.read(|s| {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for b in s.backends().values().filter(|b| b.healthy) {
+            for entry in pick(&b.report) {
+                let name = entry
+                    .get("model")
+                    .or_else(|| entry.get("name"))
+                    .and_then(Value::as_str);
+                if name.is_some_and(|n| seen.insert(ModelName::parse(n))) {
+                    out.push(entry.clone());
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Newest-modified first, as Ollama lists them.
+fn sort_by_modified(entries: &mut [Value]) {
+    entries.sort_by_key(|e| std::cmp::Reverse(modified_unix(e)));
+}
+
+fn modified_unix(entry: &Value) -> i64 {
+    entry
+        .get("modified_at")
+        .and_then(Value::as_str)
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map_or(0, |t| t.timestamp())
+}
+
+/// `GET /api/tags`.
+pub async fn tags(State(app): State<Arc<App>>) -> Response {
+    let mut models = union(&app, |r| &r.tags);
+    sort_by_modified(&mut models);
+    Json(json!({ "models": models })).into_response()
+}
+
+/// `GET /api/ps`.
+pub async fn ps(State(app): State<Arc<App>>) -> Response {
+    Json(json!({ "models": union(&app, |r| &r.ps) })).into_response()
+}
+
+/// `GET /v1/models`, in OpenAI's list shape.
+pub async fn v1_models(State(app): State<Arc<App>>) -> Response {
+    let mut models = union(&app, |r| &r.tags);
+    sort_by_modified(&mut models);
+    let data: Vec<Value> = models
+        .iter()
+        .filter_map(|e| {
+            let id = e.get("model").or_else(|| e.get("name"))?.as_str()?;
+            let owner = id.rsplit_once('/').map_or("library", |(ns, _)| ns.rsplit('/').next().unwrap_or(ns));
+            Some(json!({ "id": id, "object": "model", "created": modified_unix(e), "owned_by": owner }))
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /api/version`: the version of a healthy backend.
+pub async fn version(State(app): State<Arc<App>>) -> Response {
+    let version = app.fleet.read(|s| {
+        s.backends()
+            .values()
+            .filter(|b| b.healthy)
+            .find_map(|b| b.report.version.clone())
+    });
+    match version {
+        Some(v) => Json(json!({ "version": v })).into_response(),
+        None => ProxyError::NoHealthyBackend.render(Api::Ollama),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_modified_comes_first_whatever_the_offset() {
+        let mut v = vec![
+            json!({"model": "a", "modified_at": "2025-05-04T10:00:00-07:00"}),
+            json!({"model": "b", "modified_at": "2025-05-04T18:00:00Z"}),
+            json!({"model": "c"}),
+        ];
+        sort_by_modified(&mut v);
+        let order: Vec<&str> = v.iter().map(|e| e["model"].as_str().unwrap()).collect();
+        assert_eq!(order, ["b", "a", "c"]);
+    }
+}

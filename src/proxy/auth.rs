@@ -1,0 +1,90 @@
+//! Client access control: with PROXY_API_KEYS set, every request but the
+//! liveness checks (`GET /`, `HEAD /`, `GET /__proxy/health`) needs
+//! `Authorization: Bearer <key>`. Keys are compared in constant time and
+//! never logged.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::{HeaderMap, Method, header};
+use subtle::ConstantTimeEq;
+
+use super::App;
+use super::error::{Api, ProxyError};
+
+/// Whether the request's bearer token is one of `keys`. Every key is compared,
+/// each in constant time, so timing tells nothing about which one matched or
+/// how much of one did.
+pub fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+    else {
+        return false;
+    };
+    let token = token.trim().as_bytes();
+    keys.iter().fold(0u8, |found, key| {
+        found | token.ct_eq(key.as_bytes()).unwrap_u8()
+    }) == 1
+}
+
+/// Paths open without a key: what a load balancer or `ollama` CLI heartbeat checks.
+fn is_open(method: &Method, path: &str) -> bool {
+    matches!(
+        (method, path),
+        (&Method::GET | &Method::HEAD, "/") | (&Method::GET, "/__proxy/health")
+    )
+}
+
+/// The middleware: refuses requests without a valid key when keys are set.
+pub async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let keys = &app.args.api_keys;
+    if keys.is_empty()
+        || is_open(request.method(), request.uri().path())
+        || bearer_matches(request.headers(), keys)
+    {
+        return next.run(request).await;
+    }
+    tracing::warn!(
+        path = request.uri().path(),
+        "request without a valid API key"
+    );
+    ProxyError::Unauthorized.render(Api::of(request.uri().path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, auth.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn only_a_listed_bearer_key_matches() {
+        let keys = vec!["alpha".to_string(), "beta".to_string()];
+        assert!(bearer_matches(&headers("Bearer beta"), &keys));
+        assert!(!bearer_matches(&headers("Bearer bet"), &keys));
+        assert!(!bearer_matches(&headers("Bearer betaa"), &keys));
+        assert!(!bearer_matches(&headers("Basic YWxwaGE="), &keys));
+        assert!(!bearer_matches(&HeaderMap::new(), &keys));
+        assert!(!bearer_matches(&headers("Bearer "), &keys));
+    }
+
+    #[test]
+    fn liveness_checks_stay_open() {
+        assert!(is_open(&Method::GET, "/"));
+        assert!(is_open(&Method::HEAD, "/"));
+        assert!(is_open(&Method::GET, "/__proxy/health"));
+        assert!(!is_open(&Method::POST, "/api/chat"));
+        assert!(!is_open(&Method::GET, "/__proxy/backends"));
+    }
+}

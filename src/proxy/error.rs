@@ -1,0 +1,194 @@
+//! Errors the proxy itself answers with, and their one rendering: the status,
+//! `Retry-After` where waiting helps, and the body in Ollama's shape
+//! (`{"error": "..."}`) or, on `/v1/*`, OpenAI's
+//! (`{"error": {"message", "type", "param", "code"}}`).
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
+
+/// Which API family a path belongs to, for the error shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/api/*` and everything else: Ollama's shape.
+    Ollama,
+    /// `/v1/*`: OpenAI's shape.
+    OpenAi,
+}
+
+impl Api {
+    /// The family of a request path.
+    pub fn of(path: &str) -> Self {
+        if path.starts_with("/v1/") {
+            Self::OpenAi
+        } else {
+            Self::Ollama
+        }
+    }
+}
+
+/// What went wrong, as the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The body is not the JSON the endpoint takes.
+    #[error("{0}")]
+    BadRequest(String),
+    /// `"stream": true` while REJECT_STREAMING is set.
+    #[error("streaming is disabled on this proxy (REJECT_STREAMING=true); send \"stream\": false")]
+    StreamingRefused,
+    /// Missing or wrong `Authorization`.
+    #[error("unauthorized: a valid 'Authorization: Bearer <key>' header is required")]
+    Unauthorized,
+    /// Model management through the proxy.
+    #[error(
+        "{0} is disabled on this proxy: corral routes inference and never changes the models of its backends"
+    )]
+    ModelManagement(&'static str),
+    /// An admin action from where it is not allowed.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// No backend has listed the model since corral started.
+    #[error("model '{0}' not found")]
+    UnknownModel(String),
+    /// No such thing (a backend id, an admin path).
+    #[error("{0}")]
+    NotFound(String),
+    /// The body is over MAX_BODY_BYTES.
+    #[error("request body too large: the limit is {0} bytes (MAX_BODY_BYTES)")]
+    BodyTooLarge(usize),
+    /// The client was too slow sending its body.
+    #[error("request body not received in time")]
+    BodyTimeout,
+    /// Every attempt failed, or no untried backend was left.
+    #[error("all attempts failed: {0}")]
+    AllAttemptsFailed(String),
+    /// The wait queue is full (count or bytes).
+    #[error("server busy: the queue is full ({0}); please try again")]
+    QueueFull(&'static str),
+    /// No backend became free in QUEUE_TIMEOUT_SECONDS.
+    #[error("no backend could take the request within {0} s (QUEUE_TIMEOUT_SECONDS)")]
+    QueueTimeout(u64),
+    /// No healthy backend can answer a fleet-wide question.
+    #[error("no healthy backend")]
+    NoHealthyBackend,
+    /// The proxy is shutting down.
+    #[error("corral is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::StreamingRefused => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelManagement(_) | Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::AllAttemptsFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::QueueFull(_)
+            | Self::QueueTimeout(_)
+            | Self::NoHealthyBackend
+            | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Seconds a client should wait before trying again, where that helps.
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::QueueFull(_) => Some(1),
+            Self::QueueTimeout(_) | Self::NoHealthyBackend | Self::ShuttingDown => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The response in the shape of `api`.
+    pub fn render(&self, api: Api) -> Response {
+        let status = self.status();
+        let message = self.to_string();
+        let body = match api {
+            Api::Ollama => json!({ "error": message }),
+            Api::OpenAi => json!({ "error": {
+                "message": message,
+                "type": openai_type(status),
+                "param": null,
+                "code": null,
+            }}),
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// OpenAI's error `type` for a status, as Ollama's compatibility layer sets it.
+fn openai_type(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
+            "invalid_request_error"
+        }
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(r: Response) -> serde_json::Value {
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn ollama_paths_get_a_single_error_string() {
+        let r = ProxyError::UnknownModel("ghost".into()).render(Api::of("/api/chat"));
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            body_json(r).await,
+            json!({"error": "model 'ghost' not found"})
+        );
+    }
+
+    #[tokio::test]
+    async fn v1_paths_get_the_openai_error_object() {
+        let r = ProxyError::BodyTooLarge(10).render(Api::of("/v1/chat/completions"));
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let v = body_json(r).await;
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["param"].is_null() && v["error"]["code"].is_null());
+    }
+
+    #[test]
+    fn unavailable_answers_say_when_to_come_back() {
+        for e in [
+            ProxyError::QueueFull("requests"),
+            ProxyError::QueueTimeout(3600),
+            ProxyError::NoHealthyBackend,
+        ] {
+            let r = e.render(Api::Ollama);
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(r.headers().contains_key(header::RETRY_AFTER), "{e}");
+        }
+        assert!(
+            !ProxyError::AllAttemptsFailed("x".into())
+                .render(Api::Ollama)
+                .headers()
+                .contains_key(header::RETRY_AFTER)
+        );
+    }
+}

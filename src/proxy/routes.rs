@@ -1,0 +1,110 @@
+//! PRODUCT.md's endpoint table, one route per line, and the middleware
+//! order: request id (outermost, so even refusals carry one), then API keys.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, any, get, post};
+use http::{HeaderValue, StatusCode};
+
+use super::error::{Api, ProxyError};
+use super::{App, admin, aggregate, auth, forward};
+
+/// Endpoints routed to one backend, chosen per request.
+pub const ROUTED: [&str; 8] = [
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+];
+
+/// The whole router.
+pub fn router(app: Arc<App>) -> Router {
+    let mut router = Router::new()
+        .route("/", get(aggregate::root))
+        .route("/api/tags", get(aggregate::tags))
+        .route("/api/ps", get(aggregate::ps))
+        .route("/api/version", get(aggregate::version))
+        .route("/v1/models", get(aggregate::v1_models))
+        .route("/api/pull", management("pulling models"))
+        .route("/api/push", management("pushing models"))
+        .route("/api/create", management("creating models"))
+        .route("/api/copy", management("copying models"))
+        .route("/api/delete", management("deleting models"))
+        .route("/api/blobs/{digest}", management("uploading blobs"))
+        .route("/__proxy/health", get(admin::health))
+        .route("/__proxy/backends", get(admin::backends))
+        .route("/__proxy/backends/{id}/drain", post(admin::drain))
+        .route("/__proxy/backends/{id}/undrain", post(admin::undrain))
+        .route("/metrics", get(admin::metrics));
+    for endpoint in ROUTED {
+        router = router.route(
+            endpoint,
+            post(move |state, request| forward::forward(state, endpoint, request)),
+        );
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            auth::require_key,
+        ))
+        .layer(middleware::from_fn(request_id))
+        .with_state(app)
+}
+
+/// Model management answers 403 whatever the method.
+fn management(what: &'static str) -> MethodRouter<Arc<App>> {
+    any(move |request: Request| async move {
+        ProxyError::ModelManagement(what).render(Api::of(request.uri().path()))
+    })
+}
+
+/// Unknown paths, as Ollama answers them.
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(http::header::CONTENT_TYPE, "text/plain")],
+        "404 page not found",
+    )
+        .into_response()
+}
+
+/// A known path with the wrong method, as Ollama answers it.
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(http::header::CONTENT_TYPE, "text/plain")],
+        "405 method not allowed",
+    )
+        .into_response()
+}
+
+/// The header that carries a request's id, in and out.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Takes the client's `X-Request-Id` or makes one, passes it to the backend
+/// (it is a request header) and returns it.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
+                .expect("hex is a valid header value")
+        });
+    request.headers_mut().insert(REQUEST_ID, id.clone());
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}

@@ -1,0 +1,343 @@
+//! The response body relayed to the client. It owns the request's [`Slot`]
+//! until the backend's body ends or the client goes away (dropping it closes
+//! the backend connection, which stops the generation), passes every chunk on
+//! as it arrives, and ends a stream that breaks after its first byte the way
+//! the client can see: an `{"error": ...}` line for NDJSON, an error event for
+//! SSE, an aborted connection for a plain body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::fleet::Slot;
+use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
+
+/// How a response body is framed, from its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `application/x-ndjson`: one JSON object per line.
+    Ndjson,
+    /// `text/event-stream`: `data: ...` events.
+    Sse,
+    /// Anything else: one document.
+    Plain,
+}
+
+impl Framing {
+    /// The framing of a response with this `Content-Type`.
+    pub fn of(content_type: Option<&http::HeaderValue>) -> Self {
+        let ct = content_type
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if ct.starts_with("application/x-ndjson") {
+            Self::Ndjson
+        } else if ct.starts_with("text/event-stream") {
+            Self::Sse
+        } else {
+            Self::Plain
+        }
+    }
+
+    /// The last chunk that tells the client the stream broke, if the framing has one.
+    fn error_chunk(self, message: &str) -> Option<Bytes> {
+        match self {
+            Self::Ndjson => Some(Bytes::from(format!("{}\n", json!({ "error": message })))),
+            Self::Sse => {
+                let event = json!({ "error": { "message": message, "type": "api_error", "param": null, "code": null } });
+                Some(Bytes::from(format!("data: {event}\n\n")))
+            }
+            Self::Plain => None,
+        }
+    }
+}
+
+/// What the relay records when the response is over, however it ends.
+pub struct Ledger {
+    /// The metrics to record into.
+    pub metrics: Arc<Metrics>,
+    /// The route path.
+    pub endpoint: &'static str,
+    /// The model label.
+    pub model: String,
+    /// The status sent to the client.
+    pub status: u16,
+    /// When the request arrived.
+    pub started: Instant,
+    /// The last bytes of the body, where the final chunk's counts are.
+    tail: Vec<u8>,
+}
+
+/// Bytes of the body's end kept for the token counts.
+const TAIL: usize = 16 << 10;
+
+impl Ledger {
+    /// A ledger for a response that is starting.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        endpoint: &'static str,
+        model: String,
+        status: u16,
+        started: Instant,
+    ) -> Self {
+        Self {
+            metrics,
+            endpoint,
+            model,
+            status,
+            started,
+            tail: Vec::new(),
+        }
+    }
+
+    fn observe(&mut self, chunk: &[u8]) {
+        if chunk.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[chunk.len() - TAIL..]);
+            return;
+        }
+        let overflow = (self.tail.len() + chunk.len()).saturating_sub(TAIL);
+        self.tail.drain(..overflow);
+        self.tail.extend_from_slice(chunk);
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                endpoint: self.endpoint.into(),
+                model: self.model.clone(),
+                status: self.status,
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&EndpointLabels {
+                endpoint: self.endpoint.into(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        let counts = TokenCounts::find(&self.tail);
+        let eval_seconds = counts.eval_ns.map(|ns| ns as f64 / 1e9);
+        m.record_tokens(&self.model, counts.prompt, counts.generated, eval_seconds);
+    }
+}
+
+/// Token counts of a finished generation, native or OpenAI-style.
+#[derive(Debug, Default, PartialEq)]
+pub struct TokenCounts {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Generated tokens.
+    pub generated: u64,
+    /// Generation time in nanoseconds, where the backend said.
+    pub eval_ns: Option<u64>,
+}
+
+impl TokenCounts {
+    /// Finds the last counts in the end of a body: `prompt_eval_count`,
+    /// `eval_count`, `eval_duration` (Ollama), or `prompt_tokens`,
+    /// `completion_tokens` (OpenAI usage).
+    pub fn find(tail: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(tail);
+        let last = |key: &str| -> Option<u64> {
+            let at = text.rfind(key)? + key.len();
+            let digits: String = text[at..]
+                .trim_start_matches([' ', ':'])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        };
+        let prompt = last("\"prompt_eval_count\"")
+            .or_else(|| last("\"prompt_tokens\""))
+            .unwrap_or(0);
+        let generated = last("\"eval_count\"")
+            .or_else(|| last("\"completion_tokens\""))
+            .unwrap_or(0);
+        Self {
+            prompt,
+            generated,
+            eval_ns: last("\"eval_duration\""),
+        }
+    }
+}
+
+/// The relay state: the backend body and what rides along with it.
+pub struct Relay {
+    body: Incoming,
+    first: Option<Bytes>,
+    slot: Option<Slot>,
+    framing: Framing,
+    read_timeout: Duration,
+    ended: bool,
+    ledger: Ledger,
+}
+
+impl Relay {
+    /// A relay that sends `first` (already read from `body`), then the rest.
+    pub fn new(
+        body: Incoming,
+        first: Option<Bytes>,
+        slot: Slot,
+        framing: Framing,
+        read_timeout: Duration,
+        ledger: Ledger,
+    ) -> Self {
+        let mut relay = Self {
+            body,
+            first: None,
+            slot: Some(slot),
+            framing,
+            read_timeout,
+            ended: false,
+            ledger,
+        };
+        if let Some(chunk) = &first {
+            relay.ledger.observe(chunk);
+        }
+        relay.first = first;
+        relay
+    }
+
+    /// The client's body.
+    pub fn into_body(self) -> Body {
+        Body::from_stream(futures_util::stream::unfold(self, |mut relay| async move {
+            relay.next().await.map(|item| (item, relay))
+        }))
+    }
+
+    async fn next(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        if let Some(first) = self.first.take() {
+            return Some(Ok(first));
+        }
+        if self.ended {
+            return None;
+        }
+        loop {
+            match tokio::time::timeout(self.read_timeout, self.body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            self.ledger.observe(&data);
+                            return Some(Ok(data));
+                        }
+                    }
+                }
+                Ok(None) => {
+                    self.finish();
+                    return None;
+                }
+                Ok(Some(Err(e))) => {
+                    return self.fail(&format!("connection broke mid-response: {e}"));
+                }
+                Err(_) => {
+                    return self.fail(&format!(
+                        "silent for {:.0?} mid-response",
+                        self.read_timeout
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The body ended cleanly: the slot goes back now, not when the client
+    /// finishes reading.
+    fn finish(&mut self) {
+        self.ended = true;
+        if let Some(slot) = self.slot.take() {
+            slot.fleet().record_served(slot.target());
+        }
+    }
+
+    fn fail(&mut self, detail: &str) -> Option<Result<Bytes, std::io::Error>> {
+        self.ended = true;
+        let slot = self.slot.take()?;
+        let backend = slot.target().id.to_string();
+        let message = format!("corral: backend {backend} failed mid-response: {detail}");
+        tracing::warn!(backend = %backend, error = %detail, endpoint = self.ledger.endpoint, "stream broke after its first byte");
+        self.ledger.metrics.backend_failed(&backend, "mid_stream");
+        self.ledger
+            .metrics
+            .stream_errors
+            .get_or_create(&EndpointLabels {
+                endpoint: self.ledger.endpoint.into(),
+            })
+            .inc();
+        slot.fleet().mark_failed(&slot.target().id, message.clone());
+        drop(slot);
+        match self.framing.error_chunk(&message) {
+            Some(chunk) => Some(Ok(chunk)),
+            None => Some(Err(std::io::Error::other(message))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_come_from_the_final_ollama_chunk() {
+        let tail = br#"{"response":"x","done":false}
+{"done":true,"prompt_eval_count":26,"prompt_eval_duration":5,"eval_count":94,"eval_duration":2000000000}
+"#;
+        assert_eq!(
+            TokenCounts::find(tail),
+            TokenCounts {
+                prompt: 26,
+                generated: 94,
+                eval_ns: Some(2_000_000_000)
+            }
+        );
+    }
+
+    #[test]
+    fn counts_come_from_openai_usage() {
+        let tail = br#"data: {"choices":[],"usage":{"prompt_tokens":26,"completion_tokens":3,"total_tokens":29}}
+
+data: [DONE]
+
+"#;
+        assert_eq!(
+            TokenCounts::find(tail),
+            TokenCounts {
+                prompt: 26,
+                generated: 3,
+                eval_ns: None
+            }
+        );
+    }
+
+    #[test]
+    fn error_chunks_fit_their_framing() {
+        let line = Framing::Ndjson.error_chunk("boom").unwrap();
+        assert_eq!(&line[..], b"{\"error\":\"boom\"}\n");
+        let event = Framing::Sse.error_chunk("boom").unwrap();
+        assert!(event.starts_with(b"data: {\"error\":{") && event.ends_with(b"\n\n"));
+        assert!(Framing::Plain.error_chunk("boom").is_none());
+    }
+
+    #[test]
+    fn framing_is_read_from_the_content_type() {
+        let v = |s: &'static str| http::HeaderValue::from_static(s);
+        assert_eq!(
+            Framing::of(Some(&v("application/x-ndjson"))),
+            Framing::Ndjson
+        );
+        assert_eq!(
+            Framing::of(Some(&v("text/event-stream; charset=utf-8"))),
+            Framing::Sse
+        );
+        assert_eq!(
+            Framing::of(Some(&v("application/json; charset=utf-8"))),
+            Framing::Plain
+        );
+        assert_eq!(Framing::of(None), Framing::Plain);
+    }
+}
