@@ -1,0 +1,204 @@
+//! Test harness: a simulated fleet on a race-free block of consecutive
+//! loopback ports, a proxy scanning exactly that block, and bounded polling.
+//! No logic of its own beyond wiring: every assertion lives in the tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use corral::config::ServeArgs;
+use corral::proxy::{self, ProxyHandle};
+use corral::sim::{ServerSpec, SimServer};
+use tokio::net::TcpListener;
+
+/// Polls `check` until it holds or `deadline` passes (then panics naming `what`).
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("not within {deadline:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Binds `n` consecutive ports on 127.0.0.1 below the ephemeral range, so
+/// the proxy's scan range holds only this test's servers. Retries on collision.
+pub async fn bind_block(n: usize) -> Vec<TcpListener> {
+    for attempt in 0..200u32 {
+        let base = 20_000 + (rand::random::<u32>() % 10_000) as u16;
+        let mut listeners = Vec::with_capacity(n);
+        for i in 0..n {
+            match TcpListener::bind(("127.0.0.1", base + i as u16)).await {
+                Ok(l) => listeners.push(l),
+                Err(_) => break,
+            }
+        }
+        if listeners.len() == n {
+            return listeners;
+        }
+        let _ = attempt;
+    }
+    panic!("no block of {n} free consecutive ports");
+}
+
+/// Simulated servers on consecutive ports, plus spare ports of the same
+/// block to start servers on later.
+pub struct TestFleet {
+    /// The running servers, in port order.
+    pub servers: Vec<SimServer>,
+    /// Held, unused ports of the block, in port order.
+    pub spare: Vec<TcpListener>,
+    /// First port of the block.
+    pub port_start: u16,
+    /// Last port of the block.
+    pub port_end: u16,
+}
+
+impl TestFleet {
+    /// One server per spec, and `spare` more ports held for later.
+    pub async fn start(specs: Vec<ServerSpec>, spare: usize) -> Self {
+        let mut listeners = bind_block(specs.len() + spare).await;
+        let port_start = listeners[0].local_addr().unwrap().port();
+        let port_end = port_start + listeners.len() as u16 - 1;
+        let spare = listeners.split_off(specs.len());
+        let servers = corral::sim::start_fleet(listeners, specs).await.unwrap();
+        Self { servers, spare, port_start, port_end }
+    }
+
+    /// `n` servers with the same spec.
+    pub async fn uniform(n: usize, spec: ServerSpec) -> Self {
+        Self::start(vec![spec; n], 0).await
+    }
+
+    /// Starts a server on the next spare port.
+    pub async fn start_spare(&mut self, spec: ServerSpec) -> SimServer {
+        let listener = self.spare.remove(0);
+        let server = SimServer::start(listener, spec).await.unwrap();
+        self.servers.push(server.clone());
+        server
+    }
+
+    /// The server on `port`.
+    pub fn on(&self, port: u16) -> &SimServer {
+        self.servers.iter().find(|s| s.port() == port).expect("a server on that port")
+    }
+
+    /// Completed inference requests over all servers.
+    pub fn completed(&self) -> u64 {
+        self.servers.iter().map(|s| s.stats().completed).sum()
+    }
+}
+
+/// A running proxy and a client for it.
+pub struct TestProxy {
+    /// The proxy.
+    pub handle: ProxyHandle,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// A plain HTTP client.
+    pub client: reqwest::Client,
+}
+
+impl TestProxy {
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// POSTs JSON and returns the response.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client.post(self.at(path)).json(&body).send().await.unwrap()
+    }
+
+    /// GETs a JSON document.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client.get(self.at(path)).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Healthy backends as `/__proxy/health` says.
+    pub async fn healthy(&self) -> u64 {
+        self.get_json("/__proxy/health").await["healthy_backends"].as_u64().unwrap()
+    }
+
+    /// Waits until `/__proxy/health` reports `n` healthy backends.
+    pub async fn wait_healthy(&self, n: u64) {
+        eventually(Duration::from_secs(10), &format!("{n} healthy backends"), || async {
+            self.healthy().await == n
+        })
+        .await;
+    }
+}
+
+/// Proxy settings for tests: the fleet's block, fast scans, short timeouts.
+pub fn test_args(fleet: &TestFleet) -> ServeArgs {
+    let mut args = ServeArgs::defaults();
+    args.proxy_host = "127.0.0.1".parse().unwrap();
+    args.backend_host = "127.0.0.1".into();
+    args.backend_port_start = fleet.port_start;
+    args.backend_port_end = fleet.port_end;
+    args.scan_interval = Duration::from_millis(200);
+    args.probe_timeout = Duration::from_millis(500);
+    args.queue_timeout = Duration::from_secs(30);
+    args.backend_read_timeout = Duration::from_secs(10);
+    args.shutdown_grace = Duration::from_secs(5);
+    args
+}
+
+/// Starts a proxy over `fleet` with `tweak`ed settings and waits for every
+/// running server of the fleet to be healthy.
+pub async fn start_proxy(fleet: &TestFleet, tweak: impl FnOnce(&mut ServeArgs)) -> TestProxy {
+    let mut args = test_args(fleet);
+    tweak(&mut args);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handle = proxy::start(listener, args).unwrap();
+    let url = format!("http://{}", handle.addr);
+    let proxy = TestProxy { handle, url, client: reqwest::Client::new() };
+    let running = fleet.servers.iter().filter(|s| s.is_running()).count() as u64;
+    proxy.wait_healthy(running).await;
+    proxy
+}
+
+/// A generate request body.
+pub fn generate(model: &str, prompt: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({ "model": model, "prompt": prompt, "stream": stream })
+}
+
+/// A spawned request, aborted (its client gone) when dropped.
+pub struct Held(pub tokio::task::JoinHandle<Result<reqwest::Response, reqwest::Error>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends a request the backend never answers (`x-sim-fault: hang`) and waits
+/// until it holds a slot: the one-slot fleet is then busy.
+pub async fn hold_slot(proxy: &TestProxy) -> Held {
+    let before = in_flight(proxy).await;
+    let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
+    let task = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("x-sim-fault", "hang")
+            .json(&generate("llama3.2", "hold", false))
+            .send()
+            .await
+    });
+    eventually(Duration::from_secs(5), "the holder took a slot", || async { in_flight(proxy).await > before }).await;
+    Held(task)
+}
+
+/// Requests in flight over all backends, as `/__proxy/backends` says.
+pub async fn in_flight(proxy: &TestProxy) -> u64 {
+    let v = proxy.get_json("/__proxy/backends").await;
+    v["backends"].as_array().unwrap().iter().map(|b| b["in_flight"].as_u64().unwrap()).sum()
+}
