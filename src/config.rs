@@ -251,6 +251,38 @@ pub struct SimArgs {
     /// Seconds before a server starts listening.
     #[arg(long, value_parser = parse_seconds)]
     pub start_delay: Option<Duration>,
+
+    /// Fraction of requests answered with 503 server busy.
+    #[arg(long, default_value_t = 0.0)]
+    pub busy_rate: f64,
+
+    /// Fraction of requests whose connection is reset after the first tokens.
+    #[arg(long, default_value_t = 0.0)]
+    pub reset_rate: f64,
+
+    /// Fraction of requests never answered.
+    #[arg(long, default_value_t = 0.0)]
+    pub hang_rate: f64,
+
+    /// Fraction of requests answered 200 with a body that is not JSON.
+    #[arg(long, default_value_t = 0.0)]
+    pub garbage_rate: f64,
+
+    /// Fraction of streams ending in an `{"error"}` line after some tokens.
+    #[arg(long, default_value_t = 0.0)]
+    pub mid_stream_error_rate: f64,
+
+    /// Seconds an idle model stays loaded (like OLLAMA_KEEP_ALIVE); negative = forever.
+    #[arg(long, default_value_t = 300.0, allow_negative_numbers = true)]
+    pub keep_alive: f64,
+
+    /// Length of embedding vectors.
+    #[arg(long, default_value_t = 16)]
+    pub embedding_dim: usize,
+
+    /// Accept any Host header (no 403 for non-local hosts).
+    #[arg(long)]
+    pub no_host_check: bool,
 }
 
 /// Settings of `corral demo`.

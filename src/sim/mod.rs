@@ -1,11 +1,136 @@
-//! Simulated Ollama servers (`corral sim`). Placeholder until the simulator lands.
+//! Simulated Ollama servers (`corral sim`): every test and benchmark of the
+//! proxy stands on these. Imports nothing from `proxy`, `fleet` or `model`.
+//!
+//! # Layout
+//!
+//! - [`spec`]: what a server is ([`ServerSpec`], [`ModelSpec`], [`FaultSpec`])
+//!   and the TOML fleet file ([`FleetSpec`]).
+//! - [`server`]: the accept loop and the [`SimServer`] handle (kill, restart).
+//! - `routes`: the router, Host check, listing endpoints; `inference`: the
+//!   generate/chat/embed handlers; `answer`: one answer in progress.
+//! - `sched`: slots, load queue, keep-alive. `name`: model-name matching.
+//! - [`generate`]: deterministic tokens and embeddings, wire shapes.
+//! - [`faults`]: the deterministic fault plan. [`stats`]: the counters.
+//!
+//! A request: count it and check `Host` → parse and validate (exact Ollama
+//! errors) → pick a fault → take a slot (loading the model through the load
+//! queue if needed) → generate paced tokens → send the first byte only with
+//! the first token. Dropping the handler future or body (client gone) frees
+//! the slot and counts a cancel.
+
+mod answer;
+pub mod faults;
+pub mod generate;
+mod inference;
+mod name;
+mod reply;
+mod routes;
+mod sched;
+pub mod server;
+pub mod spec;
+pub mod stats;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
 
 use crate::config::SimArgs;
 
-/// Runs `corral sim` until `shutdown` completes.
-pub async fn run(_args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub use faults::Fault;
+pub use generate::{expected_embedding, expected_text, expected_tokens};
+pub use server::SimServer;
+pub use spec::{FaultSpec, FleetSpec, ModelSpec, ServerSpec};
+pub use stats::Stats;
+
+/// Starts one server per listener, `specs[i]` on `listeners[i]`.
+pub async fn start_fleet(
+    listeners: Vec<TcpListener>,
+    specs: Vec<ServerSpec>,
+) -> std::io::Result<Vec<SimServer>> {
+    if listeners.len() != specs.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} listeners for {} specs", listeners.len(), specs.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(specs.len());
+    for (l, s) in listeners.into_iter().zip(specs) {
+        out.push(SimServer::start(l, s).await?);
+    }
+    Ok(out)
+}
+
+/// The server settings the command-line flags describe.
+pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
+    let token_interval = if args.tokens_per_second > 0.0 && args.tokens_per_second.is_finite() {
+        Duration::from_secs_f64(1.0 / args.tokens_per_second)
+    } else {
+        Duration::ZERO
+    };
+    ServerSpec {
+        models: args.models.iter().map(|m| ModelSpec::named(m)).collect(),
+        loaded: args.loaded.clone(),
+        parallel: args.parallel,
+        max_queue: args.max_queue,
+        load_time: args.load_time,
+        keep_alive: if args.keep_alive < 0.0 {
+            None
+        } else {
+            Some(Duration::from_secs_f64(args.keep_alive))
+        },
+        token_interval,
+        tokens: args.tokens,
+        embedding_dim: args.embedding_dim,
+        seed: args.seed,
+        check_host: !args.no_host_check,
+        faults: FaultSpec {
+            error_rate: args.error_rate,
+            busy_rate: args.busy_rate,
+            reset_rate: args.reset_rate,
+            hang_rate: args.hang_rate,
+            garbage_rate: args.garbage_rate,
+            mid_stream_error_rate: args.mid_stream_error_rate,
+            lifetime: args.lifetime,
+            start_delay: args.start_delay,
+        },
+        ..ServerSpec::default()
+    }
+}
+
+/// Runs `corral sim` until `shutdown` completes: binds consecutive ports,
+/// prints one line per server, and kills them all at the end.
+pub async fn run(args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let base = spec_from_args(&args);
+    let specs = match &args.fleet {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            FleetSpec::from_toml(&text, &base)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+                .servers
+        }
+        None => vec![base; usize::from(args.count)],
+    };
+    let mut servers = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.into_iter().enumerate() {
+        let port = u16::try_from(usize::from(args.port_start) + i)
+            .map_err(|_| std::io::Error::other("port range beyond 65535"))?;
+        let addr = SocketAddr::new(args.host, port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let models: Vec<&str> = spec.models.iter().map(|m| m.name.as_str()).collect();
+        println!(
+            "sim: listening on http://{addr} models={}",
+            models.join(",")
+        );
+        servers.push(SimServer::start(listener, spec).await?);
+    }
     shutdown.await;
+    for s in &servers {
+        s.kill().await;
+    }
     Ok(())
 }

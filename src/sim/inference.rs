@@ -1,0 +1,539 @@
+//! Inference handlers: `/api/generate`, `/api/chat`, `/api/embed`,
+//! `/api/embeddings` and their `/v1` twins. Each validates as Ollama does
+//! (exact error strings of OLLAMA_API.md §5), applies the fault plan, takes
+//! a slot, and hands over to [`Answer`] or answers embeddings itself.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::answer::{Answer, Api, Job};
+use super::faults::{self, Fault};
+use super::generate::{
+    Message, NativeChunk, count_tokens, expected_embedding, now_rfc3339, raw_embedding,
+};
+use super::name::Name;
+use super::reply::{self, BUSY, Shape, native_json, v1_json};
+use super::server::ServerState;
+use super::spec::parse_go_duration;
+use super::stats::InferenceGuard;
+
+type St = State<Arc<ServerState>>;
+
+#[derive(Deserialize, Default)]
+struct Options {
+    num_predict: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: Option<String>,
+    content: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Every field any inference endpoint reads; unknown fields are ignored.
+#[derive(Deserialize)]
+struct Req {
+    model: Option<String>,
+    prompt: Option<Value>,
+    system: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    input: Option<Value>,
+    stream: Option<bool>,
+    raw: Option<bool>,
+    keep_alive: Option<Value>,
+    options: Option<Options>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    stream_options: Option<StreamOptions>,
+    encoding_format: Option<String>,
+    dimensions: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Generate,
+    Chat,
+    Embed,
+    Embeddings,
+}
+
+fn bad(shape: Shape, status: StatusCode, msg: &str) -> Response {
+    reply::error(shape, status, msg)
+}
+
+/// Finds the model or answers the error Ollama gives for `kind`.
+fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<usize, Response> {
+    if raw.is_empty() {
+        return Err(match kind {
+            Kind::Chat | Kind::Embeddings => {
+                bad(shape, StatusCode::BAD_REQUEST, "model is required")
+            }
+            Kind::Generate | Kind::Embed => bad(shape, StatusCode::NOT_FOUND, "model '' not found"),
+        });
+    }
+    let Some(name) = Name::parse(raw) else {
+        return Err(bad(shape, StatusCode::BAD_REQUEST, "invalid model name"));
+    };
+    let Some(index) = state.find(&name) else {
+        let msg = match kind {
+            Kind::Generate | Kind::Chat => format!("model '{raw}' not found"),
+            Kind::Embed | Kind::Embeddings => {
+                format!("model \"{raw}\" not found, try pulling it first")
+            }
+        };
+        return Err(bad(shape, StatusCode::NOT_FOUND, &msg));
+    };
+    if state.model(index).embedding_only && matches!(kind, Kind::Generate | Kind::Chat) {
+        let what = if kind == Kind::Generate {
+            "generate"
+        } else {
+            "chat"
+        };
+        let msg = format!("\"{raw}\" does not support {what}");
+        return Err(bad(shape, StatusCode::BAD_REQUEST, &msg));
+    }
+    Ok(index)
+}
+
+/// `None`: not given; `Some(None)`: forever; `Some(Some(d))`: `d`.
+fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
+    let secs = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
+        Some(Value::String(s)) => parse_go_duration(s).ok_or_else(|| {
+            let msg = if s.chars().all(|c| c.is_ascii_digit()) {
+                format!("time: missing unit in duration \"{s}\"")
+            } else {
+                format!("time: invalid duration \"{s}\"")
+            };
+            bad(Shape::Native, StatusCode::BAD_REQUEST, &msg)
+        })?,
+        Some(_) => {
+            return Err(bad(
+                Shape::Native,
+                StatusCode::BAD_REQUEST,
+                "invalid keep_alive",
+            ));
+        }
+    };
+    Ok(Some(if secs < 0.0 {
+        None
+    } else {
+        Some(Duration::from_secs_f64(secs.min(1e12)))
+    }))
+}
+
+/// The fault of this request: the `x-sim-fault` header, else the plan.
+fn pick_fault(state: &ServerState, headers: &HeaderMap) -> Option<Fault> {
+    let n = state.inference_seq.fetch_add(1, Ordering::Relaxed);
+    let header = headers
+        .get("x-sim-fault")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Fault::parse);
+    let fault = header.or_else(|| faults::planned(&state.faults(), n));
+    if let Some(f) = fault {
+        state.counters.fault(f.name());
+    }
+    fault
+}
+
+/// Delay, then the faults that strike before any byte. `Err` is the answer.
+async fn before_first_byte(
+    headers: &HeaderMap,
+    fault: Option<Fault>,
+    guard: InferenceGuard,
+    shape: Shape,
+) -> Result<InferenceGuard, Response> {
+    let delay = headers
+        .get("x-sim-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let resp = match fault {
+        Some(Fault::Error) => reply::error(
+            shape,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "llama runner process has terminated: simulated fault",
+        ),
+        Some(Fault::Busy) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
+        Some(Fault::Garbage) => reply::stream(
+            "application/json; charset=utf-8",
+            axum::body::Body::from("<html>this is not json {"),
+        ),
+        Some(Fault::Hang) => {
+            // Held until the client goes away, which drops this future.
+            std::future::pending::<()>().await;
+            unreachable!("pending never completes")
+        }
+        _ => return Ok(guard),
+    };
+    guard.abandon();
+    Err(resp)
+}
+
+fn num_predict(req: &Req) -> Option<usize> {
+    let n = req
+        .options
+        .as_ref()
+        .and_then(|o| o.num_predict)
+        .or(req.max_tokens)
+        .or(req.max_completion_tokens)?;
+    usize::try_from(n).ok()
+}
+
+fn content_text(v: &Option<Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+async fn text_answer(
+    state: Arc<ServerState>,
+    headers: HeaderMap,
+    body: Bytes,
+    api: Api,
+) -> Response {
+    let start = Instant::now();
+    let shape = api.shape();
+    let req: Req = match reply::parse(shape, &body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let kind = if matches!(api, Api::Generate | Api::V1Completions) {
+        Kind::Generate
+    } else {
+        Kind::Chat
+    };
+    let model = req.model.clone().unwrap_or_default();
+    let index = match resolve(&state, &model, kind, shape) {
+        Ok(i) => i,
+        Err(resp) => return resp,
+    };
+    let ka = match keep_alive(&req.keep_alive) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
+    let messages = req.messages.as_deref().unwrap_or_default();
+    let (input, all_text) = match api {
+        Api::Generate | Api::V1Completions => {
+            let p = match &req.prompt {
+                Some(Value::String(s)) => s.clone(),
+                None | Some(Value::Null) => String::new(),
+                Some(_) if api == Api::V1Completions => {
+                    return bad(
+                        shape,
+                        StatusCode::BAD_REQUEST,
+                        "invalid type for 'prompt' field",
+                    );
+                }
+                Some(_) => {
+                    return bad(
+                        shape,
+                        StatusCode::BAD_REQUEST,
+                        "json: cannot unmarshal prompt",
+                    );
+                }
+            };
+            let all = format!("{} {p}", req.system.as_deref().unwrap_or(""));
+            (p, all)
+        }
+        Api::Chat | Api::V1Chat => {
+            let last_user = messages
+                .iter()
+                .rev()
+                .find(|m| m.role.as_deref() == Some("user"))
+                .map(|m| content_text(&m.content))
+                .unwrap_or_default();
+            let all: Vec<String> = messages.iter().map(|m| content_text(&m.content)).collect();
+            (last_user, all.join(" "))
+        }
+    };
+    if api == Api::V1Chat && messages.is_empty() {
+        return bad(
+            shape,
+            StatusCode::BAD_REQUEST,
+            "[] is too short - 'messages'",
+        );
+    }
+    let is_shortcut = match api {
+        Api::Generate => input.is_empty(),
+        Api::Chat => messages.is_empty(),
+        _ => false,
+    };
+    if is_shortcut {
+        return shortcut(&state, index, &model, ka, api == Api::Chat).await;
+    }
+    let limit = num_predict(&req);
+    let job = Job {
+        api,
+        model,
+        input,
+        prompt_tokens: count_tokens(&all_text),
+        tokens: limit.unwrap_or(state.spec.tokens),
+        length_limited: limit.is_some(),
+        stream: match api {
+            Api::Generate | Api::Chat => req.stream != Some(false),
+            _ => req.stream == Some(true),
+        },
+        include_usage: req.stream_options.and_then(|o| o.include_usage) == Some(true),
+        raw: req.raw == Some(true),
+        keep_alive: ka,
+    };
+    let guard = state.counters.inference();
+    let fault = pick_fault(&state, &headers);
+    let seq = state.inference_seq.load(Ordering::Relaxed);
+    let guard = match before_first_byte(&headers, fault, guard, shape).await {
+        Ok(g) => g,
+        Err(resp) => return resp,
+    };
+    let acquired = match state.sched.acquire(index, job.keep_alive).await {
+        Ok(a) => a,
+        Err(_) => {
+            guard.abandon();
+            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+        }
+    };
+    if acquired.oversubscribed {
+        state.counters.oversubscribed();
+    }
+    let stream = job.stream;
+    let (seed, interval) = (state.spec.seed, state.spec.token_interval);
+    let answer = Answer::new(job, seed, interval, start, fault, guard, acquired.slot, seq);
+    if stream {
+        answer.stream().await
+    } else {
+        answer.whole().await
+    }
+}
+
+/// Load (or, with `keep_alive: 0`, unload) shortcut: one JSON object.
+async fn shortcut(
+    state: &ServerState,
+    index: usize,
+    model: &str,
+    ka: Option<Option<Duration>>,
+    chat: bool,
+) -> Response {
+    let reason = if ka == Some(Some(Duration::ZERO)) {
+        state.sched.unload(index);
+        "unload"
+    } else {
+        if state.sched.preload(index, ka).await.is_err() {
+            return bad(Shape::Native, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+        }
+        "load"
+    };
+    let chunk = NativeChunk {
+        model,
+        created_at: now_rfc3339(),
+        response: (!chat).then_some(""),
+        message: chat.then_some(Message {
+            role: "assistant",
+            content: "",
+        }),
+        done: true,
+        done_reason: Some(reason),
+        context: None,
+        metrics: None,
+    };
+    native_json(StatusCode::OK, &chunk)
+}
+
+/// `POST /api/generate`.
+pub(crate) async fn generate(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    text_answer(s, h, b, Api::Generate).await
+}
+
+/// `POST /api/chat`.
+pub(crate) async fn chat(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    text_answer(s, h, b, Api::Chat).await
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn v1_chat(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    text_answer(s, h, b, Api::V1Chat).await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn v1_completions(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    text_answer(s, h, b, Api::V1Completions).await
+}
+
+/// `POST /api/embed`.
+pub(crate) async fn embed(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    embed_answer(s, h, b, Kind::Embed, Shape::Native).await
+}
+
+/// `POST /api/embeddings` (legacy).
+pub(crate) async fn embeddings(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    embed_answer(s, h, b, Kind::Embeddings, Shape::Native).await
+}
+
+/// `POST /v1/embeddings`.
+pub(crate) async fn v1_embeddings(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+    embed_answer(s, h, b, Kind::Embed, Shape::OpenAi).await
+}
+
+async fn embed_answer(
+    state: Arc<ServerState>,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: Kind,
+    shape: Shape,
+) -> Response {
+    let start = Instant::now();
+    let req: Req = match reply::parse(shape, &body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let model = req.model.clone().unwrap_or_default();
+    let index = match resolve(&state, &model, kind, shape) {
+        Ok(i) => i,
+        Err(resp) => return resp,
+    };
+    let ka = match keep_alive(&req.keep_alive) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
+    let source = if kind == Kind::Embeddings {
+        &req.prompt
+    } else {
+        &req.input
+    };
+    let inputs: Vec<String> = match source {
+        None | Some(Value::Null) if shape == Shape::OpenAi => {
+            return bad(shape, StatusCode::BAD_REQUEST, "invalid input");
+        }
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) if s.is_empty() && shape == Shape::Native => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            let strings: Option<Vec<String>> =
+                a.iter().map(|v| v.as_str().map(str::to_owned)).collect();
+            match strings {
+                Some(s) if s.is_empty() && shape == Shape::OpenAi => {
+                    return bad(shape, StatusCode::BAD_REQUEST, "invalid input");
+                }
+                Some(s) => s,
+                None => return bad(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+            }
+        }
+        Some(_) => return bad(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+    };
+    let format = req.encoding_format.as_deref().unwrap_or("float");
+    if shape == Shape::OpenAi && format != "float" && format != "base64" {
+        let msg = format!(
+            "Invalid value for 'encoding_format' = {format}. Supported values: ['float', 'base64']."
+        );
+        return bad(shape, StatusCode::BAD_REQUEST, &msg);
+    }
+    if inputs.is_empty() {
+        if state.sched.preload(index, ka).await.is_err() {
+            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+        }
+        return match kind {
+            Kind::Embeddings => native_json(StatusCode::OK, &json!({ "embedding": [] })),
+            _ => native_json(StatusCode::OK, &json!({ "model": model, "embeddings": [] })),
+        };
+    }
+    let guard = state.counters.inference();
+    let fault = pick_fault(&state, &headers);
+    let guard = match before_first_byte(&headers, fault, guard, shape).await {
+        Ok(g) => g,
+        Err(resp) => return resp,
+    };
+    let acquired = match state.sched.acquire(index, ka).await {
+        Ok(a) => a,
+        Err(_) => {
+            guard.abandon();
+            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+        }
+    };
+    if acquired.oversubscribed {
+        state.counters.oversubscribed();
+    }
+    let load_ns = (start.elapsed().as_nanos() as u64).max(1);
+    if !state.spec.token_interval.is_zero() {
+        tokio::time::sleep(state.spec.token_interval).await;
+    }
+    if matches!(fault, Some(Fault::Reset | Fault::MidStreamError)) {
+        drop(acquired);
+        guard.abandon();
+        return bad(
+            shape,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "an error was encountered while running the model: simulated fault",
+        );
+    }
+    let dim = req
+        .dimensions
+        .filter(|&d| d > 0)
+        .unwrap_or(state.spec.embedding_dim);
+    let seed = state.spec.seed;
+    let tokens: u64 = inputs.iter().map(|i| count_tokens(i)).sum();
+    let total_ns = (start.elapsed().as_nanos() as u64).max(1);
+    let resp = match (kind, shape) {
+        (Kind::Embeddings, _) => native_json(
+            StatusCode::OK,
+            &json!({ "embedding": raw_embedding(seed, &model, &inputs[0], dim) }),
+        ),
+        (_, Shape::Native) => {
+            let vectors: Vec<Vec<f32>> = inputs
+                .iter()
+                .map(|i| expected_embedding(seed, &model, i, dim))
+                .collect();
+            native_json(
+                StatusCode::OK,
+                &json!({ "model": model, "embeddings": vectors, "total_duration": total_ns,
+                         "load_duration": load_ns, "prompt_eval_count": tokens }),
+            )
+        }
+        (_, Shape::OpenAi) => {
+            let data: Vec<Value> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let v = expected_embedding(seed, &model, text, dim);
+                    let embedding = if format == "base64" {
+                        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    } else {
+                        json!(v)
+                    };
+                    json!({ "object": "embedding", "embedding": embedding, "index": i })
+                })
+                .collect();
+            v1_json(
+                StatusCode::OK,
+                &json!({ "object": "list", "data": data, "model": model,
+                         "usage": { "prompt_tokens": tokens, "total_tokens": tokens } }),
+            )
+        }
+    };
+    drop(acquired);
+    guard.complete();
+    resp
+}
