@@ -17,18 +17,29 @@ fn spec() -> ServerSpec {
 
 /// A backend that takes `ms` per token, to hold slots for a while.
 fn slow(ms: u64) -> ServerSpec {
-    ServerSpec { token_interval: Duration::from_millis(ms), tokens: 10, ..spec() }
+    ServerSpec {
+        token_interval: Duration::from_millis(ms),
+        tokens: 10,
+        ..spec()
+    }
 }
 
 fn backend_of(r: &reqwest::Response) -> u16 {
-    r.headers()["x-corral-backend"].to_str().unwrap().parse().unwrap()
+    r.headers()["x-corral-backend"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn health_and_backends_list_the_fleet_sorted_by_port() {
     let fleet = TestFleet::uniform(3, spec()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
-    assert_eq!(proxy.get_json("/__proxy/health").await, json!({"status": "ok", "healthy_backends": 3}));
+    assert_eq!(
+        proxy.get_json("/__proxy/health").await,
+        json!({"status": "ok", "healthy_backends": 3})
+    );
     let backends = proxy.get_json("/__proxy/backends").await;
     let rows = backends["backends"].as_array().unwrap();
     let ports: Vec<u64> = rows.iter().map(|b| b["port"].as_u64().unwrap()).collect();
@@ -37,7 +48,10 @@ async fn health_and_backends_list_the_fleet_sorted_by_port() {
     for row in rows {
         assert_eq!(row["healthy"], true);
         assert_eq!(row["in_flight"], 0);
-        assert_eq!(row["models"], json!(["llama3.2:latest", "all-minilm:latest"]));
+        assert_eq!(
+            row["models"],
+            json!(["llama3.2:latest", "all-minilm:latest"])
+        );
     }
 }
 
@@ -45,26 +59,48 @@ async fn health_and_backends_list_the_fleet_sorted_by_port() {
 async fn generate_is_answered_by_a_backend_and_names_it() {
     let fleet = TestFleet::uniform(2, spec()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "why is the sky blue", false)).await;
+    let r = proxy
+        .post(
+            "/api/generate",
+            generate("llama3.2", "why is the sky blue", false),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(backend_of(&r), fleet.port_start, "idle fleet: lowest port");
     assert!(r.headers().contains_key("x-request-id"));
     let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["response"], expected_text(0, "llama3.2", "why is the sky blue", 16));
+    assert_eq!(
+        body["response"],
+        expected_text(0, "llama3.2", "why is the sky blue", 16)
+    );
     assert_eq!(body["model"], "llama3.2", "model echoed verbatim");
     assert_eq!(body["done"], true);
 }
 
 #[tokio::test]
 async fn least_in_flight_wins_and_ties_go_to_the_lowest_port() {
-    let fleet = TestFleet::uniform(3, slow(100)).await;
+    // The model loaded everywhere, so that only load and port decide.
+    let fleet = TestFleet::uniform(
+        3,
+        ServerSpec {
+            loaded: vec!["llama3.2".into()],
+            parallel: 2,
+            ..slow(500)
+        },
+    )
+    .await;
     let proxy = start_proxy(&fleet, |a| a.max_concurrent_per_backend = 2).await;
     // Streams hold their slot while open: each new one goes to the least busy,
     // lowest port first.
     let mut held = Vec::new();
     let mut order = Vec::new();
     for i in 0..6 {
-        let r = proxy.post("/api/generate", generate("llama3.2", &format!("p{i}"), true)).await;
+        let r = proxy
+            .post(
+                "/api/generate",
+                generate("llama3.2", &format!("p{i}"), true),
+            )
+            .await;
         order.push(backend_of(&r) - fleet.port_start);
         held.push(r);
     }
@@ -75,10 +111,19 @@ async fn least_in_flight_wins_and_ties_go_to_the_lowest_port() {
 async fn unknown_model_is_404_at_once() {
     let fleet = TestFleet::uniform(1, spec()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
-    let r = proxy.post("/api/generate", generate("ghost", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("ghost", "hi", false))
+        .await;
     assert_eq!(r.status(), 404);
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap(), json!({"error": "model 'ghost' not found"}));
-    assert_eq!(fleet.servers[0].stats().requests.get("/api/generate"), None, "never reached a backend");
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"error": "model 'ghost' not found"})
+    );
+    assert_eq!(
+        fleet.servers[0].stats().requests.get("/api/generate"),
+        None,
+        "never reached a backend"
+    );
 }
 
 #[tokio::test]
@@ -86,11 +131,23 @@ async fn a_backend_4xx_is_passed_through_without_retry_or_health_change() {
     let fleet = TestFleet::uniform(2, spec()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     // all-minilm is embedding-only: the backend answers 400.
-    let r = proxy.post("/api/generate", generate("all-minilm", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("all-minilm", "hi", false))
+        .await;
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "\"all-minilm\" does not support generate");
-    let total: u64 = fleet.servers.iter().map(|s| s.stats().requests.get("/api/generate").copied().unwrap_or(0)).sum();
+    let total: u64 = fleet
+        .servers
+        .iter()
+        .map(|s| {
+            s.stats()
+                .requests
+                .get("/api/generate")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
     assert_eq!(total, 1, "no retry");
     assert_eq!(proxy.healthy().await, 2);
 }
@@ -101,17 +158,26 @@ async fn a_dead_backend_is_marked_unhealthy_at_once_and_the_request_served_elsew
     // Scans far apart: only the failed request can mark the backend.
     let proxy = start_proxy(&fleet, |a| a.scan_interval = Duration::from_secs(600)).await;
     fleet.servers[0].kill().await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(backend_of(&r), fleet.port_start + 1);
     assert_eq!(r.headers()["x-corral-attempts"], "2");
     let rows = proxy.get_json("/__proxy/backends").await;
     assert_eq!(rows["backends"][0]["healthy"], false);
-    assert!(rows["backends"][0]["last_error"].as_str().unwrap().contains("connect"));
+    assert!(
+        rows["backends"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("connect")
+    );
     // Back up, but not re-enabled until a probe says so: nothing goes to it.
     fleet.servers[0].restart(spec()).await.unwrap();
     for _ in 0..5 {
-        let r = proxy.post("/api/generate", generate("llama3.2", "again", false)).await;
+        let r = proxy
+            .post("/api/generate", generate("llama3.2", "again", false))
+            .await;
         assert_eq!(backend_of(&r), fleet.port_start + 1);
     }
     assert_eq!(fleet.servers[0].stats().requests.get("/api/generate"), None);
@@ -125,45 +191,89 @@ async fn a_backend_comes_back_through_a_later_scan() {
     proxy.wait_healthy(1).await;
     fleet.servers[0].restart(spec()).await.unwrap();
     proxy.wait_healthy(2).await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
     assert_eq!(backend_of(&r), fleet.port_start);
 }
 
 #[tokio::test]
 async fn retries_are_bounded_and_never_repeat_a_backend() {
-    let failing = ServerSpec { faults: FaultSpec { error_rate: 1.0, ..FaultSpec::default() }, ..spec() };
+    let failing = ServerSpec {
+        faults: FaultSpec {
+            error_rate: 1.0,
+            ..FaultSpec::default()
+        },
+        ..spec()
+    };
     let fleet = TestFleet::uniform(4, failing).await;
     let proxy = start_proxy(&fleet, |a| {
         a.max_retries = 2;
         a.scan_interval = Duration::from_secs(600);
     })
     .await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = r.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().starts_with("all attempts failed"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("all attempts failed"),
+        "{body}"
+    );
     let per_backend: Vec<u64> = fleet
         .servers
         .iter()
-        .map(|s| s.stats().requests.get("/api/generate").copied().unwrap_or(0))
+        .map(|s| {
+            s.stats()
+                .requests
+                .get("/api/generate")
+                .copied()
+                .unwrap_or(0)
+        })
         .collect();
-    assert_eq!(per_backend, [1, 1, 1, 0], "three attempts, lowest ports, none twice");
+    assert_eq!(
+        per_backend,
+        [1, 1, 1, 0],
+        "three attempts, lowest ports, none twice"
+    );
 }
 
 #[tokio::test]
 async fn no_untried_backend_left_is_502_at_once() {
-    let failing = ServerSpec { faults: FaultSpec { error_rate: 1.0, ..FaultSpec::default() }, ..spec() };
+    let failing = ServerSpec {
+        faults: FaultSpec {
+            error_rate: 1.0,
+            ..FaultSpec::default()
+        },
+        ..spec()
+    };
     let fleet = TestFleet::uniform(1, failing).await;
     let proxy = start_proxy(&fleet, |a| a.max_retries = 5).await;
     let started = std::time::Instant::now();
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
     assert_eq!(r.status(), 502);
-    assert!(started.elapsed() < Duration::from_secs(5), "did not wait for the queue timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "did not wait for the queue timeout"
+    );
 }
 
 #[tokio::test]
 async fn a_backend_dying_mid_request_is_retried_elsewhere() {
-    let fleet = TestFleet::uniform(2, spec()).await;
+    let hangs = ServerSpec {
+        faults: FaultSpec {
+            hang_rate: 1.0,
+            ..FaultSpec::default()
+        },
+        ..spec()
+    };
+    let fleet = TestFleet::start(vec![hangs, spec()], 0).await;
     let proxy = start_proxy(&fleet, |a| a.scan_interval = Duration::from_secs(600)).await;
     let victim = fleet.servers[0].clone();
     let request = {
@@ -172,21 +282,24 @@ async fn a_backend_dying_mid_request_is_retried_elsewhere() {
         tokio::spawn(async move {
             client
                 .post(url)
-                .header("x-sim-fault", "hang")
                 .json(&generate("llama3.2", "hi", false))
                 .send()
                 .await
                 .unwrap()
         })
     };
-    eventually(Duration::from_secs(5), "the request reached the victim", || async {
-        victim.stats().in_flight == 1
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the victim",
+        || async { victim.stats().in_flight == 1 },
+    )
     .await;
     victim.kill().await;
     let r = request.await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(backend_of(&r), fleet.port_start + 1);
+    let status = r.status();
+    let backend = r.headers().get("x-corral-backend").cloned();
+    assert_eq!(status, 200, "{:?}", r.text().await);
+    assert_eq!(backend.unwrap(), &(fleet.port_start + 1).to_string());
 }
 
 #[tokio::test]
@@ -196,16 +309,27 @@ async fn the_queue_is_first_come_first_served() {
     let finished = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..5 {
-        let (client, url, finished) = (proxy.client.clone(), proxy.at("/api/generate"), finished.clone());
+        let (client, url, finished) = (
+            proxy.client.clone(),
+            proxy.at("/api/generate"),
+            finished.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let r = client.post(url).json(&generate("llama3.2", &format!("p{i}"), false)).send().await.unwrap();
+            let r = client
+                .post(url)
+                .json(&generate("llama3.2", &format!("p{i}"), false))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
             finished.lock().unwrap().push(i);
         }));
         // Each request is queued (or running) before the next one is sent.
         eventually(Duration::from_secs(5), "request admitted", || async {
             let v = proxy.get_json("/__proxy/backends").await;
-            v["queue"]["waiting"].as_u64().unwrap() + v["backends"][0]["in_flight"].as_u64().unwrap() == i + 1
+            v["queue"]["waiting"].as_u64().unwrap()
+                + v["backends"][0]["in_flight"].as_u64().unwrap()
+                == i + 1
         })
         .await;
     }
@@ -221,7 +345,9 @@ async fn a_queue_timeout_is_503_with_retry_after() {
     let fleet = TestFleet::uniform(1, spec()).await;
     let proxy = start_proxy(&fleet, |a| a.queue_timeout = Duration::from_millis(300)).await;
     let _holder = hold_slot(&proxy).await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
 }
@@ -233,13 +359,21 @@ async fn a_full_queue_is_503_at_once() {
     let _holder = hold_slot(&proxy).await;
     let waiter = {
         let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move { client.post(url).json(&generate("llama3.2", "w", false)).send().await })
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&generate("llama3.2", "w", false))
+                .send()
+                .await
+        })
     };
     eventually(Duration::from_secs(5), "one waiter", || async {
         proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 1
     })
     .await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert!(r.text().await.unwrap().contains("MAX_QUEUE"));
@@ -252,9 +386,18 @@ async fn a_waiter_whose_client_leaves_never_reaches_a_backend() {
     let proxy = start_proxy(&fleet, |_| {}).await;
     let holder = {
         let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move { client.post(url).json(&generate("llama3.2", "first", false)).send().await })
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&generate("llama3.2", "first", false))
+                .send()
+                .await
+        })
     };
-    eventually(Duration::from_secs(5), "holder running", || async { fleet.servers[0].stats().in_flight == 1 }).await;
+    eventually(Duration::from_secs(5), "holder running", || async {
+        fleet.servers[0].stats().in_flight == 1
+    })
+    .await;
     let impatient = proxy
         .client
         .post(proxy.at("/api/generate"))
@@ -268,16 +411,25 @@ async fn a_waiter_whose_client_leaves_never_reaches_a_backend() {
     })
     .await;
     assert_eq!(holder.await.unwrap().unwrap().status(), 200);
-    let r = proxy.post("/api/generate", generate("llama3.2", "after", false)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "after", false))
+        .await;
     assert_eq!(r.status(), 200);
-    assert_eq!(fleet.servers[0].stats().requests["/api/generate"], 2, "first and after, never impatient");
+    assert_eq!(
+        fleet.servers[0].stats().requests["/api/generate"],
+        2,
+        "first and after, never impatient"
+    );
 }
 
 #[tokio::test]
 async fn a_model_on_no_healthy_backend_waits_for_one_to_come() {
     let mut fleet = TestFleet::start(vec![spec()], 1).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
-    let mistral = ServerSpec { models: vec![corral::sim::ModelSpec::named("mistral")], ..spec() };
+    let mistral = ServerSpec {
+        models: vec![corral::sim::ModelSpec::named("mistral")],
+        ..spec()
+    };
     // mistral is listed once, then its backend dies: requests for it wait.
     let server = fleet.start_spare(mistral.clone()).await;
     proxy.wait_healthy(2).await;
@@ -285,7 +437,14 @@ async fn a_model_on_no_healthy_backend_waits_for_one_to_come() {
     proxy.wait_healthy(1).await;
     let waiting = {
         let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move { client.post(url).json(&generate("mistral", "hi", false)).send().await.unwrap() })
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&generate("mistral", "hi", false))
+                .send()
+                .await
+                .unwrap()
+        })
     };
     eventually(Duration::from_secs(5), "a waiter", || async {
         proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 1
@@ -301,11 +460,23 @@ async fn a_model_on_no_healthy_backend_waits_for_one_to_come() {
 async fn reject_streaming_refuses_streams_and_defaults_stream_to_false() {
     let fleet = TestFleet::uniform(1, spec()).await;
     let proxy = start_proxy(&fleet, |a| a.reject_streaming = true).await;
-    let r = proxy.post("/api/generate", generate("llama3.2", "hi", true)).await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", true))
+        .await;
     assert_eq!(r.status(), 400);
-    let r = proxy.post("/api/generate", json!({"model": "llama3.2", "prompt": "hi"})).await;
+    let r = proxy
+        .post(
+            "/api/generate",
+            json!({"model": "llama3.2", "prompt": "hi"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["response"], expected_text(0, "llama3.2", "hi", 16));
 }
@@ -315,12 +486,21 @@ async fn bad_requests_get_clear_json_errors() {
     let fleet = TestFleet::uniform(1, spec()).await;
     let proxy = start_proxy(&fleet, |a| a.max_body_bytes = 1000).await;
     let send = |path: &'static str, body: Vec<u8>| {
-        let req = proxy.client.post(proxy.at(path)).header("content-type", "application/json").body(body);
+        let req = proxy
+            .client
+            .post(proxy.at(path))
+            .header("content-type", "application/json")
+            .body(body);
         async move { req.send().await.unwrap() }
     };
     let r = send("/api/generate", b"{\"model\": ".to_vec()).await;
     assert_eq!(r.status(), 400);
-    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].as_str().unwrap().contains("JSON"));
+    assert!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("JSON")
+    );
     let r = send("/api/generate", br#"{"model": 7}"#.to_vec()).await;
     assert_eq!(r.status(), 400);
     let r = send("/api/generate", vec![b' '; 2000]).await;
@@ -329,7 +509,14 @@ async fn bad_requests_get_clear_json_errors() {
     assert_eq!(r.status(), 413);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
-    for path in ["/api/pull", "/api/delete", "/api/create", "/api/copy", "/api/push", "/api/blobs/sha256:00"] {
+    for path in [
+        "/api/pull",
+        "/api/delete",
+        "/api/create",
+        "/api/copy",
+        "/api/push",
+        "/api/blobs/sha256:00",
+    ] {
         let r = send(path, br#"{"model":"llama3.2"}"#.to_vec()).await;
         assert_eq!(r.status(), 403, "{path}");
     }

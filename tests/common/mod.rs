@@ -70,7 +70,12 @@ impl TestFleet {
         let port_end = port_start + listeners.len() as u16 - 1;
         let spare = listeners.split_off(specs.len());
         let servers = corral::sim::start_fleet(listeners, specs).await.unwrap();
-        Self { servers, spare, port_start, port_end }
+        Self {
+            servers,
+            spare,
+            port_start,
+            port_end,
+        }
     }
 
     /// `n` servers with the same spec.
@@ -88,7 +93,10 @@ impl TestFleet {
 
     /// The server on `port`.
     pub fn on(&self, port: u16) -> &SimServer {
-        self.servers.iter().find(|s| s.port() == port).expect("a server on that port")
+        self.servers
+            .iter()
+            .find(|s| s.port() == port)
+            .expect("a server on that port")
     }
 
     /// Completed inference requests over all servers.
@@ -115,24 +123,40 @@ impl TestProxy {
 
     /// POSTs JSON and returns the response.
     pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client.post(self.at(path)).json(&body).send().await.unwrap()
+        self.client
+            .post(self.at(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// GETs a JSON document.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        self.client.get(self.at(path)).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(self.at(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Healthy backends as `/__proxy/health` says.
     pub async fn healthy(&self) -> u64 {
-        self.get_json("/__proxy/health").await["healthy_backends"].as_u64().unwrap()
+        self.get_json("/__proxy/health").await["healthy_backends"]
+            .as_u64()
+            .unwrap()
     }
 
     /// Waits until `/__proxy/health` reports `n` healthy backends.
     pub async fn wait_healthy(&self, n: u64) {
-        eventually(Duration::from_secs(10), &format!("{n} healthy backends"), || async {
-            self.healthy().await == n
-        })
+        eventually(
+            Duration::from_secs(10),
+            &format!("{n} healthy backends"),
+            || async { self.healthy().await == n },
+        )
         .await;
     }
 }
@@ -160,7 +184,11 @@ pub async fn start_proxy(fleet: &TestFleet, tweak: impl FnOnce(&mut ServeArgs)) 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let handle = proxy::start(listener, args).unwrap();
     let url = format!("http://{}", handle.addr);
-    let proxy = TestProxy { handle, url, client: reqwest::Client::new() };
+    let proxy = TestProxy {
+        handle,
+        url,
+        client: reqwest::Client::new(),
+    };
     let running = fleet.servers.iter().filter(|s| s.is_running()).count() as u64;
     proxy.wait_healthy(running).await;
     proxy
@@ -193,12 +221,20 @@ pub async fn hold_slot(proxy: &TestProxy) -> Held {
             .send()
             .await
     });
-    eventually(Duration::from_secs(5), "the holder took a slot", || async { in_flight(proxy).await > before }).await;
+    eventually(Duration::from_secs(5), "the holder took a slot", || async {
+        in_flight(proxy).await > before
+    })
+    .await;
     Held(task)
 }
 
 /// Requests in flight over all backends, as `/__proxy/backends` says.
 pub async fn in_flight(proxy: &TestProxy) -> u64 {
     let v = proxy.get_json("/__proxy/backends").await;
-    v["backends"].as_array().unwrap().iter().map(|b| b["in_flight"].as_u64().unwrap()).sum()
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["in_flight"].as_u64().unwrap())
+        .sum()
 }
