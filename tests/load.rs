@@ -20,7 +20,12 @@ const BACKENDS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_answered_correctly_while_backends_die_and_return() {
-    let spec = ServerSpec { token_interval: Duration::from_millis(2), tokens: 8, parallel: 1, ..ServerSpec::default() };
+    let spec = ServerSpec {
+        token_interval: Duration::from_millis(2),
+        tokens: 8,
+        parallel: 1,
+        ..ServerSpec::default()
+    };
     let fleet = Arc::new(TestFleet::uniform(BACKENDS, spec.clone()).await);
     let proxy = Arc::new(
         start_proxy(&fleet, |a| {
@@ -47,7 +52,10 @@ async fn every_request_is_answered_correctly_while_backends_die_and_return() {
                     continue;
                 }
                 let stats = victim.stats();
-                peaks.lock().unwrap().push((stats.concurrent_peak, stats.oversubscribed));
+                peaks
+                    .lock()
+                    .unwrap()
+                    .push((stats.concurrent_peak, stats.oversubscribed));
                 victim.kill().await;
                 kills += 1;
                 let spec = spec.clone();
@@ -73,7 +81,9 @@ async fn every_request_is_answered_correctly_while_backends_die_and_return() {
                     return failures;
                 }
                 let prompt = format!("request {i}");
-                let r = proxy.post("/api/generate", generate("llama3.2", &prompt, false)).await;
+                let r = proxy
+                    .post("/api/generate", generate("llama3.2", &prompt, false))
+                    .await;
                 let status = r.status();
                 let body: serde_json::Value = r.json().await.unwrap_or_default();
                 if status != 200 || body["response"] != expected_text(0, "llama3.2", &prompt, 8) {
@@ -90,10 +100,17 @@ async fn every_request_is_answered_correctly_while_backends_die_and_return() {
         }
         failures
     };
-    let failures = tokio::time::timeout(Duration::from_secs(240), all).await.expect("the load finished in time");
+    let failures = tokio::time::timeout(Duration::from_secs(240), all)
+        .await
+        .expect("the load finished in time");
     let kills = chaos.await.unwrap();
 
-    assert!(failures.is_empty(), "{} of {REQUESTS} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {REQUESTS} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert_eq!(done.load(Ordering::Relaxed), REQUESTS);
     assert!(kills >= 5, "the chaos actually happened ({kills} kills)");
     let mut all_peaks = peaks.lock().unwrap().clone();
@@ -105,5 +122,7 @@ async fn every_request_is_answered_correctly_while_backends_die_and_return() {
         assert!(peak <= 1, "a backend held {peak} requests at once");
         assert_eq!(over, 0, "a request found its backend's slot taken");
     }
-    println!("load: {REQUESTS} requests, {CLIENTS} clients, {BACKENDS} backends, {kills} kills, 0 failures");
+    println!(
+        "load: {REQUESTS} requests, {CLIENTS} clients, {BACKENDS} backends, {kills} kills, 0 failures"
+    );
 }

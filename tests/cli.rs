@@ -1,0 +1,198 @@
+//! The `corral` binary as a user runs it: bad settings exit 2 with one clear
+//! line; `corral demo` serves and says what to try; SIGTERM lets an in-flight
+//! request finish and exits 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{TestFleet, eventually, generate};
+use corral::sim::{ServerSpec, expected_text};
+
+fn corral() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c
+}
+
+/// Sends SIGTERM to a child we started, by its PID.
+fn terminate(child: &Child) {
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM {}", child.id());
+}
+
+/// Waits for a child to exit, up to a deadline (then kills it and fails).
+fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            panic!("corral did not exit within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_reversed_port_range_exits_2_with_a_clear_message() {
+    let out = corral()
+        .env("BACKEND_PORT_START", "24100")
+        .env("BACKEND_PORT_END", "24000")
+        .env("PROXY_PORT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BACKEND_PORT_START (24100) is greater than BACKEND_PORT_END (24000)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unparsable_settings_exit_2_never_panic() {
+    for (var, value) in [
+        ("PROBE_TIMEOUT_SECONDS", "-1"),
+        ("SCAN_INTERVAL_SECONDS", "soon"),
+        ("BACKENDS", "ftp://gpu7"),
+        ("MAX_RETRIES", "-3"),
+        ("PROXY_PORT", "70000"),
+    ] {
+        let out = corral().env(var, value).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{var}={value}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn demo_serves_a_fleet_and_stops_on_sigterm() {
+    let mut child = corral()
+        .args(["demo", "--port", "0", "--backend-port-start", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Reads every line, so the demo's stdout stays open while it runs.
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().unwrap().unwrap());
+        for _ in lines {}
+    });
+    let banner = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        banner.starts_with("corral demo: 4 simulated Ollama backends"),
+        "{banner}"
+    );
+    let url = banner
+        .rsplit("proxy on ")
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(10), "demo fleet healthy", || async {
+        let v: serde_json::Value = client
+            .get(format!("{url}/__proxy/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["healthy_backends"] == 4
+    })
+    .await;
+    let r = client
+        .post(format!("{url}/api/chat"))
+        .json(&serde_json::json!({
+            "model": "mistral", "stream": false, "messages": [{"role": "user", "content": "hi"}]
+        }));
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["message"]["role"], "assistant");
+    assert!(!body["message"]["content"].as_str().unwrap().is_empty());
+    terminate(&child);
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let spec = ServerSpec {
+        token_interval: Duration::from_millis(100),
+        tokens: 10,
+        ..ServerSpec::default()
+    };
+    let fleet = TestFleet::uniform(1, spec).await;
+    let port = common::bind_block(1).await.pop().unwrap();
+    let proxy_port = port.local_addr().unwrap().port();
+    drop(port);
+    let mut child = corral()
+        .env("PROXY_HOST", "127.0.0.1")
+        .env("PROXY_PORT", proxy_port.to_string())
+        .env("BACKEND_PORT_START", fleet.port_start.to_string())
+        .env("BACKEND_PORT_END", fleet.port_end.to_string())
+        .env("SCAN_INTERVAL_SECONDS", "0.2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{proxy_port}");
+    let client = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(10),
+        "proxy up with its backend",
+        || async {
+            match client.get(format!("{url}/__proxy/health")).send().await {
+                Ok(r) => r.json::<serde_json::Value>().await.unwrap()["healthy_backends"] == 1,
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    let request = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post(format!("{url}/api/generate"))
+                .json(&generate("llama3.2", "slow", false))
+                .send()
+                .await
+        }
+    });
+    eventually(Duration::from_secs(5), "request in flight", || async {
+        fleet.servers[0].stats().in_flight == 1
+    })
+    .await;
+    terminate(&child);
+    let r = request.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["response"], expected_text(0, "llama3.2", "slow", 10));
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert!(status.success(), "{status}");
+}
