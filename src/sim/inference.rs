@@ -309,19 +309,20 @@ async fn text_answer(
         Ok(g) => g,
         Err(resp) => return resp,
     };
-    let acquired = match state.sched.acquire(index, job.keep_alive).await {
+    let acquired = match state
+        .sched
+        .acquire(index, job.keep_alive, || state.counters.oversubscribed())
+        .await
+    {
         Ok(a) => a,
         Err(_) => {
             guard.abandon();
             return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
-    if acquired.oversubscribed {
-        state.counters.oversubscribed();
-    }
     let stream = job.stream;
     let (seed, interval) = (state.spec.seed, state.spec.token_interval);
-    let answer = Answer::new(job, seed, interval, start, fault, guard, acquired.slot, seq);
+    let answer = Answer::new(job, seed, interval, start, fault, guard, acquired, seq);
     if stream {
         answer.stream().await
     } else {
@@ -465,16 +466,17 @@ async fn embed_answer(
         Ok(g) => g,
         Err(resp) => return resp,
     };
-    let acquired = match state.sched.acquire(index, ka).await {
+    let acquired = match state
+        .sched
+        .acquire(index, ka, || state.counters.oversubscribed())
+        .await
+    {
         Ok(a) => a,
         Err(_) => {
             guard.abandon();
             return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
-    if acquired.oversubscribed {
-        state.counters.oversubscribed();
-    }
     let load_ns = (start.elapsed().as_nanos() as u64).max(1);
     if !state.spec.token_interval.is_zero() {
         tokio::time::sleep(state.spec.token_interval).await;
