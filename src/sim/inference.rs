@@ -77,6 +77,10 @@ fn bad(shape: Shape, status: StatusCode, msg: &str) -> Response {
 }
 
 /// Finds the model or answers the error Ollama gives for `kind`.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once per failed request"
+)]
 fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<usize, Response> {
     if raw.is_empty() {
         return Err(match kind {
@@ -111,6 +115,10 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
 }
 
 /// `None`: not given; `Some(None)`: forever; `Some(Some(d))`: `d`.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once per failed request"
+)]
 fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
     let secs = match v {
         None | Some(Value::Null) => return Ok(None),
