@@ -77,6 +77,10 @@ fn bad(shape: Shape, status: StatusCode, msg: &str) -> Response {
 }
 
 /// Finds the model or answers the error Ollama gives for `kind`.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once per failed request"
+)]
 fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<usize, Response> {
     if raw.is_empty() {
         return Err(match kind {
@@ -111,6 +115,10 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
 }
 
 /// `None`: not given; `Some(None)`: forever; `Some(Some(d))`: `d`.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once per failed request"
+)]
 fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
     let secs = match v {
         None | Some(Value::Null) => return Ok(None),
@@ -309,19 +317,20 @@ async fn text_answer(
         Ok(g) => g,
         Err(resp) => return resp,
     };
-    let acquired = match state.sched.acquire(index, job.keep_alive).await {
+    let acquired = match state
+        .sched
+        .acquire(index, job.keep_alive, || state.counters.oversubscribed())
+        .await
+    {
         Ok(a) => a,
         Err(_) => {
             guard.abandon();
             return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
-    if acquired.oversubscribed {
-        state.counters.oversubscribed();
-    }
     let stream = job.stream;
     let (seed, interval) = (state.spec.seed, state.spec.token_interval);
-    let answer = Answer::new(job, seed, interval, start, fault, guard, acquired.slot, seq);
+    let answer = Answer::new(job, seed, interval, start, fault, guard, acquired, seq);
     if stream {
         answer.stream().await
     } else {
@@ -465,16 +474,17 @@ async fn embed_answer(
         Ok(g) => g,
         Err(resp) => return resp,
     };
-    let acquired = match state.sched.acquire(index, ka).await {
+    let acquired = match state
+        .sched
+        .acquire(index, ka, || state.counters.oversubscribed())
+        .await
+    {
         Ok(a) => a,
         Err(_) => {
             guard.abandon();
             return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
-    if acquired.oversubscribed {
-        state.counters.oversubscribed();
-    }
     let load_ns = (start.elapsed().as_nanos() as u64).max(1);
     if !state.spec.token_interval.is_zero() {
         tokio::time::sleep(state.spec.token_interval).await;

@@ -73,6 +73,10 @@ pub fn stream(content_type: &'static str, body: Body) -> Response {
 
 /// Parses a request body as Ollama would: 400 `missing request body` (or
 /// `EOF` on `/v1`) when empty, Go-like decoder messages when malformed.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once per failed request"
+)]
 pub fn parse<T: DeserializeOwned>(shape: Shape, body: &Bytes) -> Result<T, Response> {
     if body.iter().all(u8::is_ascii_whitespace) {
         let msg = match shape {

@@ -58,13 +58,6 @@ pub(crate) struct Slot {
     armed: bool,
 }
 
-/// How a slot was obtained.
-pub(crate) struct Acquired {
-    pub slot: Slot,
-    /// All slots were taken on arrival.
-    pub oversubscribed: bool,
-}
-
 impl Scheduler {
     pub(crate) fn new(
         caps: Vec<usize>,
@@ -112,13 +105,16 @@ impl Scheduler {
         s
     }
 
-    /// Takes a slot on model `index`, loading it first if needed.
+    /// Takes a slot on model `index`, loading it first if needed; `on_wait`
+    /// runs if every slot is taken on arrival (oversubscription).
     /// `keep_alive`: `None` = not in the request; `Some(None)` = forever.
     pub(crate) async fn acquire(
         self: &Arc<Self>,
         index: usize,
         keep_alive: Option<Option<Duration>>,
-    ) -> Result<Acquired, QueueFull> {
+        on_wait: impl FnOnce(),
+    ) -> Result<Slot, QueueFull> {
+        let mut on_wait = Some(on_wait);
         loop {
             let rx = {
                 let mut s = self.lock();
@@ -129,13 +125,13 @@ impl Scheduler {
                     }
                     if m.busy < m.cap.min(self.parallel) {
                         m.busy += 1;
-                        return Ok(Acquired {
-                            slot: self.slot(index),
-                            oversubscribed: false,
-                        });
+                        return Ok(self.slot(index));
                     }
                     let (tx, rx) = oneshot::channel();
                     m.waiters.push_back(tx);
+                    if let Some(f) = on_wait.take() {
+                        f();
+                    }
                     Some(rx)
                 } else {
                     None
@@ -145,18 +141,12 @@ impl Scheduler {
                 // A dropped sender cannot happen while a waiter is queued;
                 // treat it as a retry rather than panic.
                 if let Ok(slot) = rx.await {
-                    return Ok(Acquired {
-                        slot,
-                        oversubscribed: true,
-                    });
+                    return Ok(slot);
                 }
                 continue;
             }
             if let Some(slot) = self.load(index, keep_alive, true).await? {
-                return Ok(Acquired {
-                    slot,
-                    oversubscribed: false,
-                });
+                return Ok(slot);
             }
         }
     }

@@ -409,6 +409,17 @@ mod tests {
     }
 
     #[test]
+    fn example_fleet_file_parses() {
+        let text = include_str!("../../examples/fleet.toml");
+        let fleet = FleetSpec::from_toml(text, &ServerSpec::default()).unwrap();
+        assert_eq!(fleet.servers.len(), 5);
+        assert_eq!(
+            fleet.servers[4].faults.start_delay,
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
     fn fleet_file_refuses_unknown_keys() {
         assert!(FleetSpec::from_toml("paralel = 2", &ServerSpec::default()).is_err());
     }
