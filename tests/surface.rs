@@ -251,6 +251,16 @@ async fn fleet_views_merge_the_healthy_backends() {
         ["all-minilm:latest", "llama3.2:latest", "mistral:latest"]
     );
     assert_eq!(models["object"], "list");
+    let one = proxy.get_json("/v1/models/mistral").await;
+    assert_eq!(one["id"], "mistral");
+    assert_eq!(one["object"], "model");
+    let r = proxy
+        .client
+        .get(proxy.at("/v1/models/ghost"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     assert_eq!(proxy.get_json("/api/version").await["version"], "0.32.15");
     let root = proxy.client.get(proxy.at("/")).send().await.unwrap();
     assert_eq!(root.text().await.unwrap(), "Ollama is running");

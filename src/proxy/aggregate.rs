@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -68,19 +68,40 @@ pub async fn ps(State(app): State<Arc<App>>) -> Response {
     Json(json!({ "models": union(&app, |r| &r.ps) })).into_response()
 }
 
+/// A `/api/tags` entry as an OpenAI model object, under the id `id`.
+fn openai_model(entry: &Value, id: &str) -> Value {
+    let owner = id
+        .rsplit_once('/')
+        .map_or("library", |(ns, _)| ns.rsplit('/').next().unwrap_or(ns));
+    json!({ "id": id, "object": "model", "created": modified_unix(entry), "owned_by": owner })
+}
+
+fn entry_id(entry: &Value) -> Option<&str> {
+    entry.get("model").or_else(|| entry.get("name"))?.as_str()
+}
+
 /// `GET /v1/models`, in OpenAI's list shape.
 pub async fn v1_models(State(app): State<Arc<App>>) -> Response {
     let mut models = union(&app, |r| &r.tags);
     sort_by_modified(&mut models);
     let data: Vec<Value> = models
         .iter()
-        .filter_map(|e| {
-            let id = e.get("model").or_else(|| e.get("name"))?.as_str()?;
-            let owner = id.rsplit_once('/').map_or("library", |(ns, _)| ns.rsplit('/').next().unwrap_or(ns));
-            Some(json!({ "id": id, "object": "model", "created": modified_unix(e), "owned_by": owner }))
-        })
+        .filter_map(|e| Some(openai_model(e, entry_id(e)?)))
         .collect();
     Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /v1/models/{model}`: one model of the fleet; the id echoes the path.
+pub async fn v1_model(State(app): State<Arc<App>>, Path(model): Path<String>) -> Response {
+    let wanted = ModelName::parse(&model);
+    let models = union(&app, |r| &r.tags);
+    match models
+        .iter()
+        .find(|e| entry_id(e).is_some_and(|id| ModelName::parse(id) == wanted))
+    {
+        Some(entry) => Json(openai_model(entry, &model)).into_response(),
+        None => ProxyError::UnknownModel(model).render(Api::OpenAi),
+    }
 }
 
 /// `GET /api/version`: the version of a healthy backend.

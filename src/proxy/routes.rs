@@ -33,6 +33,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/ps", get(aggregate::ps))
         .route("/api/version", get(aggregate::version))
         .route("/v1/models", get(aggregate::v1_models))
+        .route("/v1/models/{model}", get(aggregate::v1_model))
         .route("/api/pull", management("pulling models"))
         .route("/api/push", management("pushing models"))
         .route("/api/create", management("creating models"))
