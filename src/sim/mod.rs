@@ -31,6 +31,7 @@ pub mod spec;
 pub mod stats;
 
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -122,7 +123,9 @@ pub async fn run(args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let models: Vec<&str> = spec.models.iter().map(|m| m.name.as_str()).collect();
-        println!(
+        // A closed stdout (`corral sim | head -1`) must not stop the servers.
+        let _ = writeln!(
+            std::io::stdout(),
             "sim: listening on http://{addr} models={}",
             models.join(",")
         );
