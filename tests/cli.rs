@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{TestFleet, eventually, generate};
-use corral::sim::{ServerSpec, expected_text};
+use corral::sim::expected_text;
 
 fn corral() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
@@ -139,11 +139,7 @@ async fn demo_serves_a_fleet_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
-    let spec = ServerSpec {
-        token_interval: Duration::from_millis(100),
-        tokens: 10,
-        ..ServerSpec::default()
-    };
+    let spec = common::slow(100, 10);
     let fleet = TestFleet::uniform(1, spec).await;
     let port = common::bind_block(1).await.pop().unwrap();
     let proxy_port = port.local_addr().unwrap().port();

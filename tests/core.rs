@@ -15,15 +15,6 @@ fn spec() -> ServerSpec {
     ServerSpec::default()
 }
 
-/// A backend that takes `ms` per token, to hold slots for a while.
-fn slow(ms: u64) -> ServerSpec {
-    ServerSpec {
-        token_interval: Duration::from_millis(ms),
-        tokens: 10,
-        ..spec()
-    }
-}
-
 fn backend_of(r: &reqwest::Response) -> u16 {
     r.headers()["x-corral-backend"]
         .to_str()
@@ -85,7 +76,7 @@ async fn least_in_flight_wins_and_ties_go_to_the_lowest_port() {
         ServerSpec {
             loaded: vec!["llama3.2".into()],
             parallel: 2,
-            ..slow(500)
+            ..common::slow(500, 10)
         },
     )
     .await;
@@ -276,18 +267,12 @@ async fn a_backend_dying_mid_request_is_retried_elsewhere() {
     let fleet = TestFleet::start(vec![hangs, spec()], 0).await;
     let proxy = start_proxy(&fleet, |a| a.scan_interval = Duration::from_secs(600)).await;
     let victim = fleet.servers[0].clone();
-    let request = {
-        let client = proxy.client.clone();
-        let url = proxy.at("/api/generate");
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&generate("llama3.2", "hi", false))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let request = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("llama3.2", "hi", false),
+        &[],
+    );
     eventually(
         Duration::from_secs(5),
         "the request reached the victim",
@@ -295,7 +280,7 @@ async fn a_backend_dying_mid_request_is_retried_elsewhere() {
     )
     .await;
     victim.kill().await;
-    let r = request.await.unwrap();
+    let r = request.response().await;
     let status = r.status();
     let backend = r.headers().get("x-corral-backend").cloned();
     assert_eq!(status, 200, "{:?}", r.text().await);
@@ -304,7 +289,7 @@ async fn a_backend_dying_mid_request_is_retried_elsewhere() {
 
 #[tokio::test]
 async fn the_queue_is_first_come_first_served() {
-    let fleet = TestFleet::uniform(1, slow(20)).await;
+    let fleet = TestFleet::uniform(1, common::slow(20, 10)).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let finished = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -357,43 +342,32 @@ async fn a_full_queue_is_503_at_once() {
     let fleet = TestFleet::uniform(1, spec()).await;
     let proxy = start_proxy(&fleet, |a| a.max_queue = 1).await;
     let _holder = hold_slot(&proxy).await;
-    let waiter = {
-        let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&generate("llama3.2", "w", false))
-                .send()
-                .await
-        })
-    };
-    eventually(Duration::from_secs(5), "one waiter", || async {
-        proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 1
-    })
-    .await;
+    let waiter = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("llama3.2", "w", false),
+        &[],
+    );
+    common::wait_waiting(&proxy, 1).await;
     let r = proxy
         .post("/api/generate", generate("llama3.2", "hi", false))
         .await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert!(r.text().await.unwrap().contains("MAX_QUEUE"));
-    waiter.abort();
+    drop(waiter);
 }
 
 #[tokio::test]
 async fn a_waiter_whose_client_leaves_never_reaches_a_backend() {
-    let fleet = TestFleet::uniform(1, slow(30)).await;
+    let fleet = TestFleet::uniform(1, common::slow(30, 10)).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
-    let holder = {
-        let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&generate("llama3.2", "first", false))
-                .send()
-                .await
-        })
-    };
+    let holder = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("llama3.2", "first", false),
+        &[],
+    );
     eventually(Duration::from_secs(5), "holder running", || async {
         fleet.servers[0].stats().in_flight == 1
     })
@@ -406,11 +380,8 @@ async fn a_waiter_whose_client_leaves_never_reaches_a_backend() {
         .send()
         .await;
     assert!(impatient.is_err(), "the client gave up");
-    eventually(Duration::from_secs(5), "queue empty", || async {
-        proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 0
-    })
-    .await;
-    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+    common::wait_waiting(&proxy, 0).await;
+    assert_eq!(holder.response().await.status(), 200);
     let r = proxy
         .post("/api/generate", generate("llama3.2", "after", false))
         .await;
@@ -435,23 +406,15 @@ async fn a_model_on_no_healthy_backend_waits_for_one_to_come() {
     proxy.wait_healthy(2).await;
     server.kill().await;
     proxy.wait_healthy(1).await;
-    let waiting = {
-        let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&generate("mistral", "hi", false))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
-    eventually(Duration::from_secs(5), "a waiter", || async {
-        proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 1
-    })
-    .await;
+    let waiting = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("mistral", "hi", false),
+        &[],
+    );
+    common::wait_waiting(&proxy, 1).await;
     server.restart(mistral).await.unwrap();
-    let r = waiting.await.unwrap();
+    let r = waiting.response().await;
     assert_eq!(r.status(), 200);
     assert_eq!(backend_of(&r), server.port());
 }

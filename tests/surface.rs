@@ -23,6 +23,19 @@ fn with_models(models: &[&str], loaded: &[&str]) -> ServerSpec {
     }
 }
 
+/// A backend that sends a few tokens, then resets the connection.
+fn resetting() -> ServerSpec {
+    let faults = FaultSpec {
+        reset_rate: 1.0,
+        ..FaultSpec::default()
+    };
+    ServerSpec {
+        token_interval: Duration::from_millis(5),
+        faults,
+        ..spec()
+    }
+}
+
 fn backend_of(r: &reqwest::Response) -> u16 {
     r.headers()["x-corral-backend"]
         .to_str()
@@ -55,29 +68,20 @@ async fn every_routed_endpoint_answers_through_corral() {
     let text = |input: &str| expected_text(0, "llama3.2", input, 16);
 
     let v: Value = proxy
-        .post("/api/generate", generate("llama3.2", "g", false))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json("/api/generate", generate("llama3.2", "g", false))
+        .await;
     assert_eq!(v["response"], text("g"));
     let v: Value = proxy
-        .post("/api/chat", chat("llama3.2", "c", false))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json("/api/chat", chat("llama3.2", "c", false))
+        .await;
     assert_eq!(v["message"]["content"], text("c"));
     assert_eq!(v["message"]["role"], "assistant");
     let v: Value = proxy
-        .post(
+        .post_json(
             "/api/embed",
             json!({"model": "all-minilm", "input": ["a", "b"]}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     let got: Vec<Vec<f32>> = serde_json::from_value(v["embeddings"].clone()).unwrap();
     let want: Vec<Vec<f32>> = ["a", "b"]
         .iter()
@@ -85,66 +89,44 @@ async fn every_routed_endpoint_answers_through_corral() {
         .collect();
     assert_eq!(got, want);
     let v: Value = proxy
-        .post(
+        .post_json(
             "/api/embeddings",
             json!({"model": "all-minilm", "prompt": "a"}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["embedding"].as_array().unwrap().len(), 16);
     let v: Value = proxy
-        .post("/api/show", json!({"model": "llama3.2"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json("/api/show", json!({"model": "llama3.2"}))
+        .await;
     assert!(v["model_info"].is_object());
     let v: Value = proxy
-        .post("/api/show", json!({"name": "llama3.2"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json("/api/show", json!({"name": "llama3.2"}))
+        .await;
     assert!(v["model_info"].is_object(), "legacy name field routes too");
     let v: Value = proxy
-        .post("/v1/chat/completions", chat("llama3.2", "o", false))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json("/v1/chat/completions", chat("llama3.2", "o", false))
+        .await;
     assert_eq!(v["choices"][0]["message"]["content"], text("o"));
     let v: Value = proxy
-        .post(
+        .post_json(
             "/v1/completions",
             json!({"model": "llama3.2", "prompt": "p"}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["choices"][0]["text"], text("p"));
     let v: Value = proxy
-        .post(
+        .post_json(
             "/v1/embeddings",
             json!({"model": "all-minilm", "input": "e"}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     let got: Vec<f32> = serde_json::from_value(v["data"][0]["embedding"].clone()).unwrap();
     assert_eq!(got, expected_embedding(0, "all-minilm", "e", 16));
 }
 
 #[tokio::test]
 async fn ndjson_streams_arrive_chunk_by_chunk_before_the_backend_finishes() {
-    let slow = ServerSpec {
-        token_interval: Duration::from_millis(100),
-        tokens: 10,
-        ..spec()
-    };
+    let slow = common::slow(100, 10);
     let fleet = TestFleet::uniform(1, slow).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy
@@ -173,11 +155,7 @@ async fn ndjson_streams_arrive_chunk_by_chunk_before_the_backend_finishes() {
 
 #[tokio::test]
 async fn sse_streams_arrive_event_by_event_and_end_with_done() {
-    let slow = ServerSpec {
-        token_interval: Duration::from_millis(100),
-        tokens: 10,
-        ..spec()
-    };
+    let slow = common::slow(100, 10);
     let fleet = TestFleet::uniform(1, slow).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy
@@ -325,20 +303,13 @@ async fn a_queued_request_for_one_model_does_not_block_another_model() {
     .await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let _held = common::hold_slot(&proxy).await;
-    let _queued = {
-        let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&generate("llama3.2", "queued", false))
-                .send()
-                .await
-        })
-    };
-    eventually(Duration::from_secs(5), "a llama3.2 waiter", || async {
-        proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 1
-    })
-    .await;
+    let _queued = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("llama3.2", "queued", false),
+        &[],
+    );
+    common::wait_waiting(&proxy, 1).await;
     let r = proxy
         .post("/api/generate", generate("mistral", "free", false))
         .await;
@@ -377,15 +348,7 @@ async fn a_stream_that_fails_before_its_first_byte_is_retried() {
 
 #[tokio::test]
 async fn a_stream_broken_after_its_first_byte_ends_with_an_error_line() {
-    let resets = ServerSpec {
-        token_interval: Duration::from_millis(5),
-        faults: FaultSpec {
-            reset_rate: 1.0,
-            ..FaultSpec::default()
-        },
-        ..spec()
-    };
-    let fleet = TestFleet::uniform(1, resets).await;
+    let fleet = TestFleet::uniform(1, resetting()).await;
     let proxy = start_proxy(&fleet, |a| a.scan_interval = Duration::from_secs(600)).await;
     let r = proxy
         .post("/api/generate", generate("llama3.2", "x", true))
@@ -427,15 +390,7 @@ async fn a_stream_broken_after_its_first_byte_ends_with_an_error_line() {
 
 #[tokio::test]
 async fn an_sse_stream_broken_after_its_first_byte_ends_with_an_error_event() {
-    let resets = ServerSpec {
-        token_interval: Duration::from_millis(5),
-        faults: FaultSpec {
-            reset_rate: 1.0,
-            ..FaultSpec::default()
-        },
-        ..spec()
-    };
-    let fleet = TestFleet::uniform(1, resets).await;
+    let fleet = TestFleet::uniform(1, resetting()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy
         .post("/v1/chat/completions", chat("llama3.2", "x", true))
@@ -490,11 +445,7 @@ async fn assert_cancelled(fleet: &TestFleet, proxy: &common::TestProxy, before: 
 
 #[tokio::test]
 async fn a_client_leaving_a_non_streaming_wait_cancels_the_backend_request() {
-    let slow = ServerSpec {
-        token_interval: Duration::from_millis(200),
-        tokens: 50,
-        ..spec()
-    };
+    let slow = common::slow(200, 50);
     let fleet = TestFleet::uniform(1, slow).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy
@@ -510,11 +461,7 @@ async fn a_client_leaving_a_non_streaming_wait_cancels_the_backend_request() {
 
 #[tokio::test]
 async fn a_client_leaving_mid_stream_cancels_the_backend_request() {
-    let slow = ServerSpec {
-        token_interval: Duration::from_millis(100),
-        tokens: 50,
-        ..spec()
-    };
+    let slow = common::slow(100, 50);
     let fleet = TestFleet::uniform(1, slow).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy.post("/api/chat", chat("llama3.2", "x", true)).await;
@@ -527,11 +474,7 @@ async fn a_client_leaving_mid_stream_cancels_the_backend_request() {
 
 #[tokio::test]
 async fn a_client_leaving_the_queue_never_costs_gpu_time() {
-    let slow = ServerSpec {
-        token_interval: Duration::from_millis(100),
-        tokens: 10,
-        ..spec()
-    };
+    let slow = common::slow(100, 10);
     let fleet = TestFleet::uniform(1, slow).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let _held = common::hold_slot(&proxy).await;
@@ -543,10 +486,7 @@ async fn a_client_leaving_the_queue_never_costs_gpu_time() {
         .send()
         .await;
     assert!(r.is_err());
-    eventually(Duration::from_secs(5), "the queue emptied", || async {
-        proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == 0
-    })
-    .await;
+    common::wait_waiting(&proxy, 0).await;
     assert_eq!(
         fleet.servers[0].stats().requests["/api/generate"],
         1,

@@ -131,6 +131,11 @@ impl TestProxy {
             .unwrap()
     }
 
+    /// POSTs JSON and returns the JSON answer, whatever its status.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.post(path, body).await.json().await.unwrap()
+    }
+
     /// GETs a JSON document.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         self.client
@@ -194,38 +199,77 @@ pub async fn start_proxy(fleet: &TestFleet, tweak: impl FnOnce(&mut ServeArgs)) 
     proxy
 }
 
+/// A simulated backend that takes `ms` per token and answers `tokens` tokens.
+pub fn slow(ms: u64, tokens: usize) -> ServerSpec {
+    ServerSpec {
+        token_interval: Duration::from_millis(ms),
+        tokens,
+        ..ServerSpec::default()
+    }
+}
+
 /// A generate request body.
 pub fn generate(model: &str, prompt: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({ "model": model, "prompt": prompt, "stream": stream })
 }
 
 /// A spawned request, aborted (its client gone) when dropped.
-pub struct Held(pub tokio::task::JoinHandle<Result<reqwest::Response, reqwest::Error>>);
+pub struct Held(Option<tokio::task::JoinHandle<Result<reqwest::Response, reqwest::Error>>>);
+
+impl Held {
+    /// Waits for the response.
+    pub async fn response(mut self) -> reqwest::Response {
+        let task = self.0.take().expect("awaited once");
+        task.await.unwrap().unwrap()
+    }
+}
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
+}
+
+/// POSTs JSON from a spawned task with extra `headers`; the request is
+/// abandoned when the returned handle is dropped.
+pub fn spawn_post(
+    proxy: &TestProxy,
+    path: &str,
+    body: serde_json::Value,
+    headers: &[(&'static str, &'static str)],
+) -> Held {
+    let mut request = proxy.client.post(proxy.at(path)).json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    Held(Some(tokio::spawn(request.send())))
+}
+
+/// Waits until `n` requests wait in corral's queue.
+pub async fn wait_waiting(proxy: &TestProxy, n: u64) {
+    eventually(Duration::from_secs(5), &format!("{n} waiting"), || async {
+        proxy.get_json("/__proxy/backends").await["queue"]["waiting"] == n
+    })
+    .await;
 }
 
 /// Sends a request the backend never answers (`x-sim-fault: hang`) and waits
 /// until it holds a slot: the one-slot fleet is then busy.
 pub async fn hold_slot(proxy: &TestProxy) -> Held {
     let before = in_flight(proxy).await;
-    let (client, url) = (proxy.client.clone(), proxy.at("/api/generate"));
-    let task = tokio::spawn(async move {
-        client
-            .post(url)
-            .header("x-sim-fault", "hang")
-            .json(&generate("llama3.2", "hold", false))
-            .send()
-            .await
-    });
+    let held = spawn_post(
+        proxy,
+        "/api/generate",
+        generate("llama3.2", "hold", false),
+        &[("x-sim-fault", "hang")],
+    );
     eventually(Duration::from_secs(5), "the holder took a slot", || async {
         in_flight(proxy).await > before
     })
     .await;
-    Held(task)
+    held
 }
 
 /// Requests in flight over all backends, as `/__proxy/backends` says.
