@@ -201,6 +201,11 @@ impl Relay {
         if let Some(chunk) = &first {
             relay.ledger.observe(chunk);
         }
+        // Nothing more to come (an empty body, or all of it in the first
+        // chunk): the backend is done, so is the slot.
+        if first.is_none() || hyper::body::Body::is_end_stream(&relay.body) {
+            relay.finish();
+        }
         relay.first = first;
         relay
     }
@@ -225,6 +230,12 @@ impl Relay {
                     if let Ok(data) = frame.into_data() {
                         if !data.is_empty() {
                             self.ledger.observe(&data);
+                            // A body of known length is over with its last
+                            // byte: give the slot back without waiting for
+                            // another poll that may never come.
+                            if hyper::body::Body::is_end_stream(&self.body) {
+                                self.finish();
+                            }
                             return Some(Ok(data));
                         }
                     }
