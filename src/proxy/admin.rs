@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
@@ -145,16 +146,22 @@ fn check_admin(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), P
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     let (rows, depth) = app.fleet.read(|s| {
-        let rows: Vec<(String, bool, u32)> = s
+        let rows: Vec<(String, bool, u32, Option<Duration>)> = s
             .backends()
             .values()
-            .map(|b| (b.target.id.to_string(), b.healthy, b.in_flight))
+            .map(|b| {
+                (
+                    b.target.id.to_string(),
+                    b.healthy,
+                    b.in_flight,
+                    b.report.latency,
+                )
+            })
             .collect();
         (rows, s.queue_len())
     });
     app.metrics.queue_depth.set(depth as i64);
-    app.metrics
-        .set_backends(rows.into_iter().map(|(id, h, f)| (id, h, f, None)));
+    app.metrics.set_backends(rows.into_iter());
     (
         [(
             http::header::CONTENT_TYPE,
