@@ -1,6 +1,6 @@
 //! The proxy's own endpoints: `/__proxy/health`, `/__proxy/backends` (the
 //! ollama_proxy fields `port`, `healthy`, `in_flight` first, then more),
-//! drain and undrain, and `/metrics`.
+//! drain and undrain, and `/metrics`. The dashboard is in `dashboard.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +51,8 @@ pub struct BackendView {
     pub requests_served: u64,
     /// Attempts that failed on it.
     pub failures: u64,
+    /// How long its last successful probe took, in milliseconds.
+    pub probe_ms: Option<f64>,
 }
 
 impl BackendView {
@@ -68,6 +70,7 @@ impl BackendView {
             last_error: b.last_error.clone(),
             requests_served: b.served,
             failures: b.failures,
+            probe_ms: b.report.latency.map(|d| d.as_secs_f64() * 1000.0),
         }
     }
 }
