@@ -174,3 +174,52 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServeArgs;
+
+    fn app(admin_key: &str) -> App {
+        let mut args = ServeArgs::defaults();
+        args.admin_key = admin_key.into();
+        App::new(args)
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        h
+    }
+
+    #[tokio::test]
+    async fn without_an_admin_key_only_loopback_clients_may_act() {
+        let app = app("");
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        assert!(check_admin(&app, local, &HeaderMap::new()).is_ok());
+        assert!(matches!(
+            check_admin(&app, remote, &HeaderMap::new()),
+            Err(ProxyError::Forbidden(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn with_an_admin_key_its_bearer_is_needed_from_anywhere() {
+        let app = app("k");
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let local: SocketAddr = "[::1]:5000".parse().unwrap();
+        assert!(check_admin(&app, remote, &bearer("k")).is_ok());
+        assert!(matches!(
+            check_admin(&app, remote, &bearer("x")),
+            Err(ProxyError::Unauthorized)
+        ));
+        assert!(matches!(
+            check_admin(&app, local, &HeaderMap::new()),
+            Err(ProxyError::Unauthorized)
+        ));
+    }
+}
