@@ -5,7 +5,10 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use serde::Serialize;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -116,8 +119,63 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     /// Generation speed per request.
     pub tokens_per_second: HistogramFamily<ModelLabels>,
+    /// Plain running totals for the dashboard, which needs sums that the
+    /// labelled families cannot give without walking every series.
+    pub totals: Totals,
     /// Backends with series now, to retire those that leave the fleet.
     backends_seen: Mutex<HashSet<String>>,
+}
+
+/// Running totals since start, cheap to read: the dashboard turns
+/// successive readings into rates.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Routed requests answered or refused.
+    pub requests: AtomicU64,
+    /// Of those, answered with a 5xx (by a backend or by corral).
+    pub errors: AtomicU64,
+    /// Slots acquired (after waiting or not).
+    pub queue_waits: AtomicU64,
+    /// Microseconds spent waiting for those slots.
+    pub queue_wait_micros: AtomicU64,
+    /// Generated tokens.
+    pub tokens_out: AtomicU64,
+}
+
+/// A reading of [`Totals`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct TotalsView {
+    /// Routed requests answered or refused.
+    pub requests: u64,
+    /// Of those, answered with a 5xx.
+    pub errors: u64,
+    /// Slots acquired.
+    pub queue_waits: u64,
+    /// Microseconds spent waiting for them.
+    pub queue_wait_micros: u64,
+    /// Generated tokens.
+    pub tokens_out: u64,
+}
+
+impl Totals {
+    /// Counts a routed request that ended with `status`.
+    pub fn request(&self, status: u16) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads every total.
+    pub fn view(&self) -> TotalsView {
+        TotalsView {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            queue_waits: self.queue_waits.load(Ordering::Relaxed),
+            queue_wait_micros: self.queue_wait_micros.load(Ordering::Relaxed),
+            tokens_out: self.tokens_out.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -146,6 +204,7 @@ impl Metrics {
             stream_errors: Family::default(),
             tokens: Family::default(),
             tokens_per_second: Family::new_with_constructor(rate_histogram),
+            totals: Totals::default(),
             backends_seen: Mutex::new(HashSet::new()),
             registry: Registry::default(),
         };
@@ -279,8 +338,37 @@ impl Metrics {
         *seen = now;
     }
 
+    /// Remembers that `backend` has series, so that they are retired when it
+    /// leaves the fleet even if no scrape saw it in the table.
+    fn touch_backend(&self, backend: &str) {
+        let mut seen = self.backends_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(backend) {
+            seen.insert(backend.to_owned());
+        }
+    }
+
+    /// Counts an attempt sent to `backend`.
+    pub fn backend_attempted(&self, backend: &str) {
+        self.touch_backend(backend);
+        self.backend_requests
+            .get_or_create(&BackendLabels {
+                backend: backend.into(),
+            })
+            .inc();
+    }
+
+    /// Records the time a request waited for a slot it got.
+    pub fn queue_waited(&self, wait: Duration) {
+        self.queue_wait.observe(wait.as_secs_f64());
+        self.totals.queue_waits.fetch_add(1, Ordering::Relaxed);
+        self.totals
+            .queue_wait_micros
+            .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+    }
+
     /// Counts a failed attempt.
     pub fn backend_failed(&self, backend: &str, kind: &str) {
+        self.touch_backend(backend);
         self.backend_failures
             .get_or_create(&FailureLabels {
                 backend: backend.into(),
@@ -315,6 +403,9 @@ impl Metrics {
                 .inc_by(prompt);
         }
         if generated > 0 {
+            self.totals
+                .tokens_out
+                .fetch_add(generated, Ordering::Relaxed);
             self.tokens
                 .get_or_create(&TokenLabels {
                     model: model.into(),

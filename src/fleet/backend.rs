@@ -96,6 +96,8 @@ pub struct ProbeReport {
     pub ps: Vec<serde_json::Value>,
     /// `/api/version`, when the backend answered it.
     pub version: Option<String>,
+    /// How long its `/api/tags` took to answer.
+    pub latency: Option<std::time::Duration>,
 }
 
 /// A backend's state.

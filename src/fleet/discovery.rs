@@ -124,8 +124,10 @@ impl Discovery {
     }
 
     async fn probe(&self, target: &Target) -> ProbeResult {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let tags = self.get_json(target, "/api/tags", deadline).await?;
+        let latency = started.elapsed();
         let tags =
             model_entries(&tags).ok_or_else(|| "probe: /api/tags has no model list".to_string())?;
         // Loaded models and version are extras: a backend that cannot answer
@@ -143,6 +145,7 @@ impl Discovery {
             version: version
                 .ok()
                 .and_then(|v| v.get("version")?.as_str().map(str::to_owned)),
+            latency: Some(latency),
         })
     }
 

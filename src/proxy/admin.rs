@@ -1,9 +1,10 @@
 //! The proxy's own endpoints: `/__proxy/health`, `/__proxy/backends` (the
 //! ollama_proxy fields `port`, `healthy`, `in_flight` first, then more),
-//! drain and undrain, and `/metrics`.
+//! drain and undrain, and `/metrics`. The dashboard is in `dashboard.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
@@ -50,6 +51,8 @@ pub struct BackendView {
     pub requests_served: u64,
     /// Attempts that failed on it.
     pub failures: u64,
+    /// How long its last successful probe took, in milliseconds.
+    pub probe_ms: Option<f64>,
 }
 
 impl BackendView {
@@ -67,6 +70,7 @@ impl BackendView {
             last_error: b.last_error.clone(),
             requests_served: b.served,
             failures: b.failures,
+            probe_ms: b.report.latency.map(|d| d.as_secs_f64() * 1000.0),
         }
     }
 }
@@ -145,16 +149,22 @@ fn check_admin(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), P
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     let (rows, depth) = app.fleet.read(|s| {
-        let rows: Vec<(String, bool, u32)> = s
+        let rows: Vec<(String, bool, u32, Option<Duration>)> = s
             .backends()
             .values()
-            .map(|b| (b.target.id.to_string(), b.healthy, b.in_flight))
+            .map(|b| {
+                (
+                    b.target.id.to_string(),
+                    b.healthy,
+                    b.in_flight,
+                    b.report.latency,
+                )
+            })
             .collect();
         (rows, s.queue_len())
     });
     app.metrics.queue_depth.set(depth as i64);
-    app.metrics
-        .set_backends(rows.into_iter().map(|(id, h, f)| (id, h, f, None)));
+    app.metrics.set_backends(rows.into_iter());
     (
         [(
             http::header::CONTENT_TYPE,
@@ -163,4 +173,53 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServeArgs;
+
+    fn app(admin_key: &str) -> App {
+        let mut args = ServeArgs::defaults();
+        args.admin_key = admin_key.into();
+        App::new(args)
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        h
+    }
+
+    #[tokio::test]
+    async fn without_an_admin_key_only_loopback_clients_may_act() {
+        let app = app("");
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        assert!(check_admin(&app, local, &HeaderMap::new()).is_ok());
+        assert!(matches!(
+            check_admin(&app, remote, &HeaderMap::new()),
+            Err(ProxyError::Forbidden(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn with_an_admin_key_its_bearer_is_needed_from_anywhere() {
+        let app = app("k");
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let local: SocketAddr = "[::1]:5000".parse().unwrap();
+        assert!(check_admin(&app, remote, &bearer("k")).is_ok());
+        assert!(matches!(
+            check_admin(&app, remote, &bearer("x")),
+            Err(ProxyError::Unauthorized)
+        ));
+        assert!(matches!(
+            check_admin(&app, local, &HeaderMap::new()),
+            Err(ProxyError::Unauthorized)
+        ));
+    }
 }

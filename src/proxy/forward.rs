@@ -26,10 +26,11 @@ use tokio::time::Instant;
 use super::App;
 use super::body;
 use super::error::{Api, ProxyError};
-use super::stream::{Framing, Ledger, Relay};
+use super::routes::REQUEST_ID;
+use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
 use crate::fleet::{AcquireError, Rejection, Slot, Want};
-use crate::metrics::{BackendLabels, EndpointLabels, RequestLabels};
+use crate::metrics::{EndpointLabels, RequestLabels};
 use crate::model::ModelName;
 
 /// Endpoints that stream when `stream` is absent.
@@ -51,12 +52,28 @@ pub async fn forward(
     let started = Instant::now();
     let api = Api::of(endpoint);
     let mut model_label = "none".to_string();
+    // The request-id middleware has set it; kept for the refusal line.
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     match route(&app, endpoint, request, started, &mut model_label).await {
         Ok(response) => response,
         Err(error) => {
             let response = error.render(api);
             let status = response.status().as_u16();
-            tracing::info!(endpoint, model = %model_label, status, error = %error, "request refused");
+            let duration = started.elapsed();
+            tracing::info!(
+                request_id = %request_id,
+                endpoint,
+                model = %model_label,
+                status,
+                duration_ms = duration.as_millis() as u64,
+                error = %error,
+                "request refused"
+            );
             app.metrics
                 .requests
                 .get_or_create(&RequestLabels {
@@ -65,6 +82,13 @@ pub async fn forward(
                     status,
                 })
                 .inc();
+            app.metrics.totals.request(status);
+            app.metrics
+                .request_duration
+                .get_or_create(&EndpointLabels {
+                    endpoint: endpoint.into(),
+                })
+                .observe(duration.as_secs_f64());
             response
         }
     }
@@ -109,21 +133,15 @@ async fn route(
             Ok(slot) => slot,
             Err(e) => return Err(refusal(app, e, peek.model.as_deref(), last_error.as_ref())),
         };
-        queue_wait += waited.elapsed();
-        app.metrics
-            .queue_wait
-            .observe(waited.elapsed().as_secs_f64());
+        let wait = waited.elapsed();
+        queue_wait += wait;
+        app.metrics.queue_waited(wait);
         attempts += 1;
         if attempts > 1 {
             app.metrics.retries.inc();
         }
         let backend = slot.target().id.to_string();
-        app.metrics
-            .backend_requests
-            .get_or_create(&BackendLabels {
-                backend: backend.clone(),
-            })
-            .inc();
+        app.metrics.backend_attempted(&backend);
         match attempt(app, &slot, &parts, bytes.clone()).await {
             Ok((head, rest, first)) => {
                 let ledger = Ledger::new(
@@ -132,6 +150,19 @@ async fn route(
                     model_label.clone(),
                     head.status.as_u16(),
                     started,
+                    RequestInfo {
+                        request_id: parts
+                            .headers
+                            .get(REQUEST_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned(),
+                        method: parts.method.clone(),
+                        path: parts.uri.path().to_owned(),
+                        backend: backend.clone(),
+                        attempts,
+                        queue_wait,
+                    },
                 );
                 app.metrics
                     .time_to_first_byte

@@ -9,6 +9,7 @@ mod admin;
 mod aggregate;
 mod auth;
 mod body;
+mod dashboard;
 pub mod error;
 mod forward;
 mod routes;
@@ -46,6 +47,8 @@ pub struct App {
     pub upstream: Upstream,
     /// The metric families.
     pub metrics: Arc<Metrics>,
+    /// When the proxy started, for the dashboard's uptime.
+    pub started: tokio::time::Instant,
 }
 
 impl App {
@@ -60,6 +63,7 @@ impl App {
             fleet: Fleet::new(limits, args.queue_timeout),
             upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),
+            started: tokio::time::Instant::now(),
             args,
         }
     }

@@ -11,7 +11,7 @@ use axum::routing::{MethodRouter, any, get, post};
 use http::{HeaderValue, StatusCode};
 
 use super::error::{Api, ProxyError};
-use super::{App, admin, aggregate, auth, forward};
+use super::{App, admin, aggregate, auth, dashboard, forward};
 
 /// Endpoints routed to one backend, chosen per request.
 pub const ROUTED: [&str; 8] = [
@@ -40,6 +40,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/copy", management("copying models"))
         .route("/api/delete", management("deleting models"))
         .route("/api/blobs/{digest}", management("uploading blobs"))
+        .route("/__proxy", get(dashboard::redirect))
+        .route("/__proxy/", get(dashboard::page))
+        .route("/__proxy/stats", get(dashboard::stats))
         .route("/__proxy/health", get(admin::health))
         .route("/__proxy/backends", get(admin::backends))
         .route("/__proxy/backends/{id}/drain", post(admin::drain))

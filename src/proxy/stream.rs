@@ -57,7 +57,47 @@ impl Framing {
     }
 }
 
-/// What the relay records when the response is over, however it ends.
+/// Who asked what, and how the proxy got it answered: the fields of the
+/// request log line that the metrics do not need.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    /// The request's `X-Request-Id`.
+    pub request_id: String,
+    /// The HTTP method.
+    pub method: http::Method,
+    /// The request path, without the query.
+    pub path: String,
+    /// The backend that answered.
+    pub backend: String,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// Time spent waiting for slots, over all attempts.
+    pub queue_wait: Duration,
+}
+
+/// How a relayed response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The backend's body ended cleanly.
+    Complete,
+    /// The backend broke or went silent after the first byte.
+    Broken,
+    /// The client went away before the end.
+    ClientGone,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Broken => "broken",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// What the relay records when the response is over, however it ends: the
+/// metrics and one INFO line `request done`.
 pub struct Ledger {
     /// The metrics to record into.
     pub metrics: Arc<Metrics>,
@@ -69,6 +109,9 @@ pub struct Ledger {
     pub status: u16,
     /// When the request arrived.
     pub started: Instant,
+    /// The request log's fields.
+    pub info: RequestInfo,
+    outcome: Outcome,
     /// The last bytes of the body, where the final chunk's counts are.
     tail: Vec<u8>,
 }
@@ -84,6 +127,7 @@ impl Ledger {
         model: String,
         status: u16,
         started: Instant,
+        info: RequestInfo,
     ) -> Self {
         Self {
             metrics,
@@ -91,6 +135,8 @@ impl Ledger {
             model,
             status,
             started,
+            info,
+            outcome: Outcome::ClientGone,
             tail: Vec::new(),
         }
     }
@@ -110,6 +156,7 @@ impl Ledger {
 impl Drop for Ledger {
     fn drop(&mut self) {
         let m = &self.metrics;
+        let duration = self.started.elapsed();
         m.requests
             .get_or_create(&RequestLabels {
                 endpoint: self.endpoint.into(),
@@ -117,14 +164,31 @@ impl Drop for Ledger {
                 status: self.status,
             })
             .inc();
+        m.totals.request(self.status);
         m.request_duration
             .get_or_create(&EndpointLabels {
                 endpoint: self.endpoint.into(),
             })
-            .observe(self.started.elapsed().as_secs_f64());
+            .observe(duration.as_secs_f64());
         let counts = TokenCounts::find(&self.tail);
         let eval_seconds = counts.eval_ns.map(|ns| ns as f64 / 1e9);
         m.record_tokens(&self.model, counts.prompt, counts.generated, eval_seconds);
+        let info = &self.info;
+        tracing::info!(
+            request_id = %info.request_id,
+            method = %info.method,
+            path = %info.path,
+            model = %self.model,
+            backend = %info.backend,
+            attempts = info.attempts,
+            queue_wait_ms = info.queue_wait.as_millis() as u64,
+            status = self.status,
+            duration_ms = duration.as_millis() as u64,
+            tokens_in = counts.prompt,
+            tokens_out = counts.generated,
+            outcome = self.outcome.label(),
+            "request done"
+        );
     }
 }
 
@@ -201,11 +265,6 @@ impl Relay {
         if let Some(chunk) = &first {
             relay.ledger.observe(chunk);
         }
-        // Nothing more to come (an empty body, or all of it in the first
-        // chunk): the backend is done, so is the slot.
-        if first.is_none() || hyper::body::Body::is_end_stream(&relay.body) {
-            relay.finish();
-        }
         relay.first = first;
         relay
     }
@@ -219,6 +278,7 @@ impl Relay {
 
     async fn next(&mut self) -> Option<Result<Bytes, std::io::Error>> {
         if let Some(first) = self.first.take() {
+            self.finish_if_ended();
             return Some(Ok(first));
         }
         if self.ended {
@@ -230,12 +290,7 @@ impl Relay {
                     if let Ok(data) = frame.into_data() {
                         if !data.is_empty() {
                             self.ledger.observe(&data);
-                            // A body of known length is over with its last
-                            // byte: give the slot back without waiting for
-                            // another poll that may never come.
-                            if hyper::body::Body::is_end_stream(&self.body) {
-                                self.finish();
-                            }
+                            self.finish_if_ended();
                             return Some(Ok(data));
                         }
                     }
@@ -257,10 +312,20 @@ impl Relay {
         }
     }
 
+    /// A body with a `Content-Length` is over with its last byte: hyper stops
+    /// polling the client's body once that many bytes went out, so waiting
+    /// for the end-of-stream poll would count a complete answer as cut off.
+    fn finish_if_ended(&mut self) {
+        if !self.ended && hyper::body::Body::is_end_stream(&self.body) {
+            self.finish();
+        }
+    }
+
     /// The body ended cleanly: the slot goes back now, not when the client
     /// finishes reading.
     fn finish(&mut self) {
         self.ended = true;
+        self.ledger.outcome = Outcome::Complete;
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
         }
@@ -268,6 +333,7 @@ impl Relay {
 
     fn fail(&mut self, detail: &str) -> Option<Result<Bytes, std::io::Error>> {
         self.ended = true;
+        self.ledger.outcome = Outcome::Broken;
         let slot = self.slot.take()?;
         let backend = slot.target().id.to_string();
         let message = format!("corral: backend {backend} failed mid-response: {detail}");

@@ -1,0 +1,66 @@
+//! The dashboard: one self-contained HTML page at `GET /__proxy/` (embedded
+//! in the binary, no build step, nothing fetched from elsewhere) and the JSON
+//! it polls, `GET /__proxy/stats`. The page turns successive readings of the
+//! running totals into rates and keeps the recent history itself, so the
+//! server keeps no samples: one short read of the fleet lock per poll.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Serialize;
+
+use super::App;
+use super::admin::{BackendView, backend_views};
+use crate::metrics::TotalsView;
+
+/// The page, as written in `dashboard.html`.
+const PAGE: &str = include_str!("dashboard.html");
+
+/// `GET /__proxy/`.
+pub async fn page() -> Response {
+    ([(http::header::CACHE_CONTROL, "no-cache")], Html(PAGE)).into_response()
+}
+
+/// `GET /__proxy`: the page lives under the slash, so its relative links work.
+pub async fn redirect() -> Response {
+    Redirect::permanent("/__proxy/").into_response()
+}
+
+/// What `/__proxy/stats` answers.
+#[derive(Serialize)]
+pub struct Stats {
+    /// Every backend of the table, sorted by port.
+    pub backends: Vec<BackendView>,
+    /// The wait queue now.
+    pub queue: QueueView,
+    /// Running totals since start.
+    pub totals: TotalsView,
+    /// Seconds since the proxy started.
+    pub uptime_seconds: f64,
+    /// MAX_CONCURRENT_PER_BACKEND (0: no cap).
+    pub max_concurrent_per_backend: u32,
+}
+
+/// The wait queue.
+#[derive(Serialize)]
+pub struct QueueView {
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Request bytes they hold.
+    pub bytes: usize,
+}
+
+/// `GET /__proxy/stats`.
+pub async fn stats(State(app): State<Arc<App>>) -> Response {
+    let (waiting, bytes) = app.fleet.read(|s| (s.queue_len(), s.queued_bytes()));
+    Json(Stats {
+        backends: backend_views(&app),
+        queue: QueueView { waiting, bytes },
+        totals: app.metrics.totals.view(),
+        uptime_seconds: app.started.elapsed().as_secs_f64(),
+        max_concurrent_per_backend: app.args.max_concurrent_per_backend,
+    })
+    .into_response()
+}

@@ -1,0 +1,166 @@
+//! The dashboard: the page and its JSON over HTTP, and the page as a browser
+//! runs it (headless Debian `chromium`, when installed): no script errors,
+//! and every backend of the running fleet shown after the first poll.
+//! With `CORRAL_REQUIRE_BROWSER=1` (CI) a missing chromium fails the test.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{TestFleet, generate, start_proxy};
+use corral::sim::ServerSpec;
+use serde_json::Value;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+#[tokio::test]
+async fn the_dashboard_page_is_served_self_contained() {
+    let fleet = TestFleet::uniform(1, ServerSpec::default()).await;
+    let proxy = start_proxy(&fleet, |_| {}).await;
+    let r = proxy
+        .client
+        .get(proxy.at("/__proxy/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = r.text().await.unwrap();
+    assert!(html.contains("<div id=\"errors\"></div>"));
+    // Nothing is fetched from elsewhere: no external scripts, styles or fonts.
+    for outside in ["http://", "https://", "//cdn", "@import", "fonts."] {
+        let hits: Vec<&str> = html
+            .lines()
+            .filter(|l| l.contains(outside) && !l.contains("http://www.w3.org/2000/svg"))
+            .collect();
+        assert!(hits.is_empty(), "{outside}: {hits:?}");
+    }
+    // Without the slash, the page's relative links would break: redirect.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirects.get(proxy.at("/__proxy")).send().await.unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    assert_eq!(r.headers()["location"], "/__proxy/");
+}
+
+#[tokio::test]
+async fn the_stats_json_has_backends_queue_and_running_totals() {
+    let fleet = TestFleet::uniform(2, ServerSpec::default()).await;
+    let proxy = start_proxy(&fleet, |_| {}).await;
+    let before = proxy.get_json("/__proxy/stats").await;
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let r = proxy
+        .post("/api/generate", generate("ghost", "hi", false))
+        .await;
+    assert_eq!(r.status(), 404);
+    let after = proxy.get_json("/__proxy/stats").await;
+    let rows = after["backends"].as_array().unwrap();
+    let ports: Vec<u64> = rows.iter().map(|b| b["port"].as_u64().unwrap()).collect();
+    assert_eq!(
+        ports,
+        [u64::from(fleet.port_start), u64::from(fleet.port_end)]
+    );
+    for b in rows {
+        assert_eq!(b["healthy"], true);
+        assert!(b["probe_ms"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    assert_eq!(after["queue"]["waiting"], 0);
+    let moved =
+        |k: &str| after["totals"][k].as_u64().unwrap() - before["totals"][k].as_u64().unwrap();
+    assert_eq!(moved("requests"), 2, "{after}");
+    assert_eq!(moved("errors"), 0, "a 404 is not a server error");
+    assert_eq!(moved("queue_waits"), 1);
+    assert_eq!(moved("tokens_out"), 16);
+    assert!(after["uptime_seconds"].as_f64().unwrap() > 0.0);
+}
+
+/// Runs headless chromium on `url` and returns the DOM after the page's
+/// scripts ran for a few (virtual) seconds.
+async fn dump_dom(url: &str) -> String {
+    let profile = std::env::temp_dir().join(format!("corral-chromium-{}", rand::random::<u64>()));
+    let run = tokio::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("chromium finished within 90 s")
+        .expect("chromium ran");
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(
+        out.status.success(),
+        "chromium: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_browser_shows_every_backend_and_no_script_errors() {
+    if !Path::new(CHROMIUM).exists() {
+        if std::env::var("CORRAL_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!("CORRAL_REQUIRE_BROWSER=1 but {CHROMIUM} is missing");
+        }
+        eprintln!(
+            "\n*** SKIPPED the browser check of the dashboard: {CHROMIUM} is not installed \
+             (apt-get install chromium; CI sets CORRAL_REQUIRE_BROWSER=1) ***\n"
+        );
+        return;
+    }
+    let fleet = TestFleet::uniform(3, ServerSpec::default()).await;
+    let proxy = start_proxy(&fleet, |_| {}).await;
+    // One drained backend, to see that state rendered too.
+    let drained = fleet.port_end;
+    let r = proxy
+        .client
+        .post(proxy.at(&format!("/__proxy/backends/{drained}/drain")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let dom = dump_dom(&proxy.at("/__proxy/")).await;
+    assert!(
+        dom.contains("<div id=\"errors\"></div>"),
+        "the page reported errors:\n{dom}"
+    );
+    for port in fleet.port_start..=fleet.port_end {
+        assert!(
+            dom.contains(&format!("data-backend=\"{port}\"")),
+            "backend {port} not shown:\n{dom}"
+        );
+    }
+    assert!(dom.contains("backend draining"), "drained state not shown");
+    let stats: Value = proxy.get_json("/__proxy/stats").await;
+    let shown = format!("{} / {}", 3, stats["backends"].as_array().unwrap().len());
+    assert!(
+        dom.contains(&shown),
+        "healthy tile {shown:?} not in:\n{dom}"
+    );
+}
