@@ -252,6 +252,7 @@ impl Relay {
         self.ended = true;
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
+            slot.finish();
         }
     }
 
