@@ -73,8 +73,15 @@ pub async fn read(
 /// Peeks the routing fields. An empty body, a body that is not a JSON object,
 /// or a routing field of the wrong type is a 400, as Ollama answers.
 pub fn peek(body: &[u8]) -> Result<Peek, ProxyError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(ProxyError::BadRequest("missing request body".into()));
+    };
+    // serde would read a struct from a JSON array too (`["m", "x"]` as
+    // model "m"): only an object is a request.
+    if *first != b'{' {
+        return Err(ProxyError::BadRequest(
+            "invalid JSON body: expected an object".into(),
+        ));
     }
     let fields: Fields = serde_json::from_slice(body)
         .map_err(|e| ProxyError::BadRequest(format!("invalid JSON body: {e}")))?;
@@ -144,11 +151,13 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_400() {
-        let cases: [&[u8]; 7] = [
+        let cases: [&[u8]; 9] = [
             b"",
             b"   ",
             b"{\"model\":",
             b"[1,2]",
+            br#"["llama3", "x", true]"#,
+            br#""llama3""#,
             br#"{"model":7}"#,
             br#"{"model":"m","stream":"yes"}"#,
             b"{\"model\":\"\xff\xfe\"}",

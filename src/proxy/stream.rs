@@ -214,6 +214,7 @@ impl Relay {
 
     async fn next(&mut self) -> Option<Result<Bytes, std::io::Error>> {
         if let Some(first) = self.first.take() {
+            self.finish_if_complete();
             return Some(Ok(first));
         }
         if self.ended {
@@ -225,6 +226,7 @@ impl Relay {
                     if let Ok(data) = frame.into_data() {
                         if !data.is_empty() {
                             self.ledger.observe(&data);
+                            self.finish_if_complete();
                             return Some(Ok(data));
                         }
                     }
@@ -243,6 +245,15 @@ impl Relay {
                     ));
                 }
             }
+        }
+    }
+
+    /// A body of known length may be complete with its last chunk: the
+    /// client's side (same `Content-Length`) then never asks for more, and
+    /// the relay would be dropped as if the client had left.
+    fn finish_if_complete(&mut self) {
+        if !self.ended && hyper::body::Body::is_end_stream(&self.body) {
+            self.finish();
         }
     }
 
