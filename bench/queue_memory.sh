@@ -75,4 +75,5 @@ for _ in $(seq 100); do
   curl -fs "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | grep -q '"waiting":0' && break
   sleep 0.1
 done
-echo "proxy RSS: idle ${idle} kB, after the clients left $(rss) kB"
+queue=$(curl -fs "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | python3 -c 'import json,sys; print(json.load(sys.stdin)["queue"])')
+echo "proxy RSS: idle ${idle} kB, after the clients left $(rss) kB (queue now $queue)"
