@@ -40,6 +40,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .error(ErrorKind::ArgumentConflict, message)
             .exit();
     }
+    // Every client connection and every backend connection is a descriptor;
+    // the usual soft limit of 1024 would refuse clients long before memory runs out.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let addr = std::net::SocketAddr::new(args.proxy_host, args.proxy_port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

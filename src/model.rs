@@ -131,3 +131,53 @@ mod tests {
         assert_eq!(m.as_key(), "host:5000/ns/m:latest");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_and_is_idempotent_through_display(name in ".{0,64}") {
+            let once = ModelName::parse(&name);
+            // A name without an explicit tag can end in ':' after display
+            // only when the input was odd; equality must still hold for the key.
+            prop_assert_eq!(ModelName::parse(once.as_key()), once);
+        }
+
+        #[test]
+        fn every_spelling_of_a_default_name_is_the_same_model(
+            model in "[a-z0-9][a-z0-9._-]{0,20}",
+            upper in any::<bool>(),
+        ) {
+            let plain = ModelName::parse(&model);
+            let spelled = if upper { model.to_uppercase() } else { model.clone() };
+            for other in [
+                format!("{spelled}:latest"),
+                format!("library/{spelled}"),
+                format!("registry.ollama.ai/library/{spelled}:latest"),
+                format!("  {spelled}  "),
+            ] {
+                prop_assert_eq!(&ModelName::parse(&other), &plain, "{}", other);
+            }
+            prop_assert_eq!(ModelName::parse(plain.display()), plain.clone());
+            prop_assert_eq!(plain.display(), format!("{model}:latest"));
+        }
+
+        #[test]
+        fn different_tags_or_namespaces_are_different_models(
+            model in "[a-z0-9][a-z0-9._-]{0,12}",
+            t1 in "[a-z0-9][a-z0-9._-]{0,8}",
+            t2 in "[a-z0-9][a-z0-9._-]{0,8}",
+            ns in "[a-z0-9]{1,8}",
+        ) {
+            let a = ModelName::parse(&format!("{model}:{t1}"));
+            let b = ModelName::parse(&format!("{model}:{t2}"));
+            prop_assert_eq!(a == b, t1 == t2);
+            let namespaced = ModelName::parse(&format!("{ns}/{model}:{t1}"));
+            prop_assert_eq!(namespaced == a, ns == "library");
+            prop_assert_eq!(ModelName::parse(namespaced.display()), namespaced);
+        }
+    }
+}

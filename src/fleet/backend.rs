@@ -157,13 +157,13 @@ impl Backend {
     }
 
     /// Records a successful probe. Returns true when this looks like another
-    /// server than before (it was down and came back with other models or
-    /// another version: a new batch job on a reused port), in which case the
-    /// counters start afresh.
+    /// server than before (another model list or another version than the
+    /// last probe found: a new batch job on a reused port, whether or not a
+    /// failed request or probe saw the old one go), in which case the
+    /// counters and the last error start afresh.
     pub fn apply_probe(&mut self, report: ProbeReport) -> bool {
-        let was_healthy = self.healthy;
-        let replaced = !was_healthy
-            && !self.report.models.is_empty()
+        let probed_before = !self.report.models.is_empty() || self.report.version.is_some();
+        let replaced = probed_before
             && (self.report.models != report.models || self.report.version != report.version);
         if replaced {
             self.served = 0;
@@ -176,5 +176,47 @@ impl Backend {
         self.healthy = true;
         self.failed_probes = 0;
         replaced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(models: &[&str], version: &str) -> ProbeReport {
+        ProbeReport {
+            models: models.iter().map(|m| m.to_string()).collect(),
+            loaded: models.iter().take(1).map(|m| m.to_string()).collect(),
+            version: Some(version.into()),
+            ..ProbeReport::default()
+        }
+    }
+
+    fn backend() -> Backend {
+        let uri: http::Uri = "http://127.0.0.1:24001".parse().unwrap();
+        Backend::new(Arc::new(Target::new(BackendId::Port(24001), &uri)))
+    }
+
+    #[test]
+    fn another_server_on_the_port_starts_with_fresh_counters_and_models() {
+        let mut b = backend();
+        assert!(!b.apply_probe(report(&["llama3"], "0.5.0")), "first probe");
+        b.served = 7;
+        b.failures = 2;
+        b.last_error = Some("boom".into());
+        assert!(!b.apply_probe(report(&["llama3"], "0.5.0")), "same server");
+        assert_eq!(b.served, 7);
+        // Replaced between two scans, without ever being seen down.
+        assert!(b.apply_probe(report(&["mistral"], "0.5.0")));
+        assert_eq!((b.served, b.failures, b.last_error.clone()), (0, 0, None));
+        assert!(b.has_model(Some(&ModelName::parse("mistral"))));
+        assert!(!b.has_model(Some(&ModelName::parse("llama3"))));
+        assert!(b.has_loaded(Some(&ModelName::parse("mistral"))));
+        b.served = 3;
+        assert!(
+            b.apply_probe(report(&["mistral"], "0.6.0")),
+            "another version"
+        );
+        assert_eq!(b.served, 0);
     }
 }

@@ -195,6 +195,8 @@ fn apply<W>(s: &mut super::scheduler::Scheduler<W>, target: &Arc<Target>, result
             let replaced = s.apply_probe(id, report);
             if !was_healthy {
                 tracing::info!(backend = %id, %models, replaced, "backend healthy");
+            } else if replaced {
+                tracing::info!(backend = %id, %models, "another server on the backend's port");
             }
         }
         Err(error) => {

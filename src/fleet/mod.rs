@@ -19,6 +19,8 @@ pub use backend::{Backend, BackendId, ProbeReport, Target};
 pub use scheduler::{Limits, Rejection, Want};
 pub use slot::Slot;
 
+use crate::model::ModelName;
+
 use scheduler::{Decision, Outcome, Scheduler};
 
 /// What a waiter receives: its slot, or why it will not get one.
@@ -140,6 +142,19 @@ impl Fleet {
         });
     }
 
+    /// Strikes `model` off a backend's lists until its next probe: the
+    /// backend answered that it does not have it (another server took the
+    /// port since the last scan). Its health is unchanged.
+    pub fn forget_model(&self, id: &BackendId, model: &ModelName) {
+        self.update(|s| {
+            if let Some(b) = s.backend_mut(id) {
+                b.models.remove(model);
+                b.loaded.remove(model);
+            }
+        });
+        tracing::warn!(backend = %id, model = %model.display(), "backend no longer has the model");
+    }
+
     /// Counts a request a backend answered.
     pub fn record_served(&self, target: &Arc<Target>) {
         let mut state = self.lock();
@@ -179,7 +194,10 @@ impl Fleet {
                 Outcome::Granted(target) => Ok(Slot::new(self.clone(), target)),
                 Outcome::Rejected(r) => Err(r),
             };
-            let _ = tx.send(grant);
+            // Never used: back at once, not after the settle time.
+            if let Err(Ok(slot)) = tx.send(grant) {
+                slot.finish();
+            }
         }
     }
 }

@@ -42,12 +42,25 @@ fn is_open(method: &Method, path: &str) -> bool {
     )
 }
 
+/// A `POST /__proxy/...` action carrying PROXY_ADMIN_KEY: the operator need
+/// not also hold a client key (the admin handler checks the key itself).
+fn is_admin_action_with_its_key(admin_key: &str, request: &Request) -> bool {
+    !admin_key.is_empty()
+        && request.method() == Method::POST
+        && request.uri().path().starts_with("/__proxy/")
+        && bearer_matches(
+            request.headers(),
+            std::slice::from_ref(&admin_key.to_string()),
+        )
+}
+
 /// The middleware: refuses requests without a valid key when keys are set.
 pub async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let keys = &app.args.api_keys;
     if keys.is_empty()
         || is_open(request.method(), request.uri().path())
         || bearer_matches(request.headers(), keys)
+        || is_admin_action_with_its_key(&app.args.admin_key, &request)
     {
         return next.run(request).await;
     }

@@ -73,8 +73,15 @@ pub async fn read(
 /// Peeks the routing fields. An empty body, a body that is not a JSON object,
 /// or a routing field of the wrong type is a 400, as Ollama answers.
 pub fn peek(body: &[u8]) -> Result<Peek, ProxyError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(ProxyError::BadRequest("missing request body".into()));
+    };
+    // serde would read a struct from a JSON array too (`["m", "x"]` as
+    // model "m"): only an object is a request.
+    if *first != b'{' {
+        return Err(ProxyError::BadRequest(
+            "invalid JSON body: expected an object".into(),
+        ));
     }
     let fields: Fields = serde_json::from_slice(body)
         .map_err(|e| ProxyError::BadRequest(format!("invalid JSON body: {e}")))?;
@@ -144,11 +151,13 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_400() {
-        let cases: [&[u8]; 7] = [
+        let cases: [&[u8]; 9] = [
             b"",
             b"   ",
             b"{\"model\":",
             b"[1,2]",
+            br#"["llama3", "x", true]"#,
+            br#""llama3""#,
             br#"{"model":7}"#,
             br#"{"model":"m","stream":"yes"}"#,
             b"{\"model\":\"\xff\xfe\"}",
@@ -205,5 +214,80 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(e, ProxyError::BodyTooLarge(10)));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// Any JSON value, nested a few levels.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn peek_never_panics_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = peek(&body);
+        }
+
+        #[test]
+        fn peek_finds_model_and_stream_among_any_other_fields(
+            model in ".{0,24}",
+            stream in prop::option::of(any::<bool>()),
+            extra in prop::collection::btree_map("[a-z_]{1,8}", any_json(), 0..6),
+        ) {
+            let mut doc: serde_json::Map<String, Value> = extra
+                .into_iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "model" | "name" | "stream"))
+                .collect();
+            doc.insert("model".into(), json!(model));
+            if let Some(s) = stream {
+                doc.insert("stream".into(), json!(s));
+            }
+            let bytes = serde_json::to_vec(&Value::Object(doc)).unwrap();
+            let p = peek(&bytes).unwrap();
+            prop_assert_eq!(p.model, (!model.is_empty()).then(|| model.clone()));
+            prop_assert_eq!(p.stream, stream);
+        }
+
+        #[test]
+        fn a_model_or_stream_of_the_wrong_type_is_400(
+            model in any_json().prop_filter("not a string or null", |v| !v.is_string() && !v.is_null()),
+            stream in any_json().prop_filter("not a bool or null", |v| !v.is_boolean() && !v.is_null()),
+        ) {
+            for doc in [json!({"model": model}), json!({"model": "m", "stream": stream})] {
+                let e = peek(&serde_json::to_vec(&doc).unwrap()).unwrap_err();
+                prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+            }
+        }
+
+        #[test]
+        fn stream_false_keeps_every_other_field(
+            extra in prop::collection::btree_map("[a-z_]{1,8}", any_json(), 0..6),
+        ) {
+            let doc: serde_json::Map<String, Value> =
+                extra.into_iter().filter(|(k, _)| k != "stream").collect();
+            let bytes = serde_json::to_vec(&Value::Object(doc.clone())).unwrap();
+            let out: Value = serde_json::from_slice(&with_stream_false(&bytes)).unwrap();
+            let mut expected = doc;
+            expected.insert("stream".into(), json!(false));
+            prop_assert_eq!(out, Value::Object(expected));
+        }
     }
 }

@@ -142,7 +142,7 @@ async fn route(
         }
         let backend = slot.target().id.to_string();
         app.metrics.backend_attempted(&backend);
-        match attempt(app, &slot, &parts, bytes.clone()).await {
+        match attempt(app, &slot, &parts, bytes.clone(), want.model.as_ref()).await {
             Ok((head, rest, first)) => {
                 let ledger = Ledger::new(
                     Arc::clone(&app.metrics),
@@ -178,7 +178,12 @@ async fn route(
             Err(error) => {
                 tracing::warn!(endpoint, %backend, attempt = attempts, error = %error, "attempt failed");
                 app.metrics.backend_failed(&backend, error.kind().label());
-                app.fleet.mark_failed(&slot.target().id, error.to_string());
+                match (error.kind(), &want.model) {
+                    (FailureKind::ModelMissing, Some(model)) => {
+                        app.fleet.forget_model(&slot.target().id, model);
+                    }
+                    _ => app.fleet.mark_failed(&slot.target().id, error.to_string()),
+                }
                 want.tried.push(slot.target().id.clone());
                 drop(slot);
                 let retryable = error.is_retryable();
@@ -237,6 +242,15 @@ fn refusal(
         AcquireError::Rejected(Rejection::ShuttingDown) => {
             ("shutting_down", ProxyError::ShuttingDown)
         }
+        AcquireError::Rejected(Rejection::Exhausted)
+            if last.is_some_and(|e| e.kind() == FailureKind::ModelMissing) =>
+        {
+            // The backends that had it were replaced by servers without it.
+            (
+                "unknown_model",
+                ProxyError::UnknownModel(model.unwrap_or_default().to_string()),
+            )
+        }
         AcquireError::Rejected(Rejection::Exhausted) => {
             let detail =
                 last.map_or_else(|| "no backend left to try".to_string(), |e| e.to_string());
@@ -252,11 +266,14 @@ fn refusal(
 
 /// One attempt: send, then wait for the head and the first chunk, so that a
 /// backend that dies before its first byte is retried like one that refused.
+/// A 404 for a model the backend was picked for means its model list is
+/// stale (another server now listens on its port): retried elsewhere.
 async fn attempt(
     app: &App,
     slot: &Slot,
     parts: &Parts,
     body: Bytes,
+    model: Option<&ModelName>,
 ) -> Result<(http::response::Parts, Incoming, Option<Bytes>), BackendError> {
     let target = slot.target();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -264,6 +281,16 @@ async fn attempt(
         .upstream
         .send(target, &parts.method, path, &parts.headers, body)
         .await?;
+    if let Some(model) = model.filter(|_| response.status() == http::StatusCode::NOT_FOUND) {
+        return Err(BackendError::new(
+            FailureKind::ModelMissing,
+            target,
+            format!(
+                "answered 404 for model '{}', which it listed at the last scan",
+                model.display()
+            ),
+        ));
+    }
     let (head, mut rest) = response.into_parts();
     let read_timeout = app.upstream.read_timeout();
     loop {

@@ -328,6 +328,7 @@ impl Relay {
         self.ledger.outcome = Outcome::Complete;
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
+            slot.finish();
         }
     }
 

@@ -39,6 +39,10 @@ pub enum FailureKind {
     Status5xx,
     /// The response could not be read.
     Body,
+    /// 404 for a model the backend listed: another server took its port
+    /// since the last scan. Not a health failure: the model is struck off
+    /// that backend's list until the next probe, and another backend is tried.
+    ModelMissing,
 }
 
 impl FailureKind {
@@ -50,6 +54,7 @@ impl FailureKind {
             Self::Reset => "reset",
             Self::Status5xx => "status_5xx",
             Self::Body => "body",
+            Self::ModelMissing => "model_missing",
         }
     }
 }
