@@ -357,6 +357,23 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request answered (by a backend or refused by corral) and its duration.
+    pub fn request_done(&self, endpoint: &str, model: &str, status: u16, duration: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.into(),
+                model: model.into(),
+                status,
+            })
+            .inc();
+        self.totals.request(status);
+        self.request_duration
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.into(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
     /// Records the time a request waited for a slot it got.
     pub fn queue_waited(&self, wait: Duration) {
         self.queue_wait.observe(wait.as_secs_f64());

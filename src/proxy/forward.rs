@@ -30,7 +30,7 @@ use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
 use crate::fleet::{AcquireError, Rejection, Slot, Want};
-use crate::metrics::{EndpointLabels, RequestLabels};
+use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
 
 /// Endpoints that stream when `stream` is absent.
@@ -75,20 +75,7 @@ pub async fn forward(
                 "request refused"
             );
             app.metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    endpoint: endpoint.into(),
-                    model: model_label,
-                    status,
-                })
-                .inc();
-            app.metrics.totals.request(status);
-            app.metrics
-                .request_duration
-                .get_or_create(&EndpointLabels {
-                    endpoint: endpoint.into(),
-                })
-                .observe(duration.as_secs_f64());
+                .request_done(endpoint, &model_label, status, duration);
             response
         }
     }

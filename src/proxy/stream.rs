@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::fleet::Slot;
-use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
+use crate::metrics::{EndpointLabels, Metrics};
 
 /// How a response body is framed, from its `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,19 +157,7 @@ impl Drop for Ledger {
     fn drop(&mut self) {
         let m = &self.metrics;
         let duration = self.started.elapsed();
-        m.requests
-            .get_or_create(&RequestLabels {
-                endpoint: self.endpoint.into(),
-                model: self.model.clone(),
-                status: self.status,
-            })
-            .inc();
-        m.totals.request(self.status);
-        m.request_duration
-            .get_or_create(&EndpointLabels {
-                endpoint: self.endpoint.into(),
-            })
-            .observe(duration.as_secs_f64());
+        m.request_done(self.endpoint, &self.model, self.status, duration);
         let counts = TokenCounts::find(&self.tail);
         let eval_seconds = counts.eval_ns.map(|ns| ns as f64 / 1e9);
         m.record_tokens(&self.model, counts.prompt, counts.generated, eval_seconds);
