@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::backend_of;
+
 use std::time::Duration;
 
 use common::{TestFleet, eventually, generate, start_proxy};
@@ -18,14 +20,6 @@ fn slow(tokens: usize) -> ServerSpec {
         tokens,
         ..ServerSpec::default()
     }
-}
-
-fn backend_of(r: &reqwest::Response) -> u16 {
-    r.headers()["x-corral-backend"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 async fn row(proxy: &common::TestProxy, port: u16) -> Value {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::backend_of;
+
 use std::time::Duration;
 
 use common::{TestFleet, eventually, generate, hold_slot, start_proxy};
@@ -13,14 +15,6 @@ use serde_json::json;
 
 fn spec() -> ServerSpec {
     ServerSpec::default()
-}
-
-fn backend_of(r: &reqwest::Response) -> u16 {
-    r.headers()["x-corral-backend"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]
@@ -190,13 +184,7 @@ async fn a_backend_comes_back_through_a_later_scan() {
 
 #[tokio::test]
 async fn retries_are_bounded_and_never_repeat_a_backend() {
-    let failing = ServerSpec {
-        faults: FaultSpec {
-            error_rate: 1.0,
-            ..FaultSpec::default()
-        },
-        ..spec()
-    };
+    let failing = common::failing();
     let fleet = TestFleet::uniform(4, failing).await;
     let proxy = start_proxy(&fleet, |a| {
         a.max_retries = 2;
@@ -235,13 +223,7 @@ async fn retries_are_bounded_and_never_repeat_a_backend() {
 
 #[tokio::test]
 async fn no_untried_backend_left_is_502_at_once() {
-    let failing = ServerSpec {
-        faults: FaultSpec {
-            error_rate: 1.0,
-            ..FaultSpec::default()
-        },
-        ..spec()
-    };
+    let failing = common::failing();
     let fleet = TestFleet::uniform(1, failing).await;
     let proxy = start_proxy(&fleet, |a| a.max_retries = 5).await;
     let started = std::time::Instant::now();

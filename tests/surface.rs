@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::backend_of;
+
 use std::time::{Duration, Instant};
 
 use common::{TestFleet, eventually, generate, in_flight, start_proxy};
@@ -34,14 +36,6 @@ fn resetting() -> ServerSpec {
         faults,
         ..spec()
     }
-}
-
-fn backend_of(r: &reqwest::Response) -> u16 {
-    r.headers()["x-corral-backend"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 fn chat(model: &str, content: &str, stream: bool) -> Value {
@@ -319,13 +313,7 @@ async fn a_queued_request_for_one_model_does_not_block_another_model() {
 
 #[tokio::test]
 async fn a_stream_that_fails_before_its_first_byte_is_retried() {
-    let failing = ServerSpec {
-        faults: FaultSpec {
-            error_rate: 1.0,
-            ..FaultSpec::default()
-        },
-        ..spec()
-    };
+    let failing = common::failing();
     let fleet = TestFleet::start(vec![failing, spec()], 0).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy

@@ -208,6 +208,27 @@ pub fn slow(ms: u64, tokens: usize) -> ServerSpec {
     }
 }
 
+/// A simulated backend that answers every inference request with a 500.
+pub fn failing() -> ServerSpec {
+    let faults = corral::sim::FaultSpec {
+        error_rate: 1.0,
+        ..Default::default()
+    };
+    ServerSpec {
+        faults,
+        ..ServerSpec::default()
+    }
+}
+
+/// The port of the backend that answered, from `X-Corral-Backend`.
+pub fn backend_of(r: &reqwest::Response) -> u16 {
+    r.headers()["x-corral-backend"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A generate request body.
 pub fn generate(model: &str, prompt: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({ "model": model, "prompt": prompt, "stream": stream })
