@@ -127,6 +127,12 @@ async fn the_stats_json_has_a_history_whose_request_rate_rises_after_traffic() {
     for key in ["queue_waiting", "in_flight"] {
         assert!(history[0][key].is_u64(), "{key} in {}", history[0]);
     }
+    // Per-backend rates are of the latest sample only, so by now maybe 0.
+    let port = fleet.port_start.to_string();
+    assert!(
+        stats["backend_requests_per_second"][&port].is_number(),
+        "backend {port} in {stats}"
+    );
 }
 
 /// The number of points of the chart line `series` in `dom` (0 if absent).

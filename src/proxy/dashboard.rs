@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::App;
 use super::admin::{BackendView, backend_views};
-use super::history::Sample;
+use super::history::{BackendRates, Sample};
 use crate::metrics::TotalsView;
 
 /// The page, as written in `dashboard.html`.
@@ -44,6 +44,8 @@ pub struct Stats {
     pub max_concurrent_per_backend: u32,
     /// One sample a second over the last five minutes, oldest first.
     pub history: Vec<Sample>,
+    /// Each backend's requests per second at the latest sample, by id.
+    pub backend_requests_per_second: BackendRates,
 }
 
 /// The wait queue.
@@ -65,6 +67,7 @@ pub async fn stats(State(app): State<Arc<App>>) -> Response {
         uptime_seconds: app.started.elapsed().as_secs_f64(),
         max_concurrent_per_backend: app.args.max_concurrent_per_backend,
         history: app.history.samples(),
+        backend_requests_per_second: app.history.backend_rates(),
     })
     .into_response()
 }

@@ -1,12 +1,13 @@
 //! The dashboard's recent history, kept by the proxy so that a page opened
 //! now shows the last five minutes at once. Once a second the [`Sampler`]
 //! reads the running totals and the queue (one short fleet-lock read) and
-//! pushes a [`Sample`] into the [`History`] ring; `/__proxy/stats` returns
-//! the ring. Turning two readings into a sample and the ring itself are pure.
+//! pushes a [`Sample`] into the [`History`] ring, along with each backend's
+//! requests per second; `/__proxy/stats` returns both. Turning two readings
+//! into a sample and the ring itself are pure.
 //!
 //! Imports from the crate: `fleet` and `metrics` only.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,8 +43,11 @@ pub struct Sample {
     pub in_flight: u32,
 }
 
+/// Requests served per second by each backend, by id as the page spells it.
+pub type BackendRates = BTreeMap<String, f64>;
+
 /// What the sampler reads at each tick.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reading {
     /// The running totals.
     pub totals: TotalsView,
@@ -51,6 +55,8 @@ pub struct Reading {
     pub queue_waiting: usize,
     /// Requests holding a slot, over every backend.
     pub in_flight: u32,
+    /// Requests each backend has served since it joined the fleet.
+    pub served: BTreeMap<String, u64>,
 }
 
 impl Sample {
@@ -86,18 +92,44 @@ impl Sample {
     }
 }
 
+/// Each backend's requests per second over the `seconds` between two
+/// readings; a backend new since `before` counts from its first reading.
+pub fn backend_rates(
+    before: &BTreeMap<String, u64>,
+    now: &BTreeMap<String, u64>,
+    seconds: f64,
+) -> BackendRates {
+    now.iter()
+        .map(|(id, &served)| {
+            let rate = match before.get(id) {
+                Some(&then) if seconds > 0.0 => {
+                    round2(served.saturating_sub(then) as f64 / seconds)
+                }
+                _ => 0.0,
+            };
+            (id.clone(), rate)
+        })
+        .collect()
+}
+
 /// Two decimals are all the page shows; fewer digits keep the JSON small.
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// The last [`CAPACITY`] samples, oldest first.
+/// The last [`CAPACITY`] samples, oldest first, and the latest per-backend rates.
 #[derive(Debug)]
 pub struct History {
     /// A std mutex, not tokio's: a push or a copy of 300 small samples is
     /// all that happens under it, and nothing is awaited while it is held.
-    ring: Mutex<VecDeque<Sample>>,
+    recent: Mutex<Recent>,
     capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    samples: VecDeque<Sample>,
+    backends: BackendRates,
 }
 
 impl Default for History {
@@ -110,24 +142,38 @@ impl History {
     /// An empty ring that keeps the last `capacity` samples.
     pub fn new(capacity: usize) -> Self {
         Self {
-            ring: Mutex::new(VecDeque::with_capacity(capacity)),
+            recent: Mutex::new(Recent {
+                samples: VecDeque::with_capacity(capacity),
+                backends: BackendRates::new(),
+            }),
             capacity,
         }
     }
 
-    /// Adds `sample`, dropping the oldest when full.
-    pub fn push(&self, sample: Sample) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if ring.len() == self.capacity {
-            ring.pop_front();
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // A panic under the lock leaves whole samples behind: ignore poisoning.
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `sample`, dropping the oldest when full, and replaces the
+    /// per-backend rates with `backends`.
+    pub fn push(&self, sample: Sample, backends: BackendRates) {
+        let mut recent = self.lock();
+        if recent.samples.len() == self.capacity {
+            recent.samples.pop_front();
         }
-        ring.push_back(sample);
+        recent.samples.push_back(sample);
+        recent.backends = backends;
     }
 
     /// Every sample kept, oldest first.
     pub fn samples(&self) -> Vec<Sample> {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.iter().copied().collect()
+        self.lock().samples.iter().copied().collect()
+    }
+
+    /// Each backend's requests per second at the latest sample.
+    pub fn backend_rates(&self) -> BackendRates {
+        self.lock().backends.clone()
     }
 }
 
@@ -149,14 +195,20 @@ impl Sampler {
     }
 
     fn read(&self) -> Reading {
-        let (queue_waiting, in_flight) = self.fleet.read(|s| {
+        let (queue_waiting, in_flight, served) = self.fleet.read(|s| {
             let in_flight = s.backends().values().map(|b| b.in_flight).sum::<u32>();
-            (s.queue_len(), in_flight)
+            let served = s
+                .backends()
+                .values()
+                .map(|b| (b.target.id.to_string(), b.served))
+                .collect();
+            (s.queue_len(), in_flight, served)
         });
         Reading {
             totals: self.metrics.totals.view(),
             queue_waiting,
             in_flight,
+            served,
         }
     }
 
@@ -167,7 +219,7 @@ impl Sampler {
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The first tick is immediate: it gives the baseline.
         ticks.tick().await;
-        let mut before = (Instant::now(), self.read().totals);
+        let mut before = (Instant::now(), self.read());
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -176,9 +228,10 @@ impl Sampler {
             let at = Instant::now();
             let now = self.read();
             let seconds = at.duration_since(before.0).as_secs_f64();
-            self.history
-                .push(Sample::between(&before.1, &now, seconds, unix_ms()));
-            before = (at, now.totals);
+            let sample = Sample::between(&before.1.totals, &now, seconds, unix_ms());
+            let backends = backend_rates(&before.1.served, &now.served, seconds);
+            self.history.push(sample, backends);
+            before = (at, now);
         }
     }
 }
@@ -225,6 +278,7 @@ mod tests {
             },
             queue_waiting: 3,
             in_flight: 5,
+            served: BTreeMap::new(),
         };
         let s = Sample::between(&before, &now, 2.0, 1_234);
         assert_eq!(
@@ -288,7 +342,7 @@ mod tests {
         let history = History::new(3);
         assert!(history.samples().is_empty());
         for i in 0..5 {
-            history.push(sample(f64::from(i)));
+            history.push(sample(f64::from(i)), BackendRates::new());
         }
         let rates: Vec<f64> = history
             .samples()
@@ -296,5 +350,23 @@ mod tests {
             .map(|s| s.requests_per_second)
             .collect();
         assert_eq!(rates, [2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn backend_rates_count_each_backend_and_zero_for_a_new_one() {
+        let served = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|(id, n)| ((*id).to_owned(), *n)).collect()
+        };
+        let before = served(&[("20000", 4), ("20001", 10), ("gone:1", 3)]);
+        let now = served(&[("20000", 8), ("20001", 10), ("20002", 7)]);
+        let rates = backend_rates(&before, &now, 2.0);
+        let expected: BackendRates = [("20000", 2.0), ("20001", 0.0), ("20002", 0.0)]
+            .into_iter()
+            .map(|(id, r)| (id.to_owned(), r))
+            .collect();
+        assert_eq!(rates, expected);
+        let history = History::new(2);
+        history.push(sample(1.0), rates.clone());
+        assert_eq!(history.backend_rates(), rates);
     }
 }
