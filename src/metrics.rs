@@ -126,8 +126,8 @@ pub struct Metrics {
     backends_seen: Mutex<HashSet<String>>,
 }
 
-/// Running totals since start, cheap to read: the dashboard turns
-/// successive readings into rates.
+/// Running totals since start, cheap to read: the dashboard's sampler
+/// (`proxy::history`) turns successive readings into rates.
 #[derive(Debug, Default)]
 pub struct Totals {
     /// Routed requests answered or refused.

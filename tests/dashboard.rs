@@ -1,6 +1,7 @@
 //! The dashboard: the page and its JSON over HTTP, and the page as a browser
 //! runs it (headless Debian `chromium`, when installed): no script errors,
-//! and every backend of the running fleet shown after the first poll.
+//! every backend of the running fleet shown and the charts drawn from the
+//! proxy's history after the first poll.
 //! With `CORRAL_REQUIRE_BROWSER=1` (CI) a missing chromium fails the test.
 
 mod common;
@@ -8,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestFleet, generate, start_proxy};
+use common::{TestFleet, eventually, generate, start_proxy};
 use corral::sim::ServerSpec;
 use serde_json::Value;
 
@@ -86,6 +87,69 @@ async fn the_stats_json_has_backends_queue_and_running_totals() {
     assert!(after["uptime_seconds"].as_f64().unwrap() > 0.0);
 }
 
+#[tokio::test]
+async fn the_stats_json_has_a_history_whose_request_rate_rises_after_traffic() {
+    let fleet = TestFleet::uniform(1, ServerSpec::default()).await;
+    let proxy = start_proxy(&fleet, |_| {}).await;
+    for _ in 0..3 {
+        let r = proxy
+            .post("/api/generate", generate("llama3.2", "hi", false))
+            .await;
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "a history sample with requests_per_second > 0",
+        || async {
+            let stats = proxy.get_json("/__proxy/stats").await;
+            stats["history"].as_array().unwrap().iter().any(|sample| {
+                sample["requests_per_second"].as_f64().unwrap() > 0.0
+                    && sample["tokens_per_second"].as_f64().unwrap() > 0.0
+            })
+        },
+    )
+    .await;
+    let stats = proxy.get_json("/__proxy/stats").await;
+    let history = stats["history"].as_array().unwrap();
+    assert!(history.len() <= 300, "{} samples", history.len());
+    let times: Vec<u64> = history
+        .iter()
+        .map(|s| s["unix_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {times:?}"
+    );
+    for key in ["errors_per_second", "queue_wait_ms"] {
+        assert!(history[0][key].is_number(), "{key} in {}", history[0]);
+    }
+    for key in ["queue_waiting", "in_flight"] {
+        assert!(history[0][key].is_u64(), "{key} in {}", history[0]);
+    }
+    // Per-backend rates are of the latest sample only, so by now maybe 0.
+    let port = fleet.port_start.to_string();
+    assert!(
+        stats["backend_requests_per_second"][&port].is_number(),
+        "backend {port} in {stats}"
+    );
+}
+
+/// The number of points of the chart line `series` in `dom` (0 if absent).
+fn points_of(dom: &str, series: &str) -> usize {
+    let Some(at) = dom.find(&format!("data-series=\"{series}\"")) else {
+        return 0;
+    };
+    let rest = &dom[at..];
+    let Some(start) = rest.find("points=\"") else {
+        return 0;
+    };
+    let rest = &rest[start + "points=\"".len()..];
+    rest[..rest.find('"').unwrap_or(0)]
+        .split_whitespace()
+        .count()
+}
+
 /// Runs headless chromium on `url` and returns the DOM after the page's
 /// scripts ran for a few (virtual) seconds.
 async fn dump_dom(url: &str) -> String {
@@ -122,7 +186,7 @@ async fn dump_dom(url: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_headless_browser_shows_every_backend_and_no_script_errors() {
+async fn a_headless_browser_shows_every_backend_the_charts_and_no_script_errors() {
     if !Path::new(CHROMIUM).exists() {
         if std::env::var("CORRAL_REQUIRE_BROWSER").as_deref() == Ok("1") {
             panic!("CORRAL_REQUIRE_BROWSER=1 but {CHROMIUM} is missing");
@@ -144,6 +208,17 @@ async fn a_headless_browser_shows_every_backend_and_no_script_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let r = proxy
+        .post("/api/generate", generate("llama3.2", "hi", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    // The page draws what the proxy sampled: wait for a few samples.
+    eventually(Duration::from_secs(10), "3 history samples", || async {
+        let stats = proxy.get_json("/__proxy/stats").await;
+        stats["history"].as_array().unwrap().len() >= 3
+    })
+    .await;
 
     let dom = dump_dom(&proxy.at("/__proxy/")).await;
     assert!(
@@ -157,6 +232,13 @@ async fn a_headless_browser_shows_every_backend_and_no_script_errors() {
         );
     }
     assert!(dom.contains("backend draining"), "drained state not shown");
+    for series in ["requests", "waiting"] {
+        let points = points_of(&dom, series);
+        assert!(
+            points >= 3,
+            "chart line {series} has {points} points:\n{dom}"
+        );
+    }
     let stats: Value = proxy.get_json("/__proxy/stats").await;
     let shown = format!("{} / {}", 3, stats["backends"].as_array().unwrap().len());
     assert!(

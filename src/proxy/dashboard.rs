@@ -1,8 +1,8 @@
 //! The dashboard: one self-contained HTML page at `GET /__proxy/` (embedded
 //! in the binary, no build step, nothing fetched from elsewhere) and the JSON
-//! it polls, `GET /__proxy/stats`. The page turns successive readings of the
-//! running totals into rates and keeps the recent history itself, so the
-//! server keeps no samples: one short read of the fleet lock per poll.
+//! it polls, `GET /__proxy/stats`: the fleet now, the running totals, and the
+//! last five minutes as the proxy's sampler recorded them ([`super::history`]),
+//! so a page opened now draws full charts and rates from its first poll.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::App;
 use super::admin::{BackendView, backend_views};
+use super::history::{BackendRates, Sample};
 use crate::metrics::TotalsView;
 
 /// The page, as written in `dashboard.html`.
@@ -41,6 +42,10 @@ pub struct Stats {
     pub uptime_seconds: f64,
     /// MAX_CONCURRENT_PER_BACKEND (0: no cap).
     pub max_concurrent_per_backend: u32,
+    /// One sample a second over the last five minutes, oldest first.
+    pub history: Vec<Sample>,
+    /// Each backend's requests per second at the latest sample, by id.
+    pub backend_requests_per_second: BackendRates,
 }
 
 /// The wait queue.
@@ -61,6 +66,8 @@ pub async fn stats(State(app): State<Arc<App>>) -> Response {
         totals: app.metrics.totals.view(),
         uptime_seconds: app.started.elapsed().as_secs_f64(),
         max_concurrent_per_backend: app.args.max_concurrent_per_backend,
+        history: app.history.samples(),
+        backend_requests_per_second: app.history.backend_rates(),
     })
     .into_response()
 }

@@ -12,6 +12,7 @@ mod body;
 mod dashboard;
 pub mod error;
 mod forward;
+pub mod history;
 mod routes;
 mod stream;
 pub mod upstream;
@@ -35,6 +36,7 @@ use crate::config::ServeArgs;
 use crate::fleet::discovery::Discovery;
 use crate::fleet::{Fleet, Limits};
 use crate::metrics::Metrics;
+use history::{History, Sampler};
 use upstream::Upstream;
 
 /// What every request handler shares.
@@ -49,6 +51,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// When the proxy started, for the dashboard's uptime.
     pub started: tokio::time::Instant,
+    /// The last five minutes, one sample a second, for the dashboard.
+    pub history: Arc<History>,
 }
 
 impl App {
@@ -64,6 +68,7 @@ impl App {
             upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),
+            history: Arc::new(History::default()),
             args,
         }
     }
@@ -90,7 +95,8 @@ impl ProxyHandle {
     }
 }
 
-/// Starts the proxy on `listener` and its discovery loop; returns at once.
+/// Starts the proxy on `listener`, its discovery loop and the dashboard's
+/// sampler; returns at once.
 pub fn start(listener: TcpListener, args: ServeArgs) -> std::io::Result<ProxyHandle> {
     let addr = listener.local_addr()?;
     let app = Arc::new(App::new(args));
@@ -127,8 +133,15 @@ async fn run(
     ready: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
-    let scanning = CancellationToken::new();
-    tasks.spawn(Discovery::new(app.fleet.clone(), &app.args).run(scanning.clone(), ready));
+    // Stops the loops that run beside the connections: discovery and the sampler.
+    let background = CancellationToken::new();
+    tasks.spawn(Discovery::new(app.fleet.clone(), &app.args).run(background.clone(), ready));
+    let sampler = Sampler::new(
+        app.fleet.clone(),
+        Arc::clone(&app.metrics),
+        Arc::clone(&app.history),
+    );
+    tasks.spawn(sampler.run(background.clone()));
 
     let router = routes::router(Arc::clone(&app));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -179,8 +192,8 @@ async fn run(
     );
     app.fleet.update(|s| s.close());
     crate::shutdown::with_grace(app.args.shutdown_grace, graceful.shutdown()).await;
-    scanning.cancel();
+    background.cancel();
     tasks.close();
-    // Connections past the grace period are cut; the scan loop ends at once.
+    // Connections past the grace period are cut; the scan loop and the sampler end at once.
     let _ = tokio::time::timeout(std::time::Duration::from_millis(100), tasks.wait()).await;
 }
