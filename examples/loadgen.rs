@@ -210,13 +210,7 @@ async fn fleet(url: String, clients: usize, requests: usize, timeout_secs: u64) 
 
 // ===== stream =====
 
-async fn stream(
-    urls: Vec<String>,
-    streams: usize,
-    tokens: usize,
-    ramp_ms: u64,
-    timeout_secs: u64,
-) {
+async fn stream(urls: Vec<String>, streams: usize, tokens: usize, ramp_ms: u64, timeout_secs: u64) {
     let http = client();
     let body = generate_body(true, tokens);
     let mut tasks = Vec::new();
@@ -236,7 +230,9 @@ async fn stream(
             let mut lines = 0usize;
             let mut reads = 0usize;
             while let Some(Ok(frame)) = body.frame().await {
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 let now = Instant::now();
                 ttfb.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
                 reads += 1;
@@ -301,11 +297,10 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
             // Connect a few hundred at a time: the listen backlog is finite.
             let permit = gate.acquire_owned().await.ok()?;
             let tcp = tokio::net::TcpStream::connect(&addr).await.ok()?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-                TokioIo::new(tcp),
-            )
-            .await
-            .ok()?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+                    .await
+                    .ok()?;
             let request = http::Request::post("/api/generate")
                 .header(http::header::HOST, &addr)
                 .header(http::header::CONTENT_TYPE, "application/json")
@@ -363,7 +358,9 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
 // ===== discovery =====
 
 /// A `corral sim` child process, killed when dropped.
-struct Sim(#[allow(dead_code)] tokio::process::Child);
+struct Sim {
+    _child: tokio::process::Child,
+}
 
 fn start_sim(corral: &str, port: u16) -> Sim {
     let child = tokio::process::Command::new(corral)
@@ -373,7 +370,7 @@ fn start_sim(corral: &str, port: u16) -> Sim {
         .kill_on_drop(true)
         .spawn()
         .expect("corral sim starts");
-    Sim(child)
+    Sim { _child: child }
 }
 
 /// `corral_backend_requests_total` of one backend, from `/metrics`.
