@@ -336,7 +336,7 @@ queue() {
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
     local rss0 line gen queued inflight
     rss0=$(peak_rss_mb "$CORRAL_PID")
-    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 15)
+    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
     log "$line"
     sleep 1
     gen=$(curl -fs http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
@@ -352,7 +352,7 @@ $(machine "one run")
 | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 | $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms | $gen | ${queued:-?} | $inflight |
 
-"Reached the backend" counts /api/generate requests the sim received: 1 is the request that held the one slot; every other client gave up while waiting.
+"Reached the backend" counts /api/generate requests the sim received: the first client holds the one slot until 2 s after all the others gave up while waiting, so 1 means that no client that gave up reached the backend.
 EOF
     section queue "$TMP/queue.md"
     stop "$CORRAL_PID"

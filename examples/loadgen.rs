@@ -282,17 +282,24 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
     let addr = proxy.trim_start_matches("http://").to_string();
     let connected = Arc::new(AtomicU64::new(0));
     let answered = Arc::new(AtomicU64::new(0));
+    // Client 0 takes the one slot and keeps it until the others have given
+    // up: a waiter that reaches the backend then is one that did not leave.
     let stop = tokio_util::sync::CancellationToken::new();
+    let stop_holder = tokio_util::sync::CancellationToken::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        let (addr, connected, answered, stop, gate) = (
+    for i in 0..clients {
+        let (addr, connected, answered, gate) = (
             addr.clone(),
             connected.clone(),
             answered.clone(),
-            stop.clone(),
             gate.clone(),
         );
+        let stop = if i == 0 {
+            stop_holder.clone()
+        } else {
+            stop.clone()
+        };
         tasks.push(tokio::spawn(async move {
             // Connect a few hundred at a time: the listen backlog is finite.
             let permit = gate.acquire_owned().await.ok()?;
@@ -319,6 +326,9 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
                 () = stop.cancelled() => None,
             }
         }));
+        if i == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
     let health = client();
     let started = Instant::now();
@@ -341,6 +351,8 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
     }
     let peak_connected = connected.load(Ordering::Relaxed);
     stop.cancel();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_holder.cancel();
     for t in tasks {
         let _ = t.await;
     }
