@@ -20,6 +20,8 @@ DURATION=${DURATION:-5}
 TMP=$(mktemp -d /tmp/corral-bench.XXXXXX)
 chmod 755 "$TMP" # nginx workers may run as nobody
 PIDS=()
+# The loadgen appends the PIDs of the `corral sim` processes it starts here.
+export BENCH_PID_FILE=$TMP/loadgen-children.pids
 
 # Ports below the ephemeral range and above the block the tests draw from.
 PROXY_PORT=30990
@@ -27,6 +29,14 @@ NGINX_PORT=30991
 
 cleanup() {
     local pid
+    if [[ -f $BENCH_PID_FILE ]]; then
+        # Only if the PID is still our `corral sim` (not reused by now).
+        while read -r pid; do
+            if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q "^$CORRAL sim "; then
+                PIDS+=("$pid")
+            fi
+        done <"$BENCH_PID_FILE"
+    fi
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -35,11 +45,12 @@ cleanup() {
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
-        kill -KILL "$pid" 2>/dev/null || true
+        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
     done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -324,7 +335,7 @@ EOF
 queue() {
     log "queue: one slow backend, 10,000 waiting clients"
     local want=10000
-    ulimit -n "$(ulimit -Hn)"
+    if [[ $(ulimit -Hn) == unlimited ]]; then ulimit -n 65536; else ulimit -n "$(ulimit -Hn)"; fi
     # corral and the loadgen each hold one descriptor per client.
     if (($(ulimit -n) < want + 1000)); then
         want=$(($(ulimit -n) - 1000))

@@ -382,6 +382,17 @@ fn start_sim(corral: &str, port: u16) -> Sim {
         .kill_on_drop(true)
         .spawn()
         .expect("corral sim starts");
+    // The bench script kills these by PID if the loadgen itself is killed.
+    if let (Ok(path), Some(pid)) = (std::env::var("BENCH_PID_FILE"), child.id()) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{pid}");
+        }
+    }
     Sim { _child: child }
 }
 
