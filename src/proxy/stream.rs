@@ -222,12 +222,6 @@ impl Relay {
         if self.ended {
             return None;
         }
-        // A body whose Content-Length is all read ends here, without arming
-        // a read timer for a frame that cannot come (most non-streaming answers).
-        if hyper::body::Body::is_end_stream(&self.body) {
-            self.finish();
-            return None;
-        }
         loop {
             match tokio::time::timeout(self.read_timeout, self.body.frame()).await {
                 Ok(Some(Ok(frame))) => {
