@@ -297,7 +297,7 @@ fleet() {
     oversubscribed() {
         local p s=0 v
         for p in $(seq 31000 31049); do
-            v=$(curl -fs "http://127.0.0.1:$p/__sim/stats" | jq .oversubscribed)
+            v=$(curl -fs --max-time 5 "http://127.0.0.1:$p/__sim/stats" | jq .oversubscribed)
             s=$((s + v))
         done
         echo "$s"
@@ -350,9 +350,9 @@ queue() {
     line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
     log "$line"
     sleep 1
-    gen=$(curl -fs http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
-    queued=$(curl -fs "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
-    inflight=$(curl -fs "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
+    gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
+    queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
+    inflight=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
     cat >"$TMP/queue.md" <<EOF
 
 ## Queue at scale: one slow backend, $want waiting clients
@@ -381,7 +381,7 @@ discovery() {
     t1=$(cpu_ticks "$CORRAL_PID")
     line=$("$LOADGEN" discovery --proxy "http://127.0.0.1:$PROXY_PORT" --corral "$CORRAL" --port 32000 --rounds "$RUNS")
     log "$line"
-    curl -fs "http://127.0.0.1:$PROXY_PORT/metrics" | grep 'backend="32000"' | grep -v '^#' >&2 || true
+    curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | grep 'backend="32000"' | grep -v '^#' >&2 || true
     cat >"$TMP/discovery.md" <<EOF
 
 ## Discovery: 1,001-port range, SCAN_INTERVAL_SECONDS=1
