@@ -1,0 +1,472 @@
+#!/usr/bin/env bash
+# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|all
+#
+# Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
+# release `corral`, Debian's nginx), measures with wrk or the loadgen example,
+# writes its section of bench/results.md, and stops everything it started by
+# PID on exit. Needs: wrk, nginx, curl, jq, taskset; builds with
+#   cargo build --release --bin corral --examples
+# Knobs: RUNS (repetitions, default 5), DURATION (seconds per wrk run, 5),
+# BUILD=0 to skip the cargo build.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CORRAL=$ROOT/target/release/corral
+LOADGEN=$ROOT/target/release/examples/loadgen
+RESULTS=$ROOT/bench/results.md
+RUNS=${RUNS:-5}
+DURATION=${DURATION:-5}
+TMP=$(mktemp -d /tmp/corral-bench.XXXXXX)
+chmod 755 "$TMP" # nginx workers may run as nobody
+PIDS=()
+# The loadgen appends the PIDs of the `corral sim` processes it starts here.
+export BENCH_PID_FILE=$TMP/loadgen-children.pids
+
+# Ports below the ephemeral range and above the block the tests draw from.
+PROXY_PORT=30990
+NGINX_PORT=30991
+
+cleanup() {
+    local pid
+    if [[ -f $BENCH_PID_FILE ]]; then
+        # Only if the PID is still our `corral sim` (not reused by now).
+        while read -r pid; do
+            if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q "^$CORRAL sim "; then
+                PIDS+=("$pid")
+            fi
+        done <"$BENCH_PID_FILE"
+    fi
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# start NAME CMD...: runs CMD in the background, logging to $TMP/NAME.log;
+# the PID (of CMD itself: env and taskset exec) goes to $LAST_PID and PIDS.
+start() {
+    local name=$1
+    shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# stop PID: SIGTERM, then SIGKILL after 5 s.
+stop() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+# wait_for URL JQ-FILTER: polls (20 s at most) until the JSON at URL passes.
+wait_for() {
+    local url=$1 filter=$2
+    for _ in $(seq 200); do
+        if curl -fs --max-time 1 "$url" 2>/dev/null | jq -e "$filter" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "timed out waiting for $url to satisfy $filter"
+    return 1
+}
+
+# ports_free FIRST LAST: fails if anything listens in the range.
+ports_free() {
+    local busy
+    busy=$(ss -Htln | awk -v a="$1" -v b="$2" '{n=split($4,p,":"); port=p[n]+0; if (port>=a && port<=b) print port}')
+    if [[ -n $busy ]]; then
+        log "ports in use in $1-$2: $busy"
+        return 1
+    fi
+}
+
+# start_sims FIRST COUNT CPU ARGS...: a `corral sim` process with COUNT servers.
+start_sims() {
+    local first=$1 count=$2 cpu=$3
+    shift 3
+    ports_free "$first" $((first + count - 1))
+    start "sim-$first" taskset -c "$cpu" "$CORRAL" sim --port-start "$first" --count "$count" \
+        --loaded llama3.2 "$@"
+    SIM_PID=$LAST_PID
+    wait_for "http://127.0.0.1:$((first + count - 1))/api/version" .version
+}
+
+# start_corral CPU VAR=VALUE...: the proxy on $PROXY_PORT, waiting for its
+# first scan.
+start_corral() {
+    local cpu=$1
+    shift
+    ports_free $PROXY_PORT $PROXY_PORT
+    start corral taskset -c "$cpu" env PROXY_HOST=127.0.0.1 PROXY_PORT=$PROXY_PORT \
+        LOG_LEVEL=WARNING "$@" "$CORRAL"
+    CORRAL_PID=$LAST_PID
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.status == "ok"'
+}
+
+# start_nginx CPU PORT...: nginx, one worker, least_conn over the ports.
+start_nginx() {
+    local cpu=$1
+    shift
+    ports_free $NGINX_PORT $NGINX_PORT
+    local servers="" p
+    for p in "$@"; do servers+="        server 127.0.0.1:$p;"$'\n'; done
+    mkdir -p "$TMP/nginx"
+    cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    # The name is what \$proxy_host sends as Host; *.localhost passes the
+    # Ollama (and sim) check for local host names.
+    upstream sims.localhost {
+        least_conn;
+$servers        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://sims.localhost;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$proxy_host;
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+    start nginx taskset -c "$cpu" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log"
+    NGINX_PID=$LAST_PID
+    for _ in $(seq 50); do
+        NGINX_WORKER=$(cat "/proc/$NGINX_PID/task/$NGINX_PID/children" 2>/dev/null | awk '{print $1}')
+        [[ -n ${NGINX_WORKER:-} ]] && break
+        sleep 0.1
+    done
+    [[ -n ${NGINX_WORKER:-} ]] || { log "nginx did not start"; cat "$TMP/nginx/error.log" >&2; return 1; }
+    wait_for "http://127.0.0.1:$NGINX_PORT/api/version" .version
+}
+
+# cpu_ticks PID: utime + stime in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# peak_rss_mb PID: VmHWM in MB.
+peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+# kv KEY LINE: the value of KEY in a loadgen `key=value` line.
+kv() { tr ' ' '\n' <<<"$2" | awk -F= -v k="$1" '$1 == k {print $2}'; }
+# median of the arguments.
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0 ? 0 : a / b)}'; }
+
+# wrk_run CONNS URL: prints "rps p50_ms requests" of one wrk run on CPU 1.
+wrk_run() {
+    local conns=$1 url=$2 out
+    out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 10s --latency \
+        -s "$ROOT/bench/generate.lua" "$url")
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+            if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
+            return v
+        }
+        /Requests\/sec:/ {rps = $2}
+        /^ +50%/ {p50 = ms($2)}
+        / requests in / {n = $1}
+        /Non-2xx/ {bad = $4}
+        END {printf "%s %.3f %s %d\n", rps, p50, n, bad}' <<<"$out"
+}
+
+# section NAME FILE: replaces NAME's section of results.md with FILE.
+section() {
+    local name=$1 file=$2
+    [[ -f $RESULTS ]] || printf '# corral benchmark results\n\nWritten by `bench/run.sh`; see bench/README.md.\n' >"$RESULTS"
+    awk -v name="$name" '
+        $0 == "<!-- " name " -->" {skip = 1; next}
+        $0 == "<!-- /" name " -->" {skip = 0; next}
+        !skip' "$RESULTS" >"$TMP/results.md"
+    {
+        cat "$TMP/results.md"
+        echo "<!-- $name -->"
+        cat "$file"
+        echo "<!-- /$name -->"
+    } >"$RESULTS"
+    cat "$file"
+}
+
+# machine [RUNS-TEXT]: the date, the machine, the load and how many runs.
+machine() {
+    echo "$(date -u +%F) · $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)) · load before: $(cut -d' ' -f1-3 /proc/loadavg) · ${1:-$RUNS runs, medians}"
+}
+
+# ===== scenarios =====
+
+overhead() {
+    log "overhead: 4 instant sims on CPU 1; corral and nginx on CPU 0; wrk on CPU 1"
+    start_sims 31100 4 1 --tokens-per-second 0 --parallel 64
+    local sims=$SIM_PID
+    start_corral 0 BACKEND_PORT_START=31100 BACKEND_PORT_END=31103 MAX_CONCURRENT_PER_BACKEND=0
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
+    start_nginx 0 31100 31101 31102 31103
+    local direct=http://127.0.0.1:31100 corral=http://127.0.0.1:$PROXY_PORT nginx=http://127.0.0.1:$NGINX_PORT
+    local -A rps p1 cpu
+    local r t line t0 t1 pid n bad
+    for t in direct corral nginx; do rps[$t]=""; p1[$t]=""; cpu[$t]=""; done
+    # Warm up pools and caches.
+    for t in direct corral nginx; do DURATION=1 wrk_run 64 "${!t}" >/dev/null; done
+    for r in $(seq "$RUNS"); do
+        for t in direct corral nginx; do
+            pid=""
+            [[ $t == corral ]] && pid=$CORRAL_PID
+            [[ $t == nginx ]] && pid=$NGINX_WORKER
+            [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
+            read -r line _ n bad < <(wrk_run 64 "${!t}")
+            if [[ -n $pid ]]; then
+                t1=$(cpu_ticks "$pid")
+                cpu[$t]+=" $(awk -v d=$((t1 - t0)) -v n="$n" 'BEGIN {printf "%.3f", d / 100 / n * 1000}')"
+            fi
+            ((bad == 0)) || log "$t: $bad non-2xx answers"
+            rps[$t]+=" $line"
+            read -r _ line _ _ < <(DURATION=3 wrk_run 1 "${!t}")
+            p1[$t]+=" $line"
+            log "run $r $t: rps=${rps[$t]##* } p50@1=${line}ms"
+        done
+    done
+    local mr md mn pd pc pn
+    # shellcheck disable=SC2086
+    {
+        md=$(median ${rps[direct]}); mr=$(median ${rps[corral]}); mn=$(median ${rps[nginx]})
+        pd=$(median ${p1[direct]}); pc=$(median ${p1[corral]}); pn=$(median ${p1[nginx]})
+    }
+    cat >"$TMP/overhead.md" <<EOF
+
+## Overhead: 64 clients, instant backends, proxy pinned to one core
+
+$(machine)
+
+| target | req/s (64 clients) | vs direct | p50 at 1 client | added p50 | CPU s / 1,000 req | peak RSS |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| direct to one sim | $md | 1.00 | ${pd} ms | — | — | — |
+| corral | $mr | $(ratio "$mr" "$md") | ${pc} ms | $(awk -v a="$pc" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms | $(median ${cpu[corral]}) | $(peak_rss_mb "$CORRAL_PID") MB |
+| nginx least_conn | $mn | $(ratio "$mn" "$md") | ${pn} ms | $(awk -v a="$pn" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms | $(median ${cpu[nginx]}) | $(peak_rss_mb "$NGINX_WORKER") MB |
+
+corral / nginx throughput: **$(ratio "$mr" "$mn")** (target ≥ 1.00). Runs (req/s): corral${rps[corral]}; nginx${rps[nginx]}; direct${rps[direct]}.
+EOF
+    section overhead "$TMP/overhead.md"
+    stop "$NGINX_PID"
+    stop "$CORRAL_PID"
+    stop "$sims"
+}
+
+fleet() {
+    log "fleet: 50 one-slot sims, 100 ms per request, 300 clients, 3,000 requests"
+    start_sims 31000 50 0-1 --parallel 1 --tokens 10 --tokens-per-second 100
+    local sims=$SIM_PID
+    start_corral 0-1 BACKEND_PORT_START=31000 BACKEND_PORT_END=31049 MAX_CONCURRENT_PER_BACKEND=1 SCAN_INTERVAL_SECONDS=5
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 50'
+    local r line all_rps="" all_q="" over0 over1 over_total=0 errors=0 service ideal
+    # The sim's real time per request (10 tokens at 100/s plus its own work),
+    # measured direct: the fleet cannot beat 50 backends / that.
+    line=$("$LOADGEN" fleet --url http://127.0.0.1:31000 --clients 1 --requests 20 --timeout-secs 20)
+    service=$(kv p50_ms "$line")
+    ideal=$(awk -v s="$service" 'BEGIN {printf "%.1f", 50 * 1000 / s}')
+    log "direct service time p50 ${service} ms: ideal ${ideal} req/s"
+    oversubscribed() {
+        local p s=0 v
+        for p in $(seq 31000 31049); do
+            v=$(curl -fs --max-time 5 "http://127.0.0.1:$p/__sim/stats" | jq .oversubscribed)
+            s=$((s + v))
+        done
+        echo "$s"
+    }
+    for r in $(seq "$RUNS"); do
+        over0=$(oversubscribed)
+        line=$("$LOADGEN" fleet --url "http://127.0.0.1:$PROXY_PORT" --clients 300 --requests 3000 --timeout-secs 60)
+        over1=$(oversubscribed)
+        over_total=$((over_total + over1 - over0))
+        errors=$((errors + $(kv errors "$line")))
+        all_rps+=" $(kv rps "$line")"
+        all_q+=" $(kv queue_p99_ms "$line")"
+        log "run $r: $line oversubscribed=$((over1 - over0))"
+    done
+    local m
+    # shellcheck disable=SC2086
+    m=$(median $all_rps)
+    cat >"$TMP/fleet.md" <<EOF
+
+## Fleet efficiency: 50 one-slot backends, 100 ms per request, 300 clients, 3,000 requests
+
+$(machine)
+
+| req/s | of ideal 500 | of measured ideal ($ideal) | p99 queue wait (X-Corral-Queue-Ms) | over-subscribed (all runs) | errors (all runs) |
+| ---: | ---: | ---: | ---: | ---: | ---: |
+| $m | $(ratio "$m" 500) | $(ratio "$m" "$ideal") | $(median $all_q) ms | $over_total | $errors |
+
+Runs (req/s):$all_rps. The measured ideal is 50 backends / the sim's own time per request (p50 ${service} ms, direct, one client), which is over the nominal 100 ms.
+EOF
+    section fleet "$TMP/fleet.md"
+    stop "$CORRAL_PID"
+    stop "$sims"
+}
+
+queue() {
+    log "queue: one slow backend, 10,000 waiting clients"
+    local want=10000
+    if [[ $(ulimit -Hn) == unlimited ]]; then ulimit -n 65536; else ulimit -n "$(ulimit -Hn)"; fi
+    # corral and the loadgen each hold one descriptor per client.
+    if (($(ulimit -n) < want + 1000)); then
+        want=$(($(ulimit -n) - 1000))
+        log "ulimit -n is $(ulimit -n): $want clients"
+    fi
+    start_sims 31200 1 1 --parallel 1 --tokens-per-second 1
+    local sims=$SIM_PID
+    start_corral 0 BACKEND_PORT_START=31200 BACKEND_PORT_END=31200 MAX_CONCURRENT_PER_BACKEND=1
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
+    local rss0 line gen queued inflight
+    rss0=$(peak_rss_mb "$CORRAL_PID")
+    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
+    log "$line"
+    sleep 1
+    gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
+    queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
+    inflight=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
+    cat >"$TMP/queue.md" <<EOF
+
+## Queue at scale: one slow backend, $want waiting clients
+
+$(machine "one run")
+
+| clients parked | corral peak RSS | RSS before | /__proxy/health p50 | p99 | max | reached the backend | queue after | in flight after |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms | $gen | ${queued:-?} | $inflight |
+
+"Reached the backend" counts /api/generate requests the sim received: the first client holds the one slot until 2 s after all the others gave up while waiting, so 1 means that no client that gave up reached the backend.
+EOF
+    section queue "$TMP/queue.md"
+    stop "$CORRAL_PID"
+    stop "$sims"
+}
+
+discovery() {
+    log "discovery: a 1,001-port scan range, SCAN_INTERVAL_SECONDS=1"
+    ports_free 31500 32500
+    start_corral 0-1 BACKEND_PORT_START=31500 BACKEND_PORT_END=32500 SCAN_INTERVAL_SECONDS=1 MAX_CONCURRENT_PER_BACKEND=0
+    local t0 t1 line
+    sleep 3
+    t0=$(cpu_ticks "$CORRAL_PID")
+    sleep 5
+    t1=$(cpu_ticks "$CORRAL_PID")
+    line=$("$LOADGEN" discovery --proxy "http://127.0.0.1:$PROXY_PORT" --corral "$CORRAL" --port 32000 --rounds "$RUNS")
+    log "$line"
+    curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | grep 'backend="32000"' | grep -v '^#' >&2 || true
+    cat >"$TMP/discovery.md" <<EOF
+
+## Discovery: 1,001-port range, SCAN_INTERVAL_SECONDS=1
+
+$(machine)
+
+| start to first answer, median | max | requests to a killed backend after the kill | client errors | corral CPU while scanning an empty range |
+| ---: | ---: | ---: | ---: | ---: |
+| $(kv serve_p50_ms "$line") ms | $(kv serve_max_ms "$line") ms | $(kv killed_attempts_after_kill "$line") (of $(kv requests "$line")) | $(kv client_errors "$line") | $(awk -v d=$((t1 - t0)) 'BEGIN {printf "%.1f", d / 100 / 5 * 100}')% of a core |
+
+"Start" is the spawn of \`corral sim\`, with a request already waiting in corral's queue. The kill is SIGKILL under back-to-back requests from one client; the count is corral_backend_requests_total of the killed backend after the kill (1 = only the attempt that failed).
+EOF
+    section discovery "$TMP/discovery.md"
+    stop "$CORRAL_PID"
+}
+
+streaming() {
+    log "streaming: 200 streams of 500 tokens at 100 tokens/s"
+    start_sims 31300 4 1 --parallel 50 --tokens-per-second 100 --tokens 500
+    local sims=$SIM_PID
+    start_corral 0 BACKEND_PORT_START=31300 BACKEND_PORT_END=31303 MAX_CONCURRENT_PER_BACKEND=50
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
+    local direct="http://127.0.0.1:31300,http://127.0.0.1:31301,http://127.0.0.1:31302,http://127.0.0.1:31303"
+    local corral=http://127.0.0.1:$PROXY_PORT
+    local -A ttfb g50 g99 gmax lines
+    local r t line
+    # Warm up: corral's pool to the sims fills.
+    taskset -c 1 "$LOADGEN" stream --urls "$corral" --streams 200 --tokens 5 --ramp-ms 0 >/dev/null
+    for r in $(seq "$RUNS"); do
+        for t in direct corral; do
+            line=$(taskset -c 1 "$LOADGEN" stream --urls "${!t}" --streams 200 --tokens 500)
+            log "run $r $t: $line"
+            ttfb[$t]+=" $(kv ttfb_p50_ms "$line")"
+            g50[$t]+=" $(kv gap_p50_ms "$line")"
+            g99[$t]+=" $(kv gap_p99_ms "$line")"
+            gmax[$t]+=" $(kv gap_max_ms "$line")"
+            lines[$t]="$(kv lines "$line") lines in $(kv reads "$line") reads"
+        done
+    done
+    local td tc
+    # shellcheck disable=SC2086
+    {
+        td=$(median ${ttfb[direct]}); tc=$(median ${ttfb[corral]})
+    }
+    # shellcheck disable=SC2086
+    cat >"$TMP/streaming.md" <<EOF
+
+## Streaming: 200 concurrent streams of 500 tokens (100 tokens/s), started over 2 s
+
+$(machine)
+
+| target | TTFB p50 | inter-line gap p50 | p99 | max | last run |
+| --- | ---: | ---: | ---: | ---: | --- |
+| direct | $td ms | $(median ${g50[direct]}) ms | $(median ${g99[direct]}) ms | $(median ${gmax[direct]}) ms | ${lines[direct]} |
+| corral | $tc ms | $(median ${g50[corral]}) ms | $(median ${g99[corral]}) ms | $(median ${gmax[corral]}) ms | ${lines[corral]} |
+
+TTFB added by corral (p50): **$(awk -v a="$tc" -v b="$td" 'BEGIN {printf "%.3f", a - b}') ms** (target < 1 ms).
+EOF
+    section streaming "$TMP/streaming.md"
+    stop "$CORRAL_PID"
+    stop "$sims"
+}
+
+# ===== main =====
+
+case ${1:-} in
+overhead | fleet | queue | discovery | streaming | all) ;;
+*)
+    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|all" >&2
+    exit 2
+    ;;
+esac
+for tool in wrk nginx curl jq taskset; do
+    command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
+done
+if [[ ${BUILD:-1} != 0 ]]; then
+    cargo build --release --bin corral --examples --quiet
+fi
+log "load: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [[ $1 == all ]]; then
+    overhead
+    fleet
+    queue
+    discovery
+    streaming
+else
+    "$1"
+fi
