@@ -4,8 +4,8 @@
 //! the fleet table (a forgotten backend's series are removed).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -21,9 +21,9 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Route path, e.g. `/api/chat`.
-    pub endpoint: String,
+    pub endpoint: &'static str,
     /// Model display name, or `unknown` / `none`.
-    pub model: String,
+    pub model: Arc<str>,
     /// HTTP status returned to the client.
     pub status: u16,
 }
@@ -32,46 +32,46 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     /// Route path.
-    pub endpoint: String,
+    pub endpoint: &'static str,
 }
 
 /// Labels of per-backend series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     /// Backend id (port or host:port).
-    pub backend: String,
+    pub backend: Arc<str>,
 }
 
 /// Labels of per-backend failure series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     /// Backend id.
-    pub backend: String,
+    pub backend: Arc<str>,
     /// connect, timeout, reset, status_5xx, body, mid_stream.
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 /// Labels of token series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     /// Model display name.
-    pub model: String,
+    pub model: Arc<str>,
     /// `in` (prompt) or `out` (generated).
-    pub direction: String,
+    pub direction: &'static str,
 }
 
 /// Labels of per-model series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     /// Model display name.
-    pub model: String,
+    pub model: Arc<str>,
 }
 
 /// Labels of queue rejections.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// queue_full, queue_bytes_full, queue_timeout, unknown_model, shutting_down.
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -123,7 +123,7 @@ pub struct Metrics {
     /// labelled families cannot give without walking every series.
     pub totals: Totals,
     /// Backends with series now, to retire those that leave the fleet.
-    backends_seen: Mutex<HashSet<String>>,
+    backends_seen: Mutex<HashSet<Arc<str>>>,
 }
 
 /// Running totals since start, cheap to read: the dashboard's sampler
@@ -299,13 +299,13 @@ impl Metrics {
     /// series of backends that left it.
     pub fn set_backends<'a>(
         &self,
-        backends: impl Iterator<Item = (String, bool, u32, Option<Duration>)> + 'a,
+        backends: impl Iterator<Item = (Arc<str>, bool, u32, Option<Duration>)> + 'a,
     ) {
         let mut seen = self.backends_seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = HashSet::new();
         for (backend, healthy, in_flight, probe) in backends {
             let labels = BackendLabels {
-                backend: backend.clone(),
+                backend: Arc::clone(&backend),
             };
             self.backend_healthy
                 .get_or_create(&labels)
@@ -322,7 +322,7 @@ impl Metrics {
         }
         for gone in seen.difference(&now) {
             let labels = BackendLabels {
-                backend: gone.clone(),
+                backend: Arc::clone(gone),
             };
             self.backend_healthy.remove(&labels);
             self.backend_in_flight.remove(&labels);
@@ -330,8 +330,8 @@ impl Metrics {
             self.probe_seconds.remove(&labels);
             for kind in FAILURE_KINDS {
                 self.backend_failures.remove(&FailureLabels {
-                    backend: gone.clone(),
-                    kind: (*kind).into(),
+                    backend: Arc::clone(gone),
+                    kind,
                 });
             }
         }
@@ -340,37 +340,41 @@ impl Metrics {
 
     /// Remembers that `backend` has series, so that they are retired when it
     /// leaves the fleet even if no scrape saw it in the table.
-    fn touch_backend(&self, backend: &str) {
+    fn touch_backend(&self, backend: &Arc<str>) {
         let mut seen = self.backends_seen.lock().unwrap_or_else(|e| e.into_inner());
         if !seen.contains(backend) {
-            seen.insert(backend.to_owned());
+            seen.insert(Arc::clone(backend));
         }
     }
 
     /// Counts an attempt sent to `backend`.
-    pub fn backend_attempted(&self, backend: &str) {
+    pub fn backend_attempted(&self, backend: &Arc<str>) {
         self.touch_backend(backend);
         self.backend_requests
             .get_or_create(&BackendLabels {
-                backend: backend.into(),
+                backend: Arc::clone(backend),
             })
             .inc();
     }
 
     /// Counts a request answered (by a backend or refused by corral) and its duration.
-    pub fn request_done(&self, endpoint: &str, model: &str, status: u16, duration: Duration) {
+    pub fn request_done(
+        &self,
+        endpoint: &'static str,
+        model: &Arc<str>,
+        status: u16,
+        duration: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
-                endpoint: endpoint.into(),
-                model: model.into(),
+                endpoint,
+                model: Arc::clone(model),
                 status,
             })
             .inc();
         self.totals.request(status);
         self.request_duration
-            .get_or_create(&EndpointLabels {
-                endpoint: endpoint.into(),
-            })
+            .get_or_create(&EndpointLabels { endpoint })
             .observe(duration.as_secs_f64());
     }
 
@@ -384,29 +388,27 @@ impl Metrics {
     }
 
     /// Counts a failed attempt.
-    pub fn backend_failed(&self, backend: &str, kind: &str) {
+    pub fn backend_failed(&self, backend: &Arc<str>, kind: &'static str) {
         self.touch_backend(backend);
         self.backend_failures
             .get_or_create(&FailureLabels {
-                backend: backend.into(),
-                kind: kind.into(),
+                backend: Arc::clone(backend),
+                kind,
             })
             .inc();
     }
 
     /// Counts a rejection.
-    pub fn rejected(&self, reason: &str) {
+    pub fn rejected(&self, reason: &'static str) {
         self.rejections
-            .get_or_create(&ReasonLabels {
-                reason: reason.into(),
-            })
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 
     /// Records the tokens of a finished generation.
     pub fn record_tokens(
         &self,
-        model: &str,
+        model: &Arc<str>,
         prompt: u64,
         generated: u64,
         eval_seconds: Option<f64>,
@@ -414,8 +416,8 @@ impl Metrics {
         if prompt > 0 {
             self.tokens
                 .get_or_create(&TokenLabels {
-                    model: model.into(),
-                    direction: "in".into(),
+                    model: Arc::clone(model),
+                    direction: "in",
                 })
                 .inc_by(prompt);
         }
@@ -425,14 +427,14 @@ impl Metrics {
                 .fetch_add(generated, Ordering::Relaxed);
             self.tokens
                 .get_or_create(&TokenLabels {
-                    model: model.into(),
-                    direction: "out".into(),
+                    model: Arc::clone(model),
+                    direction: "out",
                 })
                 .inc_by(generated);
             if let Some(secs) = eval_seconds.filter(|s| *s > 0.0) {
                 self.tokens_per_second
                     .get_or_create(&ModelLabels {
-                        model: model.into(),
+                        model: Arc::clone(model),
                     })
                     .observe(generated as f64 / secs);
             }

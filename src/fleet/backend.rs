@@ -67,6 +67,14 @@ pub struct Target {
     pub base: String,
     /// The `host:port` to send as `Host`: Ollama on loopback refuses others.
     pub authority: http::HeaderValue,
+    /// The authority, parsed once for every request URI.
+    origin: Option<http::uri::Authority>,
+    /// A path prefix of a `BACKENDS` URL (`/ollama`), usually empty.
+    prefix: String,
+    /// The id as text, for metric labels and `X-Corral-Backend`, made once.
+    pub label: Arc<str>,
+    /// The id as a header value.
+    pub header: http::HeaderValue,
 }
 
 impl Target {
@@ -74,11 +82,35 @@ impl Target {
     pub fn new(id: BackendId, base: &http::Uri) -> Self {
         let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
         let path = base.path().trim_end_matches('/');
+        let label: Arc<str> = id.to_string().into();
         Self {
+            header: http::HeaderValue::from_str(&label)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("unnamed")),
+            label,
             id,
+            origin: authority.parse().ok(),
+            prefix: path.to_owned(),
             base: format!("http://{authority}{path}"),
             authority: http::HeaderValue::from_str(authority)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
+        }
+    }
+}
+
+impl Target {
+    /// The URI of `path_and_query` on this backend. Without a path prefix it
+    /// is put together from parsed parts, with no string formatting or parsing.
+    pub fn uri(&self, path_and_query: &http::uri::PathAndQuery) -> Result<http::Uri, http::Error> {
+        match &self.origin {
+            Some(origin) if self.prefix.is_empty() => Ok(http::Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(origin.clone())
+                .path_and_query(path_and_query.clone())
+                .build()?),
+            _ => Ok(http::Uri::try_from(format!(
+                "{}{path_and_query}",
+                self.base
+            ))?),
         }
     }
 }
@@ -218,5 +250,33 @@ mod tests {
             "another version"
         );
         assert_eq!(b.served, 0);
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn request_uris_keep_the_path_prefix_of_a_backends_url() {
+        let pq = http::uri::PathAndQuery::from_static("/api/chat?x=1");
+        let plain = Target::new(
+            BackendId::Port(24001),
+            &"http://127.0.0.1:24001".parse().unwrap(),
+        );
+        assert_eq!(
+            plain.uri(&pq).unwrap(),
+            "http://127.0.0.1:24001/api/chat?x=1"
+        );
+        let prefixed = Target::new(
+            BackendId::Url("gpu7:80".into()),
+            &"http://gpu7/ollama/".parse().unwrap(),
+        );
+        assert_eq!(
+            prefixed.uri(&pq).unwrap(),
+            "http://gpu7/ollama/api/chat?x=1"
+        );
+        assert_eq!(&*plain.label, "24001");
+        assert_eq!(plain.header, "24001");
     }
 }

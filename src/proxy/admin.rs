@@ -149,12 +149,12 @@ fn check_admin(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), P
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     let (rows, depth) = app.fleet.read(|s| {
-        let rows: Vec<(String, bool, u32, Option<Duration>)> = s
+        let rows: Vec<(Arc<str>, bool, u32, Option<Duration>)> = s
             .backends()
             .values()
             .map(|b| {
                 (
-                    b.target.id.to_string(),
+                    Arc::clone(&b.target.label),
                     b.healthy,
                     b.in_flight,
                     b.report.latency,

@@ -3,10 +3,7 @@
 //! `Authorization: Bearer <key>`. Keys are compared in constant time and
 //! never logged.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use http::{HeaderMap, Method, header};
 use subtle::ConstantTimeEq;
@@ -54,21 +51,22 @@ fn is_admin_action_with_its_key(admin_key: &str, request: &Request) -> bool {
         )
 }
 
-/// The middleware: refuses requests without a valid key when keys are set.
-pub async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+/// The 401 for a request without a valid key when keys are set; `None`
+/// lets it through.
+pub fn refusal(app: &App, request: &Request) -> Option<Response> {
     let keys = &app.args.api_keys;
     if keys.is_empty()
         || is_open(request.method(), request.uri().path())
         || bearer_matches(request.headers(), keys)
-        || is_admin_action_with_its_key(&app.args.admin_key, &request)
+        || is_admin_action_with_its_key(&app.args.admin_key, request)
     {
-        return next.run(request).await;
+        return None;
     }
     tracing::warn!(
         path = request.uri().path(),
         "request without a valid API key"
     );
-    ProxyError::Unauthorized.render(Api::of(request.uri().path()))
+    Some(ProxyError::Unauthorized.render(Api::of(request.uri().path())))
 }
 
 #[cfg(test)]

@@ -51,14 +51,9 @@ pub async fn forward(
 ) -> Response {
     let started = Instant::now();
     let api = Api::of(endpoint);
-    let mut model_label = "none".to_string();
+    let mut model_label: Arc<str> = Arc::from("none");
     // The request-id middleware has set it; kept for the refusal line.
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let request_id = request.headers().get(REQUEST_ID).cloned();
     match route(&app, endpoint, request, started, &mut model_label).await {
         Ok(response) => response,
         Err(error) => {
@@ -66,7 +61,7 @@ pub async fn forward(
             let status = response.status().as_u16();
             let duration = started.elapsed();
             tracing::info!(
-                request_id = %request_id,
+                request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default(),
                 endpoint,
                 model = %model_label,
                 status,
@@ -86,7 +81,7 @@ async fn route(
     endpoint: &'static str,
     request: Request,
     started: Instant,
-    model_label: &mut String,
+    model_label: &mut Arc<str>,
 ) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
     let bytes = body::read(
@@ -101,11 +96,7 @@ async fn route(
     let model = peek.model.as_deref().map(ModelName::parse);
     if let Some(m) = &model {
         let known = app.fleet.read(|s| s.is_known(m));
-        *model_label = if known {
-            m.display().to_string()
-        } else {
-            "unknown".into()
-        };
+        *model_label = Arc::from(if known { m.display() } else { "unknown" });
     }
     let mut want = Want {
         model,
@@ -127,7 +118,7 @@ async fn route(
         if attempts > 1 {
             app.metrics.retries.inc();
         }
-        let backend = slot.target().id.to_string();
+        let backend = Arc::clone(&slot.target().label);
         app.metrics.backend_attempted(&backend);
         match attempt(app, &slot, &parts, bytes.clone(), want.model.as_ref()).await {
             Ok((head, rest, first)) => {
@@ -138,24 +129,17 @@ async fn route(
                     head.status.as_u16(),
                     started,
                     RequestInfo {
-                        request_id: parts
-                            .headers
-                            .get(REQUEST_ID)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned(),
+                        request_id: parts.headers.get(REQUEST_ID).cloned(),
                         method: parts.method.clone(),
-                        path: parts.uri.path().to_owned(),
-                        backend: backend.clone(),
+                        path: endpoint,
+                        backend: Arc::clone(&backend),
                         attempts,
                         queue_wait,
                     },
                 );
                 app.metrics
                     .time_to_first_byte
-                    .get_or_create(&EndpointLabels {
-                        endpoint: endpoint.into(),
-                    })
+                    .get_or_create(&EndpointLabels { endpoint })
                     .observe(started.elapsed().as_secs_f64());
                 tracing::debug!(endpoint, %backend, attempts, queue_wait_ms = queue_wait.as_millis() as u64, status = head.status.as_u16(), "answering");
                 return Ok(respond(
@@ -263,7 +247,8 @@ async fn attempt(
     model: Option<&ModelName>,
 ) -> Result<(http::response::Parts, Incoming, Option<Bytes>), BackendError> {
     let target = slot.target();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let root = http::uri::PathAndQuery::from_static("/");
+    let path = parts.uri.path_and_query().unwrap_or(&root);
     let response = app
         .upstream
         .send(target, &parts.method, path, &parts.headers, body)
@@ -324,9 +309,7 @@ fn respond(
     strip_hop_by_hop(&mut head.headers);
     let framing = Framing::of(head.headers.get(http::header::CONTENT_TYPE));
     let headers = &mut head.headers;
-    if let Ok(v) = HeaderValue::from_str(&slot.target().id.to_string()) {
-        headers.insert("x-corral-backend", v);
-    }
+    headers.insert("x-corral-backend", slot.target().header.clone());
     headers.insert("x-corral-attempts", HeaderValue::from(attempts));
     headers.insert(
         "x-corral-queue-ms",

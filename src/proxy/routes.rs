@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
@@ -57,11 +57,7 @@ pub fn router(app: Arc<App>) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&app),
-            auth::require_key,
-        ))
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
         .with_state(app)
 }
 
@@ -95,9 +91,11 @@ async fn method_not_allowed() -> Response {
 /// The header that carries a request's id, in and out.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// Takes the client's `X-Request-Id` or makes one, passes it to the backend
-/// (it is a request header) and returns it.
-async fn request_id(mut request: Request, next: Next) -> Response {
+/// The one middleware, in front of every route (one layer, not two: it runs
+/// on every request). It takes the client's `X-Request-Id` or makes one,
+/// passes it to the backend (it is a request header) and returns it, even on
+/// a refusal; then it checks the API key.
+async fn front(State(app): State<Arc<App>>, mut request: Request, next: Next) -> Response {
     let id = request
         .headers()
         .get(REQUEST_ID)
@@ -108,7 +106,10 @@ async fn request_id(mut request: Request, next: Next) -> Response {
                 .expect("hex is a valid header value")
         });
     request.headers_mut().insert(REQUEST_ID, id.clone());
-    let mut response = next.run(request).await;
+    let mut response = match auth::refusal(&app, &request) {
+        None => next.run(request).await,
+        Some(refused) => refused,
+    };
     response.headers_mut().insert(REQUEST_ID, id);
     response
 }

@@ -62,13 +62,13 @@ impl Framing {
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
     /// The request's `X-Request-Id`.
-    pub request_id: String,
+    pub request_id: Option<http::HeaderValue>,
     /// The HTTP method.
     pub method: http::Method,
     /// The request path, without the query.
-    pub path: String,
+    pub path: &'static str,
     /// The backend that answered.
-    pub backend: String,
+    pub backend: Arc<str>,
     /// Attempts made, this one included.
     pub attempts: u32,
     /// Time spent waiting for slots, over all attempts.
@@ -104,7 +104,7 @@ pub struct Ledger {
     /// The route path.
     pub endpoint: &'static str,
     /// The model label.
-    pub model: String,
+    pub model: Arc<str>,
     /// The status sent to the client.
     pub status: u16,
     /// When the request arrived.
@@ -124,7 +124,7 @@ impl Ledger {
     pub fn new(
         metrics: Arc<Metrics>,
         endpoint: &'static str,
-        model: String,
+        model: Arc<str>,
         status: u16,
         started: Instant,
         info: RequestInfo,
@@ -163,7 +163,7 @@ impl Drop for Ledger {
         m.record_tokens(&self.model, counts.prompt, counts.generated, eval_seconds);
         let info = &self.info;
         tracing::info!(
-            request_id = %info.request_id,
+            request_id = info.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default(),
             method = %info.method,
             path = %info.path,
             model = %self.model,
@@ -327,7 +327,7 @@ impl Relay {
         self.ended = true;
         self.ledger.outcome = Outcome::Broken;
         let slot = self.slot.take()?;
-        let backend = slot.target().id.to_string();
+        let backend = Arc::clone(&slot.target().label);
         let message = format!("corral: backend {backend} failed mid-response: {detail}");
         tracing::warn!(backend = %backend, error = %detail, endpoint = self.ledger.endpoint, "stream broke after its first byte");
         self.ledger.metrics.backend_failed(&backend, "mid_stream");
@@ -335,7 +335,7 @@ impl Relay {
             .metrics
             .stream_errors
             .get_or_create(&EndpointLabels {
-                endpoint: self.ledger.endpoint.into(),
+                endpoint: self.ledger.endpoint,
             })
             .inc();
         slot.fleet().mark_failed(&slot.target().id, message.clone());

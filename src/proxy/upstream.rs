@@ -142,17 +142,20 @@ impl Upstream {
         &self,
         target: &Target,
         method: &Method,
-        path_and_query: &str,
+        path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, BackendError> {
-        let uri = format!("{}{path_and_query}", target.base);
+        let uri = target.uri(path_and_query).map_err(|e| {
+            let detail = format!("bad URL {}{path_and_query}: {e}", target.base);
+            BackendError::new(FailureKind::Connect, target, detail)
+        })?;
         let mut request = Request::builder()
             .method(method.clone())
-            .uri(&uri)
+            .uri(uri)
             .body(Full::new(body))
             .map_err(|e| {
-                BackendError::new(FailureKind::Connect, target, format!("bad URL {uri}: {e}"))
+                BackendError::new(FailureKind::Connect, target, format!("bad request: {e}"))
             })?;
         let out = request.headers_mut();
         for (name, value) in headers {
