@@ -251,11 +251,6 @@ mod tests {
         );
         assert_eq!(b.served, 0);
     }
-}
-
-#[cfg(test)]
-mod target_tests {
-    use super::*;
 
     #[test]
     fn request_uris_keep_the_path_prefix_of_a_backends_url() {
