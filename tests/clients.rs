@@ -1,38 +1,68 @@
-//! Third-party clients through corral: `ollama-rs` and `async-openai`, with
-//! streaming, over a fleet of three simulated backends, each call asserting
-//! the exact content that came back.
+//! Third-party clients, `ollama-rs` and `async-openai`, with streaming: each
+//! check runs once straight against a simulated server (the simulator must
+//! fool them) and once through corral over three simulated backends (corral
+//! must too), asserting the exact content that came back.
 
 mod common;
 
 use common::{TestFleet, TestProxy, start_proxy};
-use corral::sim::{ServerSpec, expected_embedding, expected_text};
+use corral::sim::{ServerSpec, SimServer, expected_embedding, expected_text};
 use futures_util::StreamExt;
+use ollama_rs::generation::chat::ChatMessage;
+use ollama_rs::generation::chat::request::ChatMessageRequest;
+use ollama_rs::generation::completion::request::GenerationRequest;
+use ollama_rs::generation::embeddings::request::GenerateEmbeddingsRequest;
 
-async fn fleet_and_proxy() -> (TestFleet, TestProxy) {
-    let fleet = TestFleet::uniform(3, ServerSpec::default()).await;
-    let proxy = start_proxy(&fleet, |_| {}).await;
-    (fleet, proxy)
+/// Where the clients point: a lone simulated server, or corral.
+enum Target {
+    Sim(SimServer),
+    /// The fleet is held for as long as corral serves it.
+    Corral {
+        proxy: TestProxy,
+        _fleet: TestFleet,
+    },
 }
 
-fn ollama(proxy: &TestProxy) -> ollama_rs::Ollama {
-    ollama_rs::Ollama::try_new(proxy.url.clone()).unwrap()
+impl Target {
+    async fn sim() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::Sim(
+            SimServer::start(listener, ServerSpec::default())
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn corral() -> Self {
+        let fleet = TestFleet::uniform(3, ServerSpec::default()).await;
+        let proxy = start_proxy(&fleet, |_| {}).await;
+        Self::Corral {
+            proxy,
+            _fleet: fleet,
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Sim(s) => format!("http://127.0.0.1:{}", s.port()),
+            Self::Corral { proxy, .. } => proxy.url.clone(),
+        }
+    }
+
+    fn ollama(&self) -> ollama_rs::Ollama {
+        ollama_rs::Ollama::try_new(self.url()).unwrap()
+    }
+
+    fn openai(&self) -> async_openai::Client<async_openai::config::OpenAIConfig> {
+        let cfg = async_openai::config::OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", self.url()))
+            .with_api_key("unused");
+        async_openai::Client::with_config(cfg)
+    }
 }
 
-fn openai(proxy: &TestProxy) -> async_openai::Client<async_openai::config::OpenAIConfig> {
-    let cfg = async_openai::config::OpenAIConfig::new()
-        .with_api_base(format!("{}/v1", proxy.url))
-        .with_api_key("unused");
-    async_openai::Client::with_config(cfg)
-}
-
-#[tokio::test]
-async fn ollama_rs_generates_chats_embeds_and_lists_through_corral() {
-    use ollama_rs::generation::chat::ChatMessage;
-    use ollama_rs::generation::chat::request::ChatMessageRequest;
-    use ollama_rs::generation::completion::request::GenerationRequest;
-    use ollama_rs::generation::embeddings::request::GenerateEmbeddingsRequest;
-    let (_fleet, proxy) = fleet_and_proxy().await;
-    let o = ollama(&proxy);
+async fn ollama_rs_generates_chats_embeds_and_lists(t: Target) {
+    let o = t.ollama();
     let r = o
         .generate(GenerationRequest::new(
             "llama3.2".into(),
@@ -74,13 +104,8 @@ async fn ollama_rs_generates_chats_embeds_and_lists_through_corral() {
     assert_eq!(names, ["all-minilm:latest", "llama3.2:latest"]);
 }
 
-#[tokio::test]
-async fn ollama_rs_streams_generate_and_chat_through_corral() {
-    use ollama_rs::generation::chat::ChatMessage;
-    use ollama_rs::generation::chat::request::ChatMessageRequest;
-    use ollama_rs::generation::completion::request::GenerationRequest;
-    let (_fleet, proxy) = fleet_and_proxy().await;
-    let o = ollama(&proxy);
+async fn ollama_rs_streams_generate_and_chat(t: Target) {
+    let o = t.ollama();
     let mut stream = o
         .generate_stream(GenerationRequest::new("llama3.2".into(), "stream me"))
         .await
@@ -94,13 +119,9 @@ async fn ollama_rs_streams_generate_and_chat_through_corral() {
     }
     assert!(done);
     assert_eq!(text, expected_text(0, "llama3.2", "stream me", 16));
-    let mut stream = o
-        .send_chat_messages_stream(ChatMessageRequest::new(
-            "llama3.2".into(),
-            vec![ChatMessage::user("chat me".into())],
-        ))
-        .await
-        .unwrap();
+    let request =
+        ChatMessageRequest::new("llama3.2".into(), vec![ChatMessage::user("chat me".into())]);
+    let mut stream = o.send_chat_messages_stream(request).await.unwrap();
     let mut text = String::new();
     while let Some(chunk) = stream.next().await {
         text.push_str(&chunk.unwrap().message.content);
@@ -108,20 +129,18 @@ async fn ollama_rs_streams_generate_and_chat_through_corral() {
     assert_eq!(text, expected_text(0, "llama3.2", "chat me", 16));
 }
 
-#[tokio::test]
-async fn async_openai_chat_streams_and_not_through_corral() {
+async fn async_openai_chat_streams_and_not(t: Target) {
     use async_openai::types::chat::{
         ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
     };
-    let (_fleet, proxy) = fleet_and_proxy().await;
-    let client = openai(&proxy);
+    let client = t.openai();
+    let message = ChatCompletionRequestUserMessageArgs::default()
+        .content("hi there")
+        .build()
+        .unwrap();
     let req = CreateChatCompletionRequestArgs::default()
         .model("llama3.2")
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content("hi there")
-            .build()
-            .unwrap()
-            .into()])
+        .messages([message.into()])
         .build()
         .unwrap();
     let want = expected_text(0, "llama3.2", "hi there", 16);
@@ -137,11 +156,9 @@ async fn async_openai_chat_streams_and_not_through_corral() {
     assert_eq!(text, want);
 }
 
-#[tokio::test]
-async fn async_openai_embeddings_and_models_through_corral() {
+async fn async_openai_embeds_and_lists_models(t: Target) {
     use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
-    let (_fleet, proxy) = fleet_and_proxy().await;
-    let client = openai(&proxy);
+    let client = t.openai();
     let req = CreateEmbeddingRequestArgs::default()
         .model("all-minilm")
         .input("x")
@@ -163,4 +180,44 @@ async fn async_openai_embeddings_and_models_through_corral() {
         .collect();
     ids.sort();
     assert_eq!(ids, ["all-minilm:latest", "llama3.2:latest"]);
+}
+
+#[tokio::test]
+async fn ollama_rs_generates_chats_embeds_and_lists_on_the_sim() {
+    ollama_rs_generates_chats_embeds_and_lists(Target::sim().await).await;
+}
+
+#[tokio::test]
+async fn ollama_rs_generates_chats_embeds_and_lists_through_corral() {
+    ollama_rs_generates_chats_embeds_and_lists(Target::corral().await).await;
+}
+
+#[tokio::test]
+async fn ollama_rs_streams_generate_and_chat_on_the_sim() {
+    ollama_rs_streams_generate_and_chat(Target::sim().await).await;
+}
+
+#[tokio::test]
+async fn ollama_rs_streams_generate_and_chat_through_corral() {
+    ollama_rs_streams_generate_and_chat(Target::corral().await).await;
+}
+
+#[tokio::test]
+async fn async_openai_chat_streams_and_not_on_the_sim() {
+    async_openai_chat_streams_and_not(Target::sim().await).await;
+}
+
+#[tokio::test]
+async fn async_openai_chat_streams_and_not_through_corral() {
+    async_openai_chat_streams_and_not(Target::corral().await).await;
+}
+
+#[tokio::test]
+async fn async_openai_embeds_and_lists_models_on_the_sim() {
+    async_openai_embeds_and_lists_models(Target::sim().await).await;
+}
+
+#[tokio::test]
+async fn async_openai_embeds_and_lists_models_through_corral() {
+    async_openai_embeds_and_lists_models(Target::corral().await).await;
 }
