@@ -217,17 +217,12 @@ async fn refusals_are_counted_by_reason_and_status() {
     // One slot held: the next request waits and times out; with it waiting,
     // one more finds the queue full.
     let _held = hold_slot(&proxy).await;
-    let waiter = {
-        let (c, u) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move {
-            c.post(u)
-                .json(&generate("llama3.2", "wait", false))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let waiter = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("llama3.2", "wait", false),
+        &[],
+    );
     until_metric(
         &proxy,
         "one request waits",
@@ -240,7 +235,7 @@ async fn refusals_are_counted_by_reason_and_status() {
         .post("/api/generate", generate("llama3.2", "full", false))
         .await;
     assert_eq!(full.status(), 503);
-    assert_eq!(waiter.await.unwrap(), 503);
+    assert_eq!(waiter.response().await.status(), 503);
 
     let after = scrape(&proxy).await;
     let moved = |name: &str, labels: &[(&str, &str)]| {
@@ -284,16 +279,12 @@ async fn queue_depth_and_wait_show_a_request_that_waited() {
     let proxy = start_proxy(&fleet, |_| {}).await;
     let before = scrape(&proxy).await;
     let held = hold_slot(&proxy).await;
-    let waiter = {
-        let (c, u) = (proxy.client.clone(), proxy.at("/api/generate"));
-        tokio::spawn(async move {
-            c.post(u)
-                .json(&generate("llama3.2", "wait", false))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let waiter = common::spawn_post(
+        &proxy,
+        "/api/generate",
+        generate("llama3.2", "wait", false),
+        &[],
+    );
     until_metric(
         &proxy,
         "one request waits",
@@ -310,7 +301,7 @@ async fn queue_depth_and_wait_show_a_request_that_waited() {
         Some(1.0)
     );
     drop(held);
-    let r = waiter.await.unwrap();
+    let r = waiter.response().await;
     assert_eq!(r.status(), 200);
     let queue_ms: u64 = r.headers()["x-corral-queue-ms"]
         .to_str()
