@@ -320,7 +320,13 @@ async fn queue_depth_and_wait_show_a_request_that_waited() {
 
 #[tokio::test]
 async fn failures_and_retries_are_counted_per_backend_and_kind() {
-    let fleet = TestFleet::uniform(2, spec()).await;
+    // Tokens 30 ms apart: the reset below comes well after the first byte
+    // reached corral (a reset right behind it can discard it in the kernel).
+    let paced = ServerSpec {
+        token_interval: Duration::from_millis(30),
+        ..spec()
+    };
+    let fleet = TestFleet::uniform(2, paced).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let (first, second) = (port_label(fleet.port_start), port_label(fleet.port_end));
     fleet.servers[0].set_faults(FaultSpec {

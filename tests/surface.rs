@@ -32,7 +32,7 @@ fn resetting() -> ServerSpec {
         ..FaultSpec::default()
     };
     ServerSpec {
-        token_interval: Duration::from_millis(5),
+        token_interval: Duration::from_millis(20),
         faults,
         ..spec()
     }
