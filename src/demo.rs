@@ -55,39 +55,15 @@ fn backend_spec(i: usize) -> ServerSpec {
     }
 }
 
-/// Binds `n` consecutive loopback ports from `start`, or, with `start` 0,
-/// from the first free block above 20000.
-async fn bind_backends(start: u16, n: u16) -> std::io::Result<Vec<TcpListener>> {
-    let candidates: Vec<u16> = if start == 0 {
-        (20_000..30_000).step_by(usize::from(n.max(1))).collect()
-    } else {
-        vec![start]
-    };
-    let mut last_error = None;
-    for base in candidates {
-        let mut listeners = Vec::new();
-        for port in base..base.saturating_add(n) {
-            match TcpListener::bind(("127.0.0.1", port)).await {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    last_error = Some(std::io::Error::new(
-                        e.kind(),
-                        format!("cannot listen on 127.0.0.1:{port}: {e}"),
-                    ));
-                    break;
-                }
-            }
-        }
-        if listeners.len() == usize::from(n) {
-            return Ok(listeners);
-        }
-    }
-    Err(last_error.unwrap_or_else(|| std::io::Error::other("no free ports for the demo backends")))
-}
-
 /// Starts the fleet and the proxy (on 127.0.0.1:`args.port`; 0 picks one).
 pub async fn start(args: &DemoArgs) -> std::io::Result<Demo> {
-    let listeners = bind_backends(args.backend_port_start, args.backends).await?;
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let listeners = crate::sim::bind_consecutive(
+        loopback,
+        args.backend_port_start,
+        usize::from(args.backends),
+    )
+    .await?;
     let first = listeners[0].local_addr()?.port();
     let specs = (0..listeners.len()).map(backend_spec).collect();
     let backends = crate::sim::start_fleet(listeners, specs).await?;

@@ -32,7 +32,7 @@ pub mod stats;
 
 use std::future::Future;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -100,6 +100,45 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
     }
 }
 
+/// Binds `n` consecutive ports on `host` from `start`. With `start` 0 it
+/// picks a free block at random between 20000 and 30000 (below Linux's
+/// ephemeral range, so client sockets do not take them), trying up to 200
+/// blocks: parallel tests and the demo each get a race-free block.
+pub async fn bind_consecutive(
+    host: IpAddr,
+    start: u16,
+    n: usize,
+) -> std::io::Result<Vec<TcpListener>> {
+    let tries = if start == 0 { 200 } else { 1 };
+    let mut last_error = std::io::Error::other(format!("no block of {n} free consecutive ports"));
+    for _ in 0..tries {
+        let base = if start == 0 {
+            20_000 + (rand::random::<u16>() % 10_000)
+        } else {
+            start
+        };
+        let mut listeners = Vec::with_capacity(n);
+        for i in 0..n {
+            let Some(port) = u16::try_from(i).ok().and_then(|i| base.checked_add(i)) else {
+                return Err(std::io::Error::other("port range beyond 65535"));
+            };
+            let addr = SocketAddr::new(host, port);
+            match TcpListener::bind(addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    last_error =
+                        std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+                    break;
+                }
+            }
+        }
+        if listeners.len() == n {
+            return Ok(listeners);
+        }
+    }
+    Err(last_error)
+}
+
 /// Runs `corral sim` until `shutdown` completes: binds consecutive ports,
 /// prints one line per server, and kills them all at the end.
 pub async fn run(args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
@@ -114,14 +153,10 @@ pub async fn run(args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::
         }
         None => vec![base; usize::from(args.count)],
     };
+    let listeners = bind_consecutive(args.host, args.port_start, specs.len()).await?;
     let mut servers = Vec::with_capacity(specs.len());
-    for (i, spec) in specs.into_iter().enumerate() {
-        let port = u16::try_from(usize::from(args.port_start) + i)
-            .map_err(|_| std::io::Error::other("port range beyond 65535"))?;
-        let addr = SocketAddr::new(args.host, port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    for (listener, spec) in listeners.into_iter().zip(specs) {
+        let addr = listener.local_addr()?;
         let models: Vec<&str> = spec.models.iter().map(|m| m.name.as_str()).collect();
         // A closed stdout (`corral sim | head -1`) must not stop the servers.
         let _ = writeln!(

@@ -32,21 +32,9 @@ where
 /// Binds `n` consecutive ports on 127.0.0.1 below the ephemeral range, so
 /// the proxy's scan range holds only this test's servers. Retries on collision.
 pub async fn bind_block(n: usize) -> Vec<TcpListener> {
-    for attempt in 0..200u32 {
-        let base = 20_000 + (rand::random::<u32>() % 10_000) as u16;
-        let mut listeners = Vec::with_capacity(n);
-        for i in 0..n {
-            match TcpListener::bind(("127.0.0.1", base + i as u16)).await {
-                Ok(l) => listeners.push(l),
-                Err(_) => break,
-            }
-        }
-        if listeners.len() == n {
-            return listeners;
-        }
-        let _ = attempt;
-    }
-    panic!("no block of {n} free consecutive ports");
+    corral::sim::bind_consecutive([127, 0, 0, 1].into(), 0, n)
+        .await
+        .unwrap()
 }
 
 /// Simulated servers on consecutive ports, plus spare ports of the same
