@@ -114,6 +114,23 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
     Ok(index)
 }
 
+/// The request's model (as sent), its index and the keep-alive asked for,
+/// or the error Ollama answers for either.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once per failed request"
+)]
+fn model_and_keep_alive(
+    state: &ServerState,
+    req: &Req,
+    kind: Kind,
+    shape: Shape,
+) -> Result<(String, usize, Option<Option<Duration>>), Response> {
+    let model = req.model.clone().unwrap_or_default();
+    let index = resolve(state, &model, kind, shape)?;
+    Ok((model, index, keep_alive(&req.keep_alive)?))
+}
+
 /// `None`: not given; `Some(None)`: forever; `Some(Some(d))`: `d`.
 #[expect(
     clippy::result_large_err,
@@ -235,13 +252,8 @@ async fn text_answer(
     } else {
         Kind::Chat
     };
-    let model = req.model.clone().unwrap_or_default();
-    let index = match resolve(&state, &model, kind, shape) {
-        Ok(i) => i,
-        Err(resp) => return resp,
-    };
-    let ka = match keep_alive(&req.keep_alive) {
-        Ok(k) => k,
+    let (model, index, ka) = match model_and_keep_alive(&state, &req, kind, shape) {
+        Ok(found) => found,
         Err(resp) => return resp,
     };
     let messages = req.messages.as_deref().unwrap_or_default();
@@ -418,13 +430,8 @@ async fn embed_answer(
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let model = req.model.clone().unwrap_or_default();
-    let index = match resolve(&state, &model, kind, shape) {
-        Ok(i) => i,
-        Err(resp) => return resp,
-    };
-    let ka = match keep_alive(&req.keep_alive) {
-        Ok(k) => k,
+    let (model, index, ka) = match model_and_keep_alive(&state, &req, kind, shape) {
+        Ok(found) => found,
         Err(resp) => return resp,
     };
     let source = if kind == Kind::Embeddings {
