@@ -285,22 +285,7 @@ async fn keys_are_neither_forwarded_to_backends_nor_logged() {
     let handle = proxy::start(listener, args).unwrap();
     let url = format!("http://{}", handle.addr);
     let c = reqwest::Client::new();
-    common::eventually(
-        std::time::Duration::from_secs(10),
-        "backend healthy",
-        || async {
-            let v: Value = c
-                .get(format!("{url}/__proxy/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["healthy_backends"] == 1
-        },
-    )
-    .await;
+    common::wait_healthy_at(&url, 1).await;
     let body = json!({"model": "llama3.2", "prompt": "hi", "stream": false});
     let r = c
         .post(format!("{url}/api/generate"))

@@ -107,18 +107,7 @@ async fn demo_serves_a_fleet_and_stops_on_sigterm() {
         .trim()
         .to_string();
     let client = reqwest::Client::new();
-    eventually(Duration::from_secs(10), "demo fleet healthy", || async {
-        let v: serde_json::Value = client
-            .get(format!("{url}/__proxy/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["healthy_backends"] == 4
-    })
-    .await;
+    common::wait_healthy_at(&url, 4).await;
     let r = client
         .post(format!("{url}/api/chat"))
         .json(&serde_json::json!({
@@ -156,17 +145,7 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         .unwrap();
     let url = format!("http://127.0.0.1:{proxy_port}");
     let client = reqwest::Client::new();
-    eventually(
-        Duration::from_secs(10),
-        "proxy up with its backend",
-        || async {
-            match client.get(format!("{url}/__proxy/health")).send().await {
-                Ok(r) => r.json::<serde_json::Value>().await.unwrap()["healthy_backends"] == 1,
-                Err(_) => false,
-            }
-        },
-    )
-    .await;
+    common::wait_healthy_at(&url, 1).await;
     let request = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
         async move {

@@ -586,13 +586,7 @@ async fn the_binary_logs_one_json_line_per_request() {
     };
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}");
-    eventually(SECS, "the binary sees its backend", || async {
-        match client.get(format!("{url}/__proxy/health")).send().await {
-            Ok(r) => r.json::<Value>().await.unwrap()["healthy_backends"] == 1,
-            Err(_) => false,
-        }
-    })
-    .await;
+    common::wait_healthy_at(&url, 1).await;
     for (model, id) in [("llama3.2", "ok-1"), ("ghost", "refused-1")] {
         let r = client
             .post(format!("{url}/api/generate"))

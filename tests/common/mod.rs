@@ -145,13 +145,29 @@ impl TestProxy {
 
     /// Waits until `/__proxy/health` reports `n` healthy backends.
     pub async fn wait_healthy(&self, n: u64) {
-        eventually(
-            Duration::from_secs(10),
-            &format!("{n} healthy backends"),
-            || async { self.healthy().await == n },
-        )
-        .await;
+        wait_healthy_at(&self.url, n).await;
     }
+}
+
+/// Waits until the corral at `url` (in this process or a child, perhaps
+/// still starting) reports `n` healthy backends on `/__proxy/health`.
+pub async fn wait_healthy_at(url: &str, n: u64) {
+    let client = reqwest::Client::new();
+    let health = format!("{url}/__proxy/health");
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} healthy backends at {url}"),
+        || async {
+            match client.get(&health).send().await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|v| v["healthy_backends"] == n),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
 }
 
 /// Proxy settings for tests: the fleet's block, fast scans, short timeouts.
