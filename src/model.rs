@@ -13,8 +13,9 @@ const DEFAULT_TAG: &str = "latest";
 /// `ModelName`s are equal.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelName {
-    /// `host/namespace/model:tag`, lower-cased, defaults filled in.
-    key: Box<str>,
+    /// `host/namespace/model:tag`, lower-cased, defaults filled in. Shared:
+    /// a request's name is cloned into every attempt and queue entry.
+    key: std::sync::Arc<str>,
 }
 
 impl ModelName {

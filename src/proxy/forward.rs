@@ -51,12 +51,19 @@ pub async fn forward(
 ) -> Response {
     let started = Instant::now();
     let api = Api::of(endpoint);
-    let mut model_label: Arc<str> = Arc::from("none");
+    let mut model: Option<ModelName> = None;
     // The request-id middleware has set it; kept for the refusal line.
     let request_id = request.headers().get(REQUEST_ID).cloned();
-    match route(&app, endpoint, request, started, &mut model_label).await {
+    match route(&app, endpoint, request, started, &mut model).await {
         Ok(response) => response,
         Err(error) => {
+            // A model no backend ever listed is labelled `unknown`, so that
+            // made-up names cannot grow the series without bound.
+            let model_label = match &model {
+                None => Arc::from("none"),
+                Some(m) if app.fleet.read(|s| s.is_known(m)) => Arc::from(m.display()),
+                Some(_) => Arc::from("unknown"),
+            };
             let response = error.render(api);
             let status = response.status().as_u16();
             let duration = started.elapsed();
@@ -81,7 +88,7 @@ async fn route(
     endpoint: &'static str,
     request: Request,
     started: Instant,
-    model_label: &mut Arc<str>,
+    model_out: &mut Option<ModelName>,
 ) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
     let bytes = body::read(
@@ -94,10 +101,7 @@ async fn route(
     let peek = body::peek(&bytes)?;
     let bytes = apply_stream_rule(app.args.reject_streaming, endpoint, peek.stream, bytes)?;
     let model = peek.model.as_deref().map(ModelName::parse);
-    if let Some(m) = &model {
-        let known = app.fleet.read(|s| s.is_known(m));
-        *model_label = Arc::from(if known { m.display() } else { "unknown" });
-    }
+    *model_out = model.clone();
     let mut want = Want {
         model,
         tried: Vec::new(),
@@ -122,10 +126,12 @@ async fn route(
         app.metrics.backend_attempted(&backend);
         match attempt(app, &slot, &parts, bytes.clone(), want.model.as_ref()).await {
             Ok((head, rest, first)) => {
+                // A backend that listed the model took it: it is known.
+                let model_label = want.model.as_ref().map_or("none", ModelName::display);
                 let ledger = Ledger::new(
                     Arc::clone(&app.metrics),
                     endpoint,
-                    model_label.clone(),
+                    Arc::from(model_label),
                     head.status.as_u16(),
                     started,
                     RequestInfo {
