@@ -53,6 +53,8 @@ pub enum Command {
     Sim(SimArgs),
     /// Run the proxy and a small simulated fleet in one process.
     Demo(DemoArgs),
+    /// Register a job's Ollama with a corral, renew it, and leave cleanly on SIGTERM.
+    Register(RegisterArgs),
 }
 
 /// Settings of the proxy. Variable names are kept exactly from ollama_proxy.
@@ -315,6 +317,46 @@ pub struct DemoArgs {
     pub backend_port_start: u16,
 }
 
+/// Settings of `corral register`.
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// The corral to register with, `http://proxyhost:11434`.
+    #[arg(long, env = "CORRAL_PROXY", value_parser = parse_backend_url)]
+    pub proxy: http::Uri,
+
+    /// This backend's URL as the proxy reaches it, `http://$(hostname):PORT`.
+    #[arg(long, env = "CORRAL_BACKEND_URL", value_parser = parse_backend_url)]
+    pub url: http::Uri,
+
+    /// Lease in seconds; renewed three times a lease while the local Ollama answers.
+    #[arg(long, env = "CORRAL_LEASE_SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub lease: Duration,
+
+    /// Where to check that the local Ollama answers (default: --url).
+    #[arg(long, env = "CORRAL_CHECK_URL", value_parser = parse_backend_url)]
+    pub check: Option<http::Uri>,
+
+    /// Seconds that in-flight requests get to finish after SIGTERM before deregistering.
+    #[arg(long, env = "CORRAL_GRACE_SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub grace: Duration,
+
+    /// Bearer key: the proxy's REGISTRATION_KEY (or PROXY_ADMIN_KEY).
+    #[arg(
+        long,
+        env = "REGISTRATION_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub key: String,
+}
+
+impl RegisterArgs {
+    /// Where the local Ollama is checked.
+    pub fn check_url(&self) -> String {
+        self.check.as_ref().unwrap_or(&self.url).to_string()
+    }
+}
+
 /// Parses seconds as Python's float() would accept them ("5", "1.5") into a Duration.
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -515,6 +557,21 @@ mod tests {
         ));
         assert!(
             matches!(parse(&["serve", "--port", "1"]).unwrap().command, Some(Command::Serve(a)) if a.proxy_port == 1)
+        );
+        let register = parse(&[
+            "register",
+            "--proxy",
+            "http://proxyhost:11434",
+            "--url",
+            "http://node7:11500",
+        ])
+        .unwrap();
+        assert!(
+            matches!(register.command, Some(Command::Register(a)) if a.lease == Duration::from_secs(30) && a.check_url() == "http://node7:11500/")
+        );
+        assert!(
+            parse(&["register", "--proxy", "http://p:1"]).is_err(),
+            "--url is needed"
         );
     }
 }
