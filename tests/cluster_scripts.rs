@@ -98,7 +98,11 @@ async fn run_job(script: &'static str, signal: &'static str) {
     assert!(out.status.success(), "{script}: {:?}\n{log}", out.status);
     assert!(log.contains("run-backend: done (exit 0)"), "{log}");
     let rows = proxy.get_json("/__proxy/backends").await;
-    assert_eq!(rows["backends"], serde_json::json!([]), "deregistered: {log}");
+    assert_eq!(
+        rows["backends"],
+        serde_json::json!([]),
+        "deregistered: {log}"
+    );
     // Its Ollama stopped too: nothing answers on its port any more.
     let port: u16 = id.rsplit(':').next().unwrap().parse().unwrap();
     assert!(
