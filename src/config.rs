@@ -315,6 +315,10 @@ pub struct DemoArgs {
     /// Port of the first simulated backend.
     #[arg(long, default_value_t = 24000)]
     pub backend_port_start: u16,
+
+    /// No traffic and no jobs coming and going: a fleet that stands still.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Settings of `corral register`.
