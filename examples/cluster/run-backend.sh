@@ -35,7 +35,7 @@ free_port() {
 }
 port=${OLLAMA_PORT:-$(free_port)}
 
-echo "run-backend: ollama on $bind:$port, registering http://$node:$port with $CORRAL_PROXY"
+echo "run-backend: pid $$, ollama on $bind:$port, registering http://$node:$port with $CORRAL_PROXY"
 OLLAMA_HOST="$bind:$port" "$ollama_bin" serve &
 ollama_pid=$!
 "$corral_bin" register --proxy "$CORRAL_PROXY" --url "http://$node:$port" \
