@@ -2,7 +2,7 @@
 //! it registers, renews its lease past several lease periods, and on SIGTERM
 //! drains, lets in-flight requests finish and deregisters, exiting 0, with
 //! no request lost while a load runs. A refused registration is one line and
-//! exit 1.
+//! exit 1. A restarted corral relearns the backend from the next renewal.
 
 mod common;
 
@@ -168,4 +168,57 @@ async fn a_refused_registration_exits_1_with_one_line() {
         err.starts_with("corral: the proxy refused the registration: 401"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
+    let empty = TestFleet::start(Vec::new(), 1).await;
+    let first = start_proxy(&empty, |a| a.scan_interval = Duration::from_secs(60)).await;
+    let addr = first.handle.addr;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let job = SimServer::start(listener, ServerSpec::default())
+        .await
+        .unwrap();
+    let id = format!("127.0.0.1:{}", job.port());
+    let child = corral()
+        .args(["register", "--proxy", &first.url, "--lease", "0.9"])
+        .args(["--url", &format!("http://{id}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    first.wait_healthy(1).await;
+    // corral restarts on the same address, knowing nothing.
+    first.handle.shutdown().await;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let mut args = common::test_args(&empty);
+    args.scan_interval = Duration::from_secs(60);
+    let second = TestProxy {
+        handle: corral::proxy::start(listener, args).unwrap(),
+        url: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+    };
+    // The next renewal (a third of the lease) registers it again.
+    eventually(
+        Duration::from_secs(5),
+        "relearned from a renewal",
+        || async {
+            row(&second, &id)
+                .await
+                .is_some_and(|r| r["healthy"] == true)
+        },
+    )
+    .await;
+    let r = second
+        .post("/api/generate", generate("llama3.2", "again", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-corral-backend"], id.as_str());
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = wait_exit(child, Duration::from_secs(10)).await;
+    assert!(out.status.success());
 }
