@@ -2,7 +2,7 @@
 //! with its environment variable, parsed into typed values and validated
 //! before anything binds. Nothing else in the crate reads `std::env`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub enum Command {
     Sim(SimArgs),
     /// Run the proxy and a small simulated fleet in one process.
     Demo(DemoArgs),
+    /// Register a job's Ollama with a corral, renew it, and leave cleanly on SIGTERM.
+    Register(RegisterArgs),
 }
 
 /// Settings of the proxy. Variable names are kept exactly from ollama_proxy.
@@ -78,9 +80,14 @@ pub struct ServeArgs {
     #[arg(long, env = "BACKEND_PORT_END", default_value_t = 24100)]
     pub backend_port_end: u16,
 
-    /// Extra backends by URL, comma-separated (`http://gpu7:11434,...`).
-    #[arg(long, env = "BACKENDS", value_delimiter = ',', value_parser = parse_backend_url)]
-    pub backends: Vec<http::Uri>,
+    /// Extra backends, comma-separated: `http://gpu7:11434`, `dns+http://name:port`
+    /// (every A/AAAA address), `dnssrv+http://_ollama._tcp.name` (SRV records).
+    #[arg(long, env = "BACKENDS", value_delimiter = ',', value_parser = parse_backend_source)]
+    pub backends: Vec<BackendSource>,
+
+    /// DNS servers for `dns+`/`dnssrv+` BACKENDS entries, `host:port,...`; empty: the system's.
+    #[arg(long, env = "DNS_SERVERS", value_delimiter = ',')]
+    pub dns_servers: Vec<SocketAddr>,
 
     /// Seconds between scans.
     #[arg(long = "scan-interval", env = "SCAN_INTERVAL_SECONDS", default_value = "5", value_parser = parse_seconds)]
@@ -143,6 +150,15 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_key: String,
+
+    /// Bearer key for backend self-registration (`POST /__proxy/backends`); PROXY_ADMIN_KEY also works.
+    #[arg(
+        long = "registration-key",
+        env = "REGISTRATION_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub registration_key: String,
 
     /// Seconds that in-flight requests get to finish after SIGTERM or SIGINT.
     #[arg(long = "shutdown-grace", env = "SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = parse_seconds)]
@@ -299,6 +315,50 @@ pub struct DemoArgs {
     /// Port of the first simulated backend.
     #[arg(long, default_value_t = 24000)]
     pub backend_port_start: u16,
+
+    /// No traffic and no jobs coming and going: a fleet that stands still.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Settings of `corral register`.
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// The corral to register with, `http://proxyhost:11434`.
+    #[arg(long, env = "CORRAL_PROXY", value_parser = parse_backend_url)]
+    pub proxy: http::Uri,
+
+    /// This backend's URL as the proxy reaches it, `http://$(hostname):PORT`.
+    #[arg(long, env = "CORRAL_BACKEND_URL", value_parser = parse_backend_url)]
+    pub url: http::Uri,
+
+    /// Lease in seconds; renewed three times a lease while the local Ollama answers.
+    #[arg(long, env = "CORRAL_LEASE_SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub lease: Duration,
+
+    /// Where to check that the local Ollama answers (default: --url).
+    #[arg(long, env = "CORRAL_CHECK_URL", value_parser = parse_backend_url)]
+    pub check: Option<http::Uri>,
+
+    /// Seconds that in-flight requests get to finish after SIGTERM before deregistering.
+    #[arg(long, env = "CORRAL_GRACE_SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub grace: Duration,
+
+    /// Bearer key: the proxy's REGISTRATION_KEY (or PROXY_ADMIN_KEY).
+    #[arg(
+        long,
+        env = "REGISTRATION_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub key: String,
+}
+
+impl RegisterArgs {
+    /// Where the local Ollama is checked.
+    pub fn check_url(&self) -> String {
+        self.check.as_ref().unwrap_or(&self.url).to_string()
+    }
 }
 
 /// Parses seconds as Python's float() would accept them ("5", "1.5") into a Duration.
@@ -312,8 +372,68 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// Where a `BACKENDS` entry finds its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSource {
+    /// One backend at this base URL.
+    Url(http::Uri),
+    /// `dns+http://name:port`: every A/AAAA address of `name`, at `port`.
+    Dns {
+        /// The name to resolve.
+        host: String,
+        /// The port of every address (11434 when not given).
+        port: u16,
+    },
+    /// `dnssrv+http://_ollama._tcp.name`: every target and port of the SRV records.
+    Srv {
+        /// The SRV name.
+        name: String,
+    },
+}
+
+impl std::fmt::Display for BackendSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Url(u) => write!(f, "{u}"),
+            Self::Dns { host, port } => write!(f, "dns+http://{host}:{port}"),
+            Self::Srv { name } => write!(f, "dnssrv+http://{name}"),
+        }
+    }
+}
+
+/// Ollama's port, for `dns+` entries that name none.
+const OLLAMA_PORT: u16 = 11434;
+
+/// Parses one `BACKENDS` entry.
+pub fn parse_backend_source(s: &str) -> Result<BackendSource, String> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix("dns+") {
+        let uri = parse_backend_url(rest)?;
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(format!("'{s}': a dns+ entry takes no path"));
+        }
+        let host = uri.host().unwrap_or_default().to_owned();
+        return Ok(BackendSource::Dns {
+            host,
+            port: uri.port_u16().unwrap_or(OLLAMA_PORT),
+        });
+    }
+    if let Some(rest) = s.strip_prefix("dnssrv+") {
+        let uri = parse_backend_url(rest)?;
+        if uri.port().is_some() || (uri.path() != "/" && !uri.path().is_empty()) {
+            return Err(format!(
+                "'{s}': a dnssrv+ entry is a name only (the SRV records give the ports)"
+            ));
+        }
+        return Ok(BackendSource::Srv {
+            name: uri.host().unwrap_or_default().to_owned(),
+        });
+    }
+    parse_backend_url(s).map(BackendSource::Url)
+}
+
 /// Accepts `http://host:port` (a path prefix is kept); refuses anything else.
-fn parse_backend_url(s: &str) -> Result<http::Uri, String> {
+pub fn parse_backend_url(s: &str) -> Result<http::Uri, String> {
     let s = s.trim();
     let uri: http::Uri = s.parse().map_err(|e| format!("'{s}' is not a URL: {e}"))?;
     match (uri.scheme_str(), uri.authority()) {
@@ -366,6 +486,38 @@ mod tests {
     }
 
     #[test]
+    fn dns_entries_name_a_host_and_port_or_an_srv_name() {
+        let cli = parse(&[
+            "--backends",
+            "dns+http://ollama.svc:8080,dns+http://gpus,dnssrv+http://_ollama._tcp.gpus.example",
+            "--dns-servers",
+            "127.0.0.1:5353,[::1]:53",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.serve.backends,
+            vec![
+                BackendSource::Dns {
+                    host: "ollama.svc".into(),
+                    port: 8080
+                },
+                BackendSource::Dns {
+                    host: "gpus".into(),
+                    port: 11434
+                },
+                BackendSource::Srv {
+                    name: "_ollama._tcp.gpus.example".into()
+                },
+            ]
+        );
+        assert_eq!(cli.serve.dns_servers.len(), 2);
+        assert!(parse(&["--backends", "dnssrv+http://_ollama._tcp.x:80"]).is_err());
+        assert!(parse(&["--backends", "dns+https://x:80"]).is_err());
+        assert!(parse(&["--backends", "dns+http://x:80/ollama"]).is_err());
+        assert!(parse(&["--dns-servers", "localhost"]).is_err());
+    }
+
+    #[test]
     fn reversed_port_range_fails_validation() {
         let cli = parse(&[
             "--backend-port-start",
@@ -409,6 +561,21 @@ mod tests {
         ));
         assert!(
             matches!(parse(&["serve", "--port", "1"]).unwrap().command, Some(Command::Serve(a)) if a.proxy_port == 1)
+        );
+        let register = parse(&[
+            "register",
+            "--proxy",
+            "http://proxyhost:11434",
+            "--url",
+            "http://node7:11500",
+        ])
+        .unwrap();
+        assert!(
+            matches!(register.command, Some(Command::Register(a)) if a.lease == Duration::from_secs(30) && a.check_url() == "http://node7:11500/")
+        );
+        assert!(
+            parse(&["register", "--proxy", "http://p:1"]).is_err(),
+            "--url is needed"
         );
     }
 }

@@ -6,12 +6,15 @@
 //! - [`config`]: every setting, as flag and environment variable.
 //! - [`model`]: model names as Ollama compares them.
 //! - [`fleet`]: the backends, their health and models, the slots and the wait
-//!   queue, and discovery (the scan loop). One lock, never held across `.await`.
+//!   queue, and discovery (the scan loop over the range, BACKENDS URLs, DNS
+//!   entries and self-registered backends). One lock, never held across `.await`.
 //! - [`proxy`]: the HTTP server: routes, forwarding, retries, streaming,
 //!   fleet-wide answers, admin endpoints, errors.
 //! - [`sim`]: simulated Ollama servers (`corral sim`); shares no code with the
 //!   proxy, so that it cannot share its bugs.
 //! - [`demo`]: the proxy and a small simulated fleet in one process.
+//! - [`register`]: `corral register`, the job-side helper that registers a
+//!   job's Ollama, renews its lease and leaves cleanly on SIGTERM.
 //!
 //! # The request path
 //!
@@ -33,5 +36,6 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod proxy;
+pub mod register;
 pub mod shutdown;
 pub mod sim;

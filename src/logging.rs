@@ -1,5 +1,8 @@
 //! Logging set-up: LOG_LEVEL (DEBUG, INFO, WARNING, ERROR, or RUST_LOG syntax)
-//! into a tracing `EnvFilter`, text or JSON lines on stderr.
+//! into a tracing `EnvFilter`, text or JSON lines on stderr. Colour codes
+//! only when stderr is a terminal: a journal or a job's log file gets plain text.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -25,7 +28,8 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     let filter = filter_for(level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

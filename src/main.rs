@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, error::ErrorKind};
 use corral::config::{Cli, Command, ServeArgs};
-use corral::{demo, logging, proxy, shutdown, sim};
+use corral::{demo, logging, proxy, register, shutdown, sim};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,6 +24,7 @@ async fn main() -> ExitCode {
         Some(Command::Demo(args)) => demo::run(args, shutdown::signal())
             .await
             .map_err(|e| e.to_string()),
+        Some(Command::Register(args)) => register::run(args, shutdown::signal()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

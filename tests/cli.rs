@@ -1,6 +1,7 @@
 //! The `corral` binary as a user runs it: bad settings exit 2 with one clear
-//! line; `corral demo` serves and says what to try; SIGTERM lets an in-flight
-//! request finish and exits 0.
+//! line; `corral demo` serves and says what to try, and moves (traffic, jobs
+//! coming and going) unless `--quiet`; SIGTERM lets an in-flight request
+//! finish and exits 0.
 
 mod common;
 
@@ -79,7 +80,14 @@ fn unparsable_settings_exit_2_never_panic() {
 #[tokio::test]
 async fn demo_serves_a_fleet_and_stops_on_sigterm() {
     let mut child = corral()
-        .args(["demo", "--port", "0", "--backend-port-start", "0"])
+        .args([
+            "demo",
+            "--port",
+            "0",
+            "--backend-port-start",
+            "0",
+            "--quiet",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -167,6 +175,82 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert_eq!(body["response"], expected_text(0, "llama3.2", "slow", 10));
     let status =
         tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// Starts `corral demo` with `extra` flags; returns the child and the proxy's URL.
+async fn start_demo(extra: &[&str]) -> (Child, String) {
+    let mut child = corral()
+        .args(["demo", "--port", "0", "--backend-port-start", "0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().unwrap().unwrap());
+        for _ in lines {}
+    });
+    let banner = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = banner
+        .rsplit("proxy on ")
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    (child, url)
+}
+
+#[tokio::test]
+async fn the_demo_moves_traffic_runs_and_jobs_come_and_go() {
+    let (child, url) = start_demo(&[]).await;
+    let client = reqwest::Client::new();
+    let stats = |client: reqwest::Client, url: String| async move {
+        client
+            .get(format!("{url}/__proxy/stats"))
+            .send()
+            .await
+            .ok()?
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+    };
+    // Registered jobs have host:port ids; the fixed fleet has ports. Polled
+    // until traffic was counted and a job that joined has left.
+    let mut seen = std::collections::BTreeSet::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(s) = stats(client.clone(), url.clone()).await {
+            let now: std::collections::BTreeSet<String> = s["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|b| b["id"].as_str().map(str::to_owned))
+                .collect();
+            let left = seen.iter().any(|j| !now.contains(j));
+            seen.extend(now);
+            if left && s["totals"]["requests"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "within 40 s: traffic, a job that joined and one that left (jobs seen: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    terminate(&child);
+    let mut child = child;
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
             .await
             .unwrap();
     assert!(status.success(), "{status}");

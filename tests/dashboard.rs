@@ -1,7 +1,9 @@
 //! The dashboard: the page and its JSON over HTTP, and the page as a browser
 //! runs it (headless Debian `chromium`, when installed): no script errors,
 //! every backend of the running fleet shown and the charts drawn from the
-//! proxy's history after the first poll.
+//! proxy's history after the first poll; 200 backends on one screen, with
+//! the state filter and the detail of one backend. `CORRAL_SCREENSHOT=path`
+//! also saves a PNG of the 200-backend page (the README's picture).
 //! With `CORRAL_REQUIRE_BROWSER=1` (CI) a missing chromium fails the test.
 
 mod common;
@@ -150,9 +152,22 @@ fn points_of(dom: &str, series: &str) -> usize {
         .count()
 }
 
-/// Runs headless chromium on `url` and returns the DOM after the page's
-/// scripts ran for a few (virtual) seconds.
+/// Runs headless chromium on `url` in a 1440×1000 window and returns the
+/// DOM after the page's scripts ran for a few (virtual) seconds.
 async fn dump_dom(url: &str) -> String {
+    chromium(url, &["--dump-dom".to_string()]).await
+}
+
+/// Saves a 1440×1000 PNG of `url` at `path`.
+async fn screenshot(url: &str, path: &str) {
+    chromium(
+        url,
+        &[format!("--screenshot={path}"), "--hide-scrollbars".into()],
+    )
+    .await;
+}
+
+async fn chromium(url: &str, what: &[String]) -> String {
     let profile = std::env::temp_dir().join(format!("corral-chromium-{}", rand::random::<u64>()));
     let run = tokio::process::Command::new(CHROMIUM)
         .args([
@@ -165,9 +180,10 @@ async fn dump_dom(url: &str) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--virtual-time-budget=3000",
+            "--window-size=1440,1000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
+        .args(what)
         .arg(url)
         .kill_on_drop(true)
         .output();
@@ -231,7 +247,12 @@ async fn a_headless_browser_shows_every_backend_the_charts_and_no_script_errors(
             "backend {port} not shown:\n{dom}"
         );
     }
-    assert!(dom.contains("backend draining"), "drained state not shown");
+    assert!(
+        dom.contains(&format!(
+            "data-backend=\"{drained}\" data-state=\"draining\""
+        )),
+        "drained state not shown"
+    );
     for series in ["requests", "waiting"] {
         let points = points_of(&dom, series);
         assert!(
@@ -245,4 +266,118 @@ async fn a_headless_browser_shows_every_backend_the_charts_and_no_script_errors(
         dom.contains(&shown),
         "healthy tile {shown:?} not in:\n{dom}"
     );
+}
+
+fn browser_present() -> bool {
+    if Path::new(CHROMIUM).exists() {
+        return true;
+    }
+    if std::env::var("CORRAL_REQUIRE_BROWSER").as_deref() == Ok("1") {
+        panic!("CORRAL_REQUIRE_BROWSER=1 but {CHROMIUM} is missing");
+    }
+    eprintln!("\n*** SKIPPED a browser check of the dashboard: {CHROMIUM} is not installed ***\n");
+    false
+}
+
+/// The `data-state` of every fleet cell in `dom`, in page order.
+fn cell_states(dom: &str) -> Vec<(String, String)> {
+    dom.match_indices("class=\"cell ")
+        .map(|(at, _)| {
+            let rest = &dom[at..dom[at..].find('>').map_or(dom.len(), |e| at + e)];
+            let attr = |name: &str| {
+                let start = rest.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+                rest[start..start + rest[start..].find('"').unwrap()].to_string()
+            };
+            (attr("data-backend"), attr("data-state"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_backends_fit_one_screen_with_filter_and_detail() {
+    if !browser_present() {
+        return;
+    }
+    let mut specs = vec![common::slow(200, 100); 200];
+    for spec in specs.iter_mut().skip(150) {
+        spec.models = vec![corral::sim::ModelSpec::named("mistral")];
+    }
+    let fleet = TestFleet::start(specs, 0).await;
+    let proxy = start_proxy(&fleet, |a| a.scan_interval = Duration::from_secs(1)).await;
+    let first = fleet.port_start;
+    // A fleet at work: 6 drained, 4 dead, 90 long requests in flight.
+    for port in first + 10..first + 16 {
+        let r = proxy
+            .client
+            .post(proxy.at(&format!("/__proxy/backends/{port}/drain")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for server in &fleet.servers[190..194] {
+        server.kill().await;
+    }
+    let held: Vec<_> = (0..90)
+        .map(|i| {
+            common::spawn_post(
+                &proxy,
+                "/api/generate",
+                generate("llama3.2", &format!("long {i}"), false),
+                &[],
+            )
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(15),
+        "90 in flight, 4 unhealthy",
+        || async { common::in_flight(&proxy).await == 90 && proxy.healthy().await == 196 },
+    )
+    .await;
+
+    let page = proxy.at("/__proxy/");
+    let dom = dump_dom(&page).await;
+    assert!(
+        dom.contains("<div id=\"errors\"></div>"),
+        "page errors:\n{dom}"
+    );
+    let cells = cell_states(&dom);
+    assert_eq!(cells.len(), 200, "every backend a cell");
+    let count = |state: &str| cells.iter().filter(|(_, s)| s == state).count();
+    assert_eq!(count("draining"), 6);
+    assert_eq!(count("unhealthy"), 4);
+    assert_eq!(count("busy"), 90);
+    assert_eq!(count("idle"), 100);
+    let bottom: u32 = {
+        let at = dom.find("data-bottom=\"").expect("fleet view measured") + 13;
+        dom[at..at + dom[at..].find('"').unwrap()].parse().unwrap()
+    };
+    assert!(
+        bottom <= 1000,
+        "the fleet view ends at {bottom} px, below a 1000 px screen"
+    );
+
+    // Filtered by state, sorted by in-flight count, and by model.
+    let dom = dump_dom(&format!("{page}#state=draining&sort=in_flight")).await;
+    let drained: Vec<String> = cell_states(&dom).into_iter().map(|(id, _)| id).collect();
+    let want: Vec<String> = (first + 10..first + 16).map(|p| p.to_string()).collect();
+    assert_eq!(drained, want);
+    let dom = dump_dom(&format!("{page}#model=mistral")).await;
+    assert_eq!(cell_states(&dom).len(), 50);
+    // The detail of one backend on demand.
+    let one = first + 3;
+    let dom = dump_dom(&format!("{page}#detail={one}")).await;
+    assert!(
+        dom.contains(&format!("data-detail=\"{one}\"")),
+        "no detail shown"
+    );
+    assert!(
+        dom.contains(&format!("127.0.0.1:{one}")),
+        "detail has the URL"
+    );
+
+    if let Ok(path) = std::env::var("CORRAL_SCREENSHOT") {
+        screenshot(&format!("{page}#detail={one}"), &path).await;
+    }
+    drop(held);
 }

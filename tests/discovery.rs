@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestFleet, bind_block, generate, start_proxy, test_args};
+use corral::config::BackendSource;
 use corral::fleet::discovery::Discovery;
 use corral::fleet::{Fleet, Limits};
 use corral::sim::{ServerSpec, SimServer};
@@ -64,7 +65,7 @@ async fn backends_given_by_url_are_probed_and_served() {
     let url: http::Uri = format!("http://127.0.0.1:{}", outside.port())
         .parse()
         .unwrap();
-    let proxy = start_proxy(&empty, |a| a.backends = vec![url]).await;
+    let proxy = start_proxy(&empty, |a| a.backends = vec![BackendSource::Url(url)]).await;
     proxy.wait_healthy(1).await;
     let r = proxy
         .post("/api/generate", generate("llama3.2", "hi", false))

@@ -3,8 +3,14 @@
 //! the fleet in one step. A backend that answers with a readable model list is
 //! healthy; anything else makes it unhealthy. Healthy ones are also asked
 //! `/api/ps` (loaded models) and `/api/version`.
+//!
+//! Besides the range and the fixed URLs, each scan probes the backends that
+//! registered themselves ([`Registry`]) and those that DNS entries resolve to
+//! now ([`DnsDiscovery`]). One whose lease ran out, that was deregistered or
+//! whose DNS record went is drained, and forgotten once nothing is in flight.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,8 +24,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::dns::DnsDiscovery;
+use super::registry::Registry;
 use super::{BackendId, Fleet, ProbeReport, Target};
-use crate::config::ServeArgs;
+use crate::config::{BackendSource, ServeArgs};
 
 /// Range backends that fail this many probes in a row, with nothing in
 /// flight, are forgotten (their metrics series retire with them).
@@ -34,6 +42,10 @@ pub struct Discovery {
     client: Client<HttpConnector, Empty<Bytes>>,
     range: Vec<Arc<Target>>,
     extra: Vec<Arc<Target>>,
+    registry: Arc<Registry>,
+    dns: Option<DnsDiscovery>,
+    /// Backends of DNS entries that are no longer in DNS: drained, forgotten when idle.
+    dns_retiring: Mutex<BTreeSet<BackendId>>,
     interval: Duration,
     timeout: Duration,
 }
@@ -42,9 +54,22 @@ pub struct Discovery {
 pub type ProbeResult = Result<ProbeReport, String>;
 
 impl Discovery {
-    /// Discovery over the range and `BACKENDS` of `args`; the `BACKENDS` are
-    /// added to the fleet at once (unhealthy until probed).
+    /// Discovery over the range and `BACKENDS` of `args`; the `BACKENDS` URLs
+    /// are added to the fleet at once (unhealthy until probed).
+    ///
+    /// # Panics
+    /// When `args` has DNS entries and the system's DNS configuration cannot
+    /// be read; [`Discovery::try_new`] says so instead.
     pub fn new(fleet: Fleet, args: &ServeArgs) -> Self {
+        Self::try_new(fleet, args, Arc::default()).expect("DNS configuration")
+    }
+
+    /// Discovery that also probes the backends registered in `registry`.
+    pub fn try_new(
+        fleet: Fleet,
+        args: &ServeArgs,
+        registry: Arc<Registry>,
+    ) -> Result<Self, String> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(args.probe_timeout));
         connector.set_nodelay(true);
@@ -60,9 +85,14 @@ impl Discovery {
                 Some(Arc::new(Target::new(BackendId::Port(port), &uri)))
             })
             .collect();
+        let dns = DnsDiscovery::new(&args.backends, &args.dns_servers, args.probe_timeout)?;
         let extra: Vec<Arc<Target>> = args
             .backends
             .iter()
+            .filter_map(|b| match b {
+                BackendSource::Url(uri) => Some(uri),
+                _ => None,
+            })
             .map(|uri| {
                 let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
                 Arc::new(Target::new(BackendId::Url(authority.into()), uri))
@@ -73,14 +103,17 @@ impl Discovery {
                 s.add_backend(Arc::clone(t));
             }
         });
-        Self {
+        Ok(Self {
             fleet,
             client,
             range,
             extra,
+            registry,
+            dns,
+            dns_retiring: Mutex::default(),
             interval: args.scan_interval,
             timeout: args.probe_timeout,
-        }
+        })
     }
 
     /// Scans until `shutdown` is cancelled; `ready` is cancelled after the first scan.
@@ -91,6 +124,8 @@ impl Discovery {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
+                // A new registration is probed at once, not a scan interval later.
+                () = self.registry.changed.notified() => {}
             }
             self.scan().await;
             ready.cancel();
@@ -100,27 +135,99 @@ impl Discovery {
     /// Probes every backend once, concurrently, and applies the results.
     pub async fn scan(&self) {
         let started = Instant::now();
+        for id in self.registry.expire(started) {
+            tracing::info!(backend = %id, "lease ran out: draining, forgotten when idle");
+            self.fleet.set_draining(&id, true);
+        }
+        let dns = match &self.dns {
+            Some(dns) => self.resolve(dns).await,
+            None => Vec::new(),
+        };
+        let registered = self.registry.live();
         let mut probes: FuturesUnordered<_> = self
             .range
             .iter()
             .chain(&self.extra)
+            .chain(&registered)
+            .chain(&dns)
             .map(|t| async move { (t, self.probe(t).await) })
             .collect();
         let mut results = Vec::with_capacity(self.range.len() + self.extra.len());
         while let Some(r) = probes.next().await {
             results.push(r);
         }
-        let healthy = self.fleet.update(|s| {
+        let retiring = self.retiring();
+        let (healthy, forgotten) = self.fleet.update(|s| {
             for (target, result) in results {
-                apply(s, target, result);
+                // Deregistered or out of DNS while its probe ran: not brought back.
+                if !retiring.contains(&target.id) {
+                    apply(s, target, result);
+                }
             }
-            s.healthy_count()
+            let mut forgotten = Vec::new();
+            for id in retiring {
+                if s.backends().get(&id).is_none_or(|b| b.in_flight == 0) {
+                    s.remove_backend(&id);
+                    forgotten.push(id);
+                }
+            }
+            (s.healthy_count(), forgotten)
         });
+        for id in forgotten {
+            self.registry.forget(&id);
+            self.dns_retiring
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            tracing::info!(backend = %id, "backend drained and forgotten");
+        }
         tracing::debug!(
             healthy,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "scan done"
         );
+    }
+
+    /// Resolves the DNS entries; what left DNS starts retiring (drained),
+    /// what came back stops retiring.
+    async fn resolve(&self, dns: &DnsDiscovery) -> Vec<Arc<Target>> {
+        let (found, gone) = dns.resolve().await;
+        let mut retiring = self.dns_retiring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut undrain = Vec::new();
+        for t in &found {
+            if retiring.remove(&t.id) {
+                undrain.push(t.id.clone());
+            }
+        }
+        let mut drain = Vec::new();
+        for id in gone {
+            if retiring.insert(id.clone()) {
+                drain.push(id);
+            }
+        }
+        drop(retiring);
+        for id in undrain {
+            tracing::info!(backend = %id, "back in DNS");
+            self.fleet.set_draining(&id, false);
+        }
+        for id in drain {
+            tracing::info!(backend = %id, "gone from DNS: draining, forgotten when idle");
+            self.fleet.set_draining(&id, true);
+        }
+        found
+    }
+
+    /// Everything retiring now: expired or deregistered leases and addresses gone from DNS.
+    fn retiring(&self) -> BTreeSet<BackendId> {
+        let mut ids: BTreeSet<BackendId> = self.registry.retiring().into_iter().collect();
+        ids.extend(
+            self.dns_retiring
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        ids
     }
 
     async fn probe(&self, target: &Target) -> ProbeResult {

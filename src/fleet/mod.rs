@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod discovery;
+pub mod dns;
+pub mod registry;
 pub mod scheduler;
 mod slot;
 

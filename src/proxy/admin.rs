@@ -1,6 +1,7 @@
 //! The proxy's own endpoints: `/__proxy/health`, `/__proxy/backends` (the
 //! ollama_proxy fields `port`, `healthy`, `in_flight` first, then more),
-//! drain and undrain, and `/metrics`. The dashboard is in `dashboard.rs`.
+//! drain and undrain, self-registration (`POST /__proxy/backends`, `DELETE
+//! /__proxy/backends/{id}`), and `/metrics`. The dashboard is in `dashboard.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,14 +10,19 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::response::{IntoResponse, Response};
-use http::HeaderMap;
-use serde::Serialize;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::App;
-use super::auth::bearer_matches;
+use super::auth::{admin_keys, bearer_matches};
 use super::error::{Api, ProxyError};
+use crate::fleet::registry::Registered;
 use crate::fleet::{Backend, BackendId};
+
+/// The longest lease a registration may ask for: a day.
+const MAX_LEASE_SECONDS: f64 = 86_400.0;
 
 /// `GET /__proxy/health`.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
@@ -118,10 +124,16 @@ fn set_draining(
     id: &str,
     draining: bool,
 ) -> Response {
-    if let Err(e) = check_admin(app, peer, headers) {
+    let backend = BackendId::parse(id);
+    // A job may drain its own registered backend with the registration key.
+    let allowed = if app.registry.contains(&backend) {
+        check_registrar(app, peer, headers)
+    } else {
+        check_admin(app, peer, headers)
+    };
+    if let Err(e) = allowed {
         return e.render(Api::Ollama);
     }
-    let backend = BackendId::parse(id);
     if !app.fleet.set_draining(&backend, draining) {
         return ProxyError::NotFound(format!("no backend '{id}' (see GET /__proxy/backends)"))
             .render(Api::Ollama);
@@ -144,6 +156,147 @@ fn check_admin(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), P
     } else {
         Err(ProxyError::Unauthorized)
     }
+}
+
+/// PROXY_ADMIN_KEY or REGISTRATION_KEY set: the bearer of one of them is
+/// required; neither set: loopback clients only.
+fn check_registrar(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let keys = admin_keys(app);
+    if keys.is_empty() {
+        if peer.ip().is_loopback() {
+            return Ok(());
+        }
+        return Err(ProxyError::Forbidden(
+            "registration is allowed only from loopback when neither PROXY_ADMIN_KEY nor REGISTRATION_KEY is set",
+        ));
+    }
+    if bearer_matches(headers, &keys) {
+        Ok(())
+    } else {
+        Err(ProxyError::Unauthorized)
+    }
+}
+
+/// The body of `POST /__proxy/backends`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    url: String,
+    lease_seconds: Option<f64>,
+}
+
+/// `POST /__proxy/backends` `{"url": ..., "lease_seconds": N}`: registers a
+/// backend (201) or renews its lease (200); either way it answers its id.
+pub async fn register(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = check_registrar(&app, peer, &headers) {
+        return e.render(Api::Ollama);
+    }
+    let registration: Registration = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ProxyError::BadRequest(format!(
+                "expected {{\"url\": \"http://host:port\", \"lease_seconds\": N}}: {e}"
+            ))
+            .render(Api::Ollama);
+        }
+    };
+    let url = match crate::config::parse_backend_url(&registration.url) {
+        Ok(url) => url,
+        Err(e) => return ProxyError::BadRequest(e).render(Api::Ollama),
+    };
+    let lease = match registration.lease_seconds {
+        None => None,
+        Some(s) if s > 0.0 && s <= MAX_LEASE_SECONDS => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return ProxyError::BadRequest(format!(
+                "lease_seconds must be more than 0 and at most {MAX_LEASE_SECONDS}, not {s}"
+            ))
+            .render(Api::Ollama);
+        }
+    };
+    let (target, what) = app
+        .registry
+        .register(&url, lease, tokio::time::Instant::now());
+    let id = target.id.clone();
+    let status = match what {
+        Registered::New => {
+            // In the table at once (unhealthy until its probe, which the
+            // registration triggers).
+            app.fleet.update(|s| {
+                s.add_backend(Arc::clone(&target));
+            });
+            tracing::info!(backend = %id, url = %target.base, ?lease, "backend registered");
+            StatusCode::CREATED
+        }
+        Registered::Revived => {
+            app.fleet.update(|s| {
+                s.add_backend(Arc::clone(&target));
+            });
+            app.fleet.set_draining(&id, false);
+            tracing::info!(backend = %id, "registration renewed while draining: back in service");
+            StatusCode::OK
+        }
+        Registered::Renewed => StatusCode::OK,
+    };
+    (
+        status,
+        Json(json!({
+            "id": id,
+            "url": target.base,
+            "lease_seconds": lease.map(|l| l.as_secs_f64()),
+        })),
+    )
+        .into_response()
+}
+
+/// `DELETE /__proxy/backends/{id}`: drains a registered backend and removes
+/// it: at once when nothing is in flight there (200), else once its requests
+/// finish (202).
+pub async fn deregister(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(e) = check_registrar(&app, peer, &headers) {
+        return e.render(Api::Ollama);
+    }
+    let backend = BackendId::parse(&id);
+    if !app.registry.deregister(&backend) {
+        return ProxyError::NotFound(format!(
+            "no registered backend '{id}' (range and BACKENDS backends are drained, not deleted)"
+        ))
+        .render(Api::Ollama);
+    }
+    app.fleet.set_draining(&backend, true);
+    let in_flight = app.fleet.update(|s| {
+        let in_flight = s.backends().get(&backend).map_or(0, |b| b.in_flight);
+        if in_flight == 0 {
+            s.remove_backend(&backend);
+        }
+        in_flight
+    });
+    let removed = in_flight == 0 && app.registry.forget(&backend);
+    if removed {
+        tracing::info!(backend = %id, "backend deregistered and removed");
+    } else {
+        tracing::info!(backend = %id, in_flight, "backend deregistered: draining, removed when idle");
+    }
+    let status = if removed {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    (
+        status,
+        Json(json!({ "id": backend, "removed": removed, "in_flight": in_flight })),
+    )
+        .into_response()
 }
 
 /// `GET /metrics`.
@@ -221,5 +374,29 @@ mod tests {
             check_admin(&app, local, &HeaderMap::new()),
             Err(ProxyError::Unauthorized)
         ));
+    }
+
+    #[tokio::test]
+    async fn registration_takes_either_key_and_without_keys_only_loopback() {
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let open = app("");
+        assert!(check_registrar(&open, local, &HeaderMap::new()).is_ok());
+        assert!(matches!(
+            check_registrar(&open, remote, &HeaderMap::new()),
+            Err(ProxyError::Forbidden(_))
+        ));
+        let mut args = ServeArgs::defaults();
+        args.registration_key = "reg".into();
+        args.admin_key = "adm".into();
+        let keyed = App::new(args);
+        assert!(check_registrar(&keyed, remote, &bearer("reg")).is_ok());
+        assert!(check_registrar(&keyed, remote, &bearer("adm")).is_ok());
+        assert!(matches!(
+            check_registrar(&keyed, local, &HeaderMap::new()),
+            Err(ProxyError::Unauthorized)
+        ));
+        // The registration key is not an admin key.
+        assert!(check_admin(&keyed, remote, &bearer("reg")).is_err());
     }
 }

@@ -39,16 +39,22 @@ fn is_open(method: &Method, path: &str) -> bool {
     )
 }
 
-/// A `POST /__proxy/...` action carrying PROXY_ADMIN_KEY: the operator need
-/// not also hold a client key (the admin handler checks the key itself).
-fn is_admin_action_with_its_key(admin_key: &str, request: &Request) -> bool {
-    !admin_key.is_empty()
-        && request.method() == Method::POST
+/// A `POST` or `DELETE /__proxy/...` action carrying PROXY_ADMIN_KEY or
+/// REGISTRATION_KEY: the operator or the job need not also hold a client key
+/// (the admin handler checks which key may do what).
+fn is_admin_action_with_its_key(keys: &[String], request: &Request) -> bool {
+    matches!(*request.method(), Method::POST | Method::DELETE)
         && request.uri().path().starts_with("/__proxy/")
-        && bearer_matches(
-            request.headers(),
-            std::slice::from_ref(&admin_key.to_string()),
-        )
+        && bearer_matches(request.headers(), keys)
+}
+
+/// The set keys of the admin side: PROXY_ADMIN_KEY and REGISTRATION_KEY.
+pub fn admin_keys(app: &App) -> Vec<String> {
+    [&app.args.admin_key, &app.args.registration_key]
+        .into_iter()
+        .filter(|k| !k.is_empty())
+        .cloned()
+        .collect()
 }
 
 /// The 401 for a request without a valid key when keys are set; `None`
@@ -58,7 +64,7 @@ pub fn refusal(app: &App, request: &Request) -> Option<Response> {
     if keys.is_empty()
         || is_open(request.method(), request.uri().path())
         || bearer_matches(request.headers(), keys)
-        || is_admin_action_with_its_key(&app.args.admin_key, request)
+        || is_admin_action_with_its_key(&admin_keys(app), request)
     {
         return None;
     }

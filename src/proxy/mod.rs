@@ -34,6 +34,7 @@ use tower::ServiceExt;
 
 use crate::config::ServeArgs;
 use crate::fleet::discovery::Discovery;
+use crate::fleet::registry::Registry;
 use crate::fleet::{Fleet, Limits};
 use crate::metrics::Metrics;
 use history::{History, Sampler};
@@ -53,6 +54,8 @@ pub struct App {
     pub started: tokio::time::Instant,
     /// The last five minutes, one sample a second, for the dashboard.
     pub history: Arc<History>,
+    /// Backends that registered themselves, and their leases.
+    pub registry: Arc<Registry>,
 }
 
 impl App {
@@ -69,6 +72,7 @@ impl App {
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),
             history: Arc::new(History::default()),
+            registry: Arc::default(),
             args,
         }
     }
@@ -100,9 +104,17 @@ impl ProxyHandle {
 pub fn start(listener: TcpListener, args: ServeArgs) -> std::io::Result<ProxyHandle> {
     let addr = listener.local_addr()?;
     let app = Arc::new(App::new(args));
+    let discovery = Discovery::try_new(app.fleet.clone(), &app.args, Arc::clone(&app.registry))
+        .map_err(std::io::Error::other)?;
     let stop = CancellationToken::new();
     let ready = CancellationToken::new();
-    let task = tokio::spawn(run(listener, Arc::clone(&app), stop.clone(), ready.clone()));
+    let task = tokio::spawn(run(
+        listener,
+        Arc::clone(&app),
+        discovery,
+        stop.clone(),
+        ready.clone(),
+    ));
     Ok(ProxyHandle {
         addr,
         app,
@@ -129,13 +141,14 @@ pub async fn serve(
 async fn run(
     listener: TcpListener,
     app: Arc<App>,
+    discovery: Discovery,
     stop: CancellationToken,
     ready: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
     // Stops the loops that run beside the connections: discovery and the sampler.
     let background = CancellationToken::new();
-    tasks.spawn(Discovery::new(app.fleet.clone(), &app.args).run(background.clone(), ready));
+    tasks.spawn(discovery.run(background.clone(), ready));
     let sampler = Sampler::new(
         app.fleet.clone(),
         Arc::clone(&app.metrics),

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, any, get, post};
+use axum::routing::{MethodRouter, any, delete, get, post};
 use http::{HeaderValue, StatusCode};
 
 use super::error::{Api, ProxyError};
@@ -44,7 +44,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/__proxy/", get(dashboard::page))
         .route("/__proxy/stats", get(dashboard::stats))
         .route("/__proxy/health", get(admin::health))
-        .route("/__proxy/backends", get(admin::backends))
+        .route(
+            "/__proxy/backends",
+            get(admin::backends).post(admin::register),
+        )
+        .route("/__proxy/backends/{id}", delete(admin::deregister))
         .route("/__proxy/backends/{id}/drain", post(admin::drain))
         .route("/__proxy/backends/{id}/undrain", post(admin::undrain))
         .route("/metrics", get(admin::metrics));

@@ -1,7 +1,8 @@
 //! `corral demo`: the proxy and a small simulated fleet in one process, so a
 //! newcomer sees corral work with one command and no GPU. The fleet has two
 //! chat models and an embedding model spread over backends of different
-//! speeds, one of which fails now and then.
+//! speeds, one of which fails now and then. Unless `--quiet`, a little
+//! traffic runs and batch jobs come and go ([`motion`]).
 //!
 //! ```text
 //! cargo run --release -- demo
@@ -14,6 +15,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+mod motion;
 
 use crate::config::{DemoArgs, ServeArgs};
 use crate::proxy::{self, ProxyHandle};
@@ -88,7 +92,7 @@ pub async fn start(args: &DemoArgs) -> std::io::Result<Demo> {
 }
 
 /// What to try, printed once the demo runs.
-pub fn banner(demo: &Demo) -> String {
+pub fn banner(demo: &Demo, quiet: bool) -> String {
     let url = format!("http://{}", demo.proxy.addr);
     let first = demo.backends.first().map_or(0, SimServer::port);
     let last = demo.backends.last().map_or(0, SimServer::port);
@@ -105,8 +109,15 @@ pub fn banner(demo: &Demo) -> String {
          \x20 metrics:   {url}/metrics\n\
          \n\
          Or point any Ollama client at it: OLLAMA_HOST={url}\n\
+         {motion}\n\
          Ctrl-C stops everything.",
         n = demo.backends.len(),
+        motion = if quiet {
+            "The fleet stands still (--quiet)."
+        } else {
+            "Two clients send a little traffic, and batch jobs come and go every few seconds\n\
+             (registering with corral register); --quiet stops that."
+        },
     )
 }
 
@@ -120,8 +131,14 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> std::io:
     }
     let demo = start(&args).await?;
     // A closed stdout (`corral demo | head -1`) must not stop the demo.
-    let _ = writeln!(std::io::stdout(), "{}", banner(&demo));
+    let _ = writeln!(std::io::stdout(), "{}", banner(&demo, args.quiet));
+    let stop = CancellationToken::new();
+    let motion = (!args.quiet).then(|| tokio::spawn(motion::run(demo.proxy.addr, stop.clone())));
     shutdown.await;
+    stop.cancel();
+    if let Some(motion) = motion {
+        let _ = motion.await;
+    }
     demo.proxy.shutdown().await;
     for b in &demo.backends {
         b.kill().await;

@@ -1,0 +1,224 @@
+//! `corral register` as a batch job runs it, against `corral sim` backends:
+//! it registers, renews its lease past several lease periods, and on SIGTERM
+//! drains, lets in-flight requests finish and deregisters, exiting 0, with
+//! no request lost while a load runs. A refused registration is one line and
+//! exit 1. A restarted corral relearns the backend from the next renewal.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{TestFleet, TestProxy, eventually, generate, slow, start_proxy};
+use corral::sim::{ServerSpec, SimServer};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+fn corral() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c
+}
+
+/// Waits for a child we started to exit, up to a deadline.
+async fn wait_exit(mut child: Child, deadline: Duration) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let end = std::time::Instant::now() + deadline;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if std::time::Instant::now() > end {
+                let _ = child.kill();
+                panic!("corral register did not exit within {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap()
+}
+
+async fn row(proxy: &TestProxy, id: &str) -> Option<Value> {
+    let v = proxy.get_json("/__proxy/backends").await;
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .cloned()
+}
+
+#[tokio::test]
+async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing() {
+    // One backend in the range keeps serving after the job leaves.
+    let fleet = TestFleet::uniform(1, slow(10, 5)).await;
+    let proxy = start_proxy(&fleet, |a| a.scan_interval = Duration::from_millis(100)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let job = SimServer::start(listener, slow(40, 10)).await.unwrap();
+    let id = format!("127.0.0.1:{}", job.port());
+    let lease = 0.6;
+    let child = corral()
+        .args([
+            "register",
+            "--proxy",
+            &proxy.url,
+            "--lease",
+            &lease.to_string(),
+        ])
+        .args(["--url", &format!("http://{id}"), "--grace", "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    proxy.wait_healthy(2).await;
+
+    // Renewed: still registered and in service well past three lease periods.
+    let registered_at = tokio::time::Instant::now();
+    eventually(Duration::from_secs(10), "three lease periods", || async {
+        let r = row(&proxy, &id).await.expect("still registered");
+        assert_eq!(r["draining"], false, "{r}");
+        assert_eq!(r["healthy"], true, "{r}");
+        registered_at.elapsed() > Duration::from_secs_f64(lease * 3.0)
+    })
+    .await;
+
+    // A load of 4 clients, each request after the other, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, url, stop) = (proxy.client.clone(), proxy.url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) && i < 400 {
+                    let r = client
+                        .post(format!("{url}/api/generate"))
+                        .json(&generate("llama3.2", &format!("w{w} r{i}"), false))
+                        .send()
+                        .await;
+                    statuses.push(match r {
+                        Ok(r) => r.status().as_u16(),
+                        Err(_) => 0,
+                    });
+                    i += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(5),
+        "a request in flight on the job",
+        || async { job.stats().in_flight >= 1 },
+    )
+    .await;
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = wait_exit(child, Duration::from_secs(20)).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {log}", out.status);
+    assert!(
+        row(&proxy, &id).await.is_none(),
+        "deregistered on exit: {log}"
+    );
+    // The job's Ollama finished all it was given before the helper left.
+    assert_eq!(job.stats().in_flight, 0);
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let statuses = w.await.unwrap();
+        total += statuses.len();
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    }
+    assert!(total > 0);
+    assert!(job.stats().completed > 0);
+    assert!(
+        !log.contains("\x1b["),
+        "no colour codes when stderr is not a terminal: {log}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_registration_exits_1_with_one_line() {
+    let fleet = TestFleet::uniform(1, ServerSpec::default()).await;
+    let proxy = start_proxy(&fleet, |a| a.registration_key = "right".into()).await;
+    let backend = fleet.servers[0].port();
+    let out = corral()
+        .args(["register", "--proxy", &proxy.url])
+        .args(["--url", &format!("http://127.0.0.1:{backend}")])
+        .env("REGISTRATION_KEY", "wrong")
+        .env("LOG_LEVEL", "ERROR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_exit(out, Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("corral: the proxy refused the registration: 401"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
+    let empty = TestFleet::start(Vec::new(), 1).await;
+    let first = start_proxy(&empty, |a| a.scan_interval = Duration::from_secs(60)).await;
+    let addr = first.handle.addr;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let job = SimServer::start(listener, ServerSpec::default())
+        .await
+        .unwrap();
+    let id = format!("127.0.0.1:{}", job.port());
+    let child = corral()
+        .args(["register", "--proxy", &first.url, "--lease", "0.9"])
+        .args(["--url", &format!("http://{id}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    first.wait_healthy(1).await;
+    // corral restarts on the same address, knowing nothing.
+    first.handle.shutdown().await;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let mut args = common::test_args(&empty);
+    args.scan_interval = Duration::from_secs(60);
+    let second = TestProxy {
+        handle: corral::proxy::start(listener, args).unwrap(),
+        url: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+    };
+    // The next renewal (a third of the lease) registers it again.
+    eventually(
+        Duration::from_secs(5),
+        "relearned from a renewal",
+        || async {
+            row(&second, &id)
+                .await
+                .is_some_and(|r| r["healthy"] == true)
+        },
+    )
+    .await;
+    let r = second
+        .post("/api/generate", generate("llama3.2", "again", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-corral-backend"], id.as_str());
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = wait_exit(child, Duration::from_secs(10)).await;
+    assert!(out.status.success());
+}
