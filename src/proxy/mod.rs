@@ -9,10 +9,15 @@ mod admin;
 mod aggregate;
 mod auth;
 mod body;
+mod claim;
+mod cloud;
 mod dashboard;
 pub mod error;
 mod forward;
 pub mod history;
+mod inspect;
+mod passthrough;
+pub mod responses;
 mod routes;
 mod stream;
 pub mod upstream;
@@ -53,6 +58,8 @@ pub struct App {
     pub started: tokio::time::Instant,
     /// The last five minutes, one sample a second, for the dashboard.
     pub history: Arc<History>,
+    /// Which backend produced which Responses answer.
+    pub responses: responses::Owners,
 }
 
 impl App {
@@ -69,6 +76,7 @@ impl App {
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),
             history: Arc::new(History::default()),
+            responses: responses::Owners::default(),
             args,
         }
     }
