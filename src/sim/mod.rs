@@ -79,7 +79,7 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
     } else {
         Duration::ZERO
     };
-    ServerSpec {
+    let spec = ServerSpec {
         models: args.models.iter().map(|m| ModelSpec::named(m)).collect(),
         loaded: args.loaded.clone(),
         parallel: args.parallel,
@@ -95,14 +95,6 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
         embedding_dim: args.embedding_dim,
         seed: args.seed,
         check_host: !args.no_host_check,
-        version: args.ollama_version.clone(),
-        cloud_models: args.cloud_models.clone(),
-        cloud: match args.cloud.as_str() {
-            "signed-out" => spec::CloudAccess::SignedOut,
-            "disabled" => spec::CloudAccess::Disabled,
-            "rate-limited" => spec::CloudAccess::RateLimited,
-            _ => spec::CloudAccess::SignedIn,
-        },
         faults: FaultSpec {
             error_rate: args.error_rate,
             busy_rate: args.busy_rate,
@@ -114,6 +106,17 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
             start_delay: args.start_delay,
         },
         ..ServerSpec::default()
+    };
+    ServerSpec {
+        version: args.ollama_version.clone(),
+        cloud_models: args.cloud_models.clone(),
+        cloud: match args.cloud.as_str() {
+            "signed-out" => spec::CloudAccess::SignedOut,
+            "disabled" => spec::CloudAccess::Disabled,
+            "rate-limited" => spec::CloudAccess::RateLimited,
+            _ => spec::CloudAccess::SignedIn,
+        },
+        ..spec
     }
 }
 

@@ -36,29 +36,33 @@ pub(crate) const NOT_FOUND: &str = r#"{"error":{"type":"invalid_request_error","
 /// (response id, `Authorization`).
 #[derive(Default)]
 pub(crate) struct History {
-    inner: Mutex<(
-        HashMap<(String, String), (String, Instant)>,
-        VecDeque<(String, String)>,
-    )>,
+    inner: Mutex<Kept>,
+}
+
+/// The kept conversations and their keys, oldest first.
+#[derive(Default)]
+struct Kept {
+    by_key: HashMap<(String, String), (String, Instant)>,
+    order: VecDeque<(String, String)>,
 }
 
 impl History {
     fn get(&self, id: &str, auth: &str) -> Option<String> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (text, at) = inner.0.get(&(id.to_string(), auth.to_string()))?;
+        let (text, at) = inner.by_key.get(&(id.to_string(), auth.to_string()))?;
         (at.elapsed() < TTL).then(|| text.clone())
     }
 
     fn put(&self, id: String, auth: String, text: String) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = (id, auth);
-        inner.1.push_back(key.clone());
-        inner.0.insert(key, (text, Instant::now()));
-        while inner.0.len() > CAPACITY {
-            let Some(old) = inner.1.pop_front() else {
+        inner.order.push_back(key.clone());
+        inner.by_key.insert(key, (text, Instant::now()));
+        while inner.by_key.len() > CAPACITY {
+            let Some(old) = inner.order.pop_front() else {
                 break;
             };
-            inner.0.remove(&old);
+            inner.by_key.remove(&old);
         }
     }
 }
