@@ -211,6 +211,26 @@ async fn a_continuation_whose_backend_is_gone_gets_the_404_at_once() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "previous_response_not_found");
     assert_eq!(v["error"]["param"], "previous_response_id");
+    // An id corral never relayed: the backend's own 404 comes back, and the
+    // backend keeps its model list (a 404 here is not a stale listing).
+    for _ in 0..3 {
+        let r = proxy
+            .post(
+                "/v1/responses",
+                json!({"model": "llama3.2", "input": "x", "previous_response_id": "resp_never"}),
+            )
+            .await;
+        assert_eq!(r.status(), 404);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "previous_response_not_found");
+    }
+    assert_eq!(
+        proxy
+            .post("/v1/responses", ask("still there", false))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]

@@ -114,9 +114,13 @@ async fn route(
     let model = peek.model.as_deref().map(ModelName::parse);
     *model_out = model.clone();
     let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
-    let pin = match endpoint {
-        responses::ENDPOINT => pinned_backend(app, plain.as_deref().unwrap_or(&bytes))?,
+    let previous = match endpoint {
+        responses::ENDPOINT => responses::previous_id(plain.as_deref().unwrap_or(&bytes)),
         _ => None,
+    };
+    let pin = match &previous {
+        Some(id) => pinned_backend(app, id)?,
+        None => None,
     };
     let mut want = Want {
         model,
@@ -191,8 +195,8 @@ async fn route(
         let backend = Arc::clone(&claim.target().label);
         app.metrics.backend_attempted(&backend);
         // A 404 is the backend's own answer, not a stale model list, for
-        // cloud models and for continued responses.
-        let listed = want.model.as_ref().filter(|_| !cloud && pin.is_none());
+        // cloud models and for continued responses (known to corral or not).
+        let listed = want.model.as_ref().filter(|_| !cloud && previous.is_none());
         match attempt(app, claim.target(), &parts, bytes.clone(), listed).await {
             Ok((head, rest, first)) => {
                 // A backend that listed the model took it: it is known.
@@ -262,11 +266,8 @@ async fn route(
 /// `previous_response_id`, if corral relayed that answer; a 404 at once when
 /// that backend is gone. An id corral never saw goes anywhere (the backend
 /// answers for itself).
-fn pinned_backend(app: &App, body: &[u8]) -> Result<Option<BackendId>, ProxyError> {
-    let Some(previous) = responses::previous_id(body) else {
-        return Ok(None);
-    };
-    let Some(owner) = app.responses.owner(&previous) else {
+fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, ProxyError> {
+    let Some(owner) = app.responses.owner(previous) else {
         return Ok(None);
     };
     let alive = app.fleet.read(|s| {
