@@ -250,3 +250,27 @@ async fn a_messages_stream_without_message_stop_is_counted_broken() {
     // The backend ended its body cleanly: it stays healthy.
     assert_eq!(proxy.healthy().await, 1);
 }
+
+#[tokio::test]
+async fn a_messages_stream_that_breaks_ends_with_an_anthropic_error_event() {
+    let faults = FaultSpec {
+        reset_rate: 1.0,
+        ..FaultSpec::default()
+    };
+    let spec = ServerSpec {
+        faults,
+        token_interval: Duration::from_millis(2),
+        ..ServerSpec::default()
+    };
+    let fleet = TestFleet::uniform(1, spec).await;
+    let proxy = start_proxy(&fleet, |_| {}).await;
+    let r = proxy.post("/v1/messages", ask(true)).await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let evs = events(&body);
+    let (name, data) = evs.last().unwrap();
+    assert_eq!(name, "error", "{body}");
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["error"]["type"], "api_error");
+    assert!(!body.contains("message_stop"));
+}

@@ -38,12 +38,15 @@ fn is_zstd(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("zstd"))
 }
 
-/// Decodes a zstd body of at most `limit` decoded bytes.
+/// Decodes a zstd body of at most `limit` decoded bytes (window at most 8 MiB).
 pub fn unzstd(bytes: &[u8], limit: usize) -> Result<Bytes, ProxyError> {
     let bad = |e: std::io::Error| {
         ProxyError::BadRequest(format!("failed to decompress request body: {e}"))
     };
-    let decoder = zstd::stream::read::Decoder::new(bytes).map_err(bad)?;
+    let mut decoder = zstd::stream::read::Decoder::new(bytes).map_err(bad)?;
+    // Ollama's decoder takes windows of 8 MiB at most: a frame that asks
+    // for more memory is refused, not obeyed.
+    decoder.window_log_max(23).map_err(bad)?;
     let mut out = Vec::new();
     decoder
         .take(limit as u64 + 1)

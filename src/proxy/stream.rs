@@ -47,10 +47,21 @@ impl Framing {
         }
     }
 
-    /// The last chunk that tells the client the stream broke, if the framing has one.
-    fn error_chunk(self, message: &str) -> Option<Bytes> {
+    /// The last chunk that tells the client the stream broke, if the
+    /// framing has one: an `{"error"}` line, an error event in the shape of
+    /// the endpoint's API (Anthropic's and the Responses API's own `error`
+    /// events; OpenAI's error object elsewhere). Never a terminal event.
+    fn error_chunk(self, endpoint: &str, message: &str) -> Option<Bytes> {
         match self {
             Self::Ndjson => Some(Bytes::from(format!("{}\n", json!({ "error": message })))),
+            Self::Sse if endpoint == "/v1/messages" => {
+                let event = json!({ "type": "error", "error": { "type": "api_error", "message": message } });
+                Some(Bytes::from(format!("event: error\ndata: {event}\n\n")))
+            }
+            Self::Sse if endpoint == "/v1/responses" => {
+                let event = json!({ "type": "error", "code": "api_error", "message": message, "param": null });
+                Some(Bytes::from(format!("event: error\ndata: {event}\n\n")))
+            }
             Self::Sse => {
                 let event = json!({ "error": { "message": message, "type": "api_error", "param": null, "code": null } });
                 Some(Bytes::from(format!("data: {event}\n\n")))
@@ -367,7 +378,7 @@ impl Relay {
             slot.fleet().mark_failed(&slot.target().id, message.clone());
         }
         drop(slot);
-        match self.framing.error_chunk(&message) {
+        match self.framing.error_chunk(self.ledger.endpoint, &message) {
             Some(chunk) => Some(Ok(chunk)),
             None => Some(Err(std::io::Error::other(message))),
         }
@@ -484,11 +495,22 @@ data: [DONE]
 
     #[test]
     fn error_chunks_fit_their_framing() {
-        let line = Framing::Ndjson.error_chunk("boom").unwrap();
+        let line = Framing::Ndjson.error_chunk("/api/chat", "boom").unwrap();
         assert_eq!(&line[..], b"{\"error\":\"boom\"}\n");
-        let event = Framing::Sse.error_chunk("boom").unwrap();
+        let event = Framing::Sse
+            .error_chunk("/v1/chat/completions", "boom")
+            .unwrap();
         assert!(event.starts_with(b"data: {\"error\":{") && event.ends_with(b"\n\n"));
-        assert!(Framing::Plain.error_chunk("boom").is_none());
+        let event = Framing::Sse.error_chunk("/v1/messages", "boom").unwrap();
+        assert!(event.starts_with(b"event: error\ndata: {") && event.ends_with(b"\n\n"));
+        assert!(!is_whole("/v1/messages", Framing::Sse, &event));
+        let event = Framing::Sse.error_chunk("/v1/responses", "boom").unwrap();
+        assert!(!is_whole("/v1/responses", Framing::Sse, &event));
+        assert!(
+            Framing::Plain
+                .error_chunk("/v1/audio/speech", "boom")
+                .is_none()
+        );
     }
 
     #[test]
