@@ -57,9 +57,14 @@ async fn a_burst_of_busy_503s_leaves_every_backend_healthy() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.lines().any(|l| l.starts_with("corral_backend_failures_total") && l.contains(r#"kind="busy""#)),
-        "the burst did meet busy backends:\n{metrics}"
+    let busy: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("corral_backend_failures_total") && l.contains(r#"kind="busy""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(busy >= 1.0, "the burst did meet busy backends:\n{metrics}");
+    eprintln!(
+        "burst of 24: {busy} busy 503s met, every request answered 200, both backends healthy"
     );
 }
 

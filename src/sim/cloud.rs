@@ -184,8 +184,12 @@ pub(crate) async fn layer(
     struct M {
         model: Option<Value>,
     }
-    let model = serde_json::from_slice::<M>(&bytes)
-        .ok()
+    // Only a body that mentions `cloud` (any case) can name a cloud model:
+    // the others are not parsed twice.
+    let mentions_cloud = bytes.windows(5).any(|w| w.eq_ignore_ascii_case(b"cloud"));
+    let model = mentions_cloud
+        .then(|| serde_json::from_slice::<M>(&bytes).ok())
+        .flatten()
         .and_then(|m| m.model)
         .and_then(|m| m.as_str().map(str::to_string));
     if let Some(model) = model.filter(|m| is_cloud(m)) {
