@@ -92,6 +92,14 @@ async fn a_cloud_model_is_served_at_once_with_every_local_slot_busy() {
         .post("/v1/messages", json!({"model": "qwen3:cloud", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}))
         .await;
     assert_eq!(r.status(), 200);
+    for stream in [false, true] {
+        let body = json!({"model": "gpt-oss:120b-cloud", "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let r = proxy.post("/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(!stream || text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
     // No slot was taken, none is counted.
     assert_eq!(in_flight(&proxy).await, 2);
     // The fleet views list the stub once, with its remote_host.

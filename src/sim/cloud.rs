@@ -3,9 +3,11 @@
 //! with their conflict error, the server's cloud access (signed in, signed
 //! out, disabled, rate limited) and its errors, `GET /api/status`, the cloud
 //! stubs of `/api/tags`, zstd request bodies on `/v1/*`, and native
-//! `/api/chat` / `/api/generate` answers for cloud names, which ollama.com
-//! gives without a local slot. `/v1/messages` and `/v1/responses` answer
-//! cloud names themselves, also without a slot.
+//! `/api/chat`, `/api/generate` and `/v1/chat/completions` answers for cloud
+//! names, which ollama.com gives without a local slot. `/v1/messages` and
+//! `/v1/responses` answer cloud names themselves, also without a slot;
+//! `/v1/completions` and the embedding routes have no cloud answer here
+//! (their handlers answer 404 for the name).
 
 use std::io::Read;
 use std::sync::Arc;
@@ -199,12 +201,89 @@ pub(crate) async fn layer(
         if let Some(refused) = refusal(&state) {
             return refused;
         }
-        if path == "/api/chat" || path == "/api/generate" {
-            return native(&state, &parts.headers, &bytes, &model, path == "/api/chat").await;
+        match path.as_str() {
+            "/api/chat" | "/api/generate" => {
+                return native(&state, &parts.headers, &bytes, &model, path == "/api/chat").await;
+            }
+            "/v1/chat/completions" => return v1_chat(&state, &parts.headers, &bytes, &model).await,
+            _ => {}
         }
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A `/v1/chat/completions` answer from "ollama.com": no slot, no load.
+async fn v1_chat(
+    state: &Arc<ServerState>,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    model: &str,
+) -> Response {
+    let req: Value = serde_json::from_slice(body).unwrap_or_default();
+    let input = req["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let limit = req["max_tokens"]
+        .as_u64()
+        .or(req["max_completion_tokens"].as_u64());
+    let ask = Ask {
+        model,
+        input: &input,
+        all_text: &input,
+        limit: limit.map(|n| n as usize),
+        cloud: true,
+    };
+    let mut turn = match Turn::start(state, headers, ask).await {
+        Ok(t) => t,
+        Err((status, msg)) => return native_json(status, &json!({ "error": msg })),
+    };
+    let id = format!("chatcmpl-{}", rand::random::<u16>() % 999);
+    let created = chrono::Utc::now().timestamp();
+    let head = |object: &str| {
+        json!({"id": id, "object": object, "created": created, "model": model,
+               "system_fingerprint": "fp_ollama"})
+    };
+    if req["stream"] != json!(true) {
+        let text = turn.whole().await.unwrap_or_default();
+        let reason = if turn.length_limited {
+            "length"
+        } else {
+            "stop"
+        };
+        let (p, c) = (turn.prompt_tokens, turn.emitted());
+        let mut v = head("chat.completion");
+        v["choices"] = json!([{"index": 0, "message": {"role": "assistant", "content": text},
+                               "finish_reason": reason}]);
+        v["usage"] = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+        return super::reply::v1_json(StatusCode::OK, &v);
+    }
+    let mut out = Vec::new();
+    let mut first = true;
+    while let Step::Token(t) = turn.next().await {
+        let delta = if first {
+            json!({"role": "assistant", "content": t})
+        } else {
+            json!({"content": t})
+        };
+        first = false;
+        let mut v = head("chat.completion.chunk");
+        v["choices"] = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
+        out.extend_from_slice(&super::generate::sse_event(&v));
+    }
+    let reason = if turn.length_limited {
+        "length"
+    } else {
+        "stop"
+    };
+    let mut v = head("chat.completion.chunk");
+    v["choices"] = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
+    out.extend_from_slice(&super::generate::sse_event(&v));
+    out.extend_from_slice(super::generate::SSE_DONE);
+    super::turn::respond(StatusCode::OK, "text/event-stream", out)
 }
 
 fn bad(msg: &str) -> Response {
