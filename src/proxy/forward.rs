@@ -32,12 +32,13 @@ use tokio::time::Instant;
 use super::App;
 use super::body;
 use super::claim::Claim;
+use super::course::{Course, Refused, pinned_backend};
 use super::error::{Api, ProxyError};
 use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
 use super::{cloud, inspect, responses};
-use crate::fleet::{AcquireError, BackendId, Rejection, Target, Want};
+use crate::fleet::{AcquireError, Rejection, Target, Want};
 use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
 
@@ -126,65 +127,26 @@ async fn route(
         model,
         tried: Vec::new(),
     };
-    let deadline = started + app.args.queue_timeout;
+    let mut course = Course {
+        cloud,
+        pin,
+        busy: Vec::new(),
+        busy_rounds: 0,
+        deadline: started + app.args.queue_timeout,
+    };
     let mut attempts: u32 = 0;
     let mut failures: u32 = 0;
-    let mut busy: Vec<BackendId> = Vec::new();
-    let mut busy_rounds: u32 = 0;
     let mut queue_wait = std::time::Duration::ZERO;
     let mut last_error: Option<BackendError> = None;
     loop {
-        if let Some(pin) = &pin {
-            // Every other backend counts as tried: the request waits for
-            // this one, and is turned away when it is gone.
-            app.fleet.read(|s| {
-                for id in s.backends().keys() {
-                    if id != pin && !want.tried.contains(id) {
-                        want.tried.push(id.clone());
-                    }
-                }
-            });
-        }
         let waited = Instant::now();
-        let claimed = if cloud {
-            cloud::pick(&app.fleet, want.model.as_ref(), &want.tried)
-                .map(|target| Claim::Unslotted {
-                    fleet: app.fleet.clone(),
-                    target,
-                })
-                .ok_or(AcquireError::Rejected(Rejection::Exhausted))
-        } else {
-            app.fleet
-                .acquire(want.clone(), bytes.len())
-                .await
-                .map(Claim::Slot)
-        };
-        let claim = match claimed {
-            Ok(claim) => claim,
-            Err(AcquireError::Rejected(Rejection::Exhausted)) if !busy.is_empty() => {
-                // Every backend left is busy: try them again after a pause
-                // that doubles (25 ms up to 0.8 s), within the queue timeout.
-                let pause = std::time::Duration::from_millis(25 << busy_rounds.min(5));
-                busy_rounds += 1;
-                if Instant::now() + pause >= deadline {
-                    app.metrics.rejected("queue_timeout");
-                    return Err(ProxyError::QueueTimeout(app.args.queue_timeout.as_secs()));
-                }
-                want.tried.retain(|id| !busy.contains(id));
-                busy.clear();
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-            Err(AcquireError::Rejected(Rejection::Exhausted)) if pin.is_some() => {
-                app.metrics.rejected("previous_response_gone");
-                return Err(ProxyError::PreviousResponseGone);
-            }
-            Err(AcquireError::Rejected(Rejection::Exhausted)) if cloud && attempts == 0 => {
-                app.metrics.rejected("no_healthy_backend");
-                return Err(ProxyError::NoHealthyBackend);
-            }
-            Err(e) => return Err(refusal(app, e, peek.model.as_deref(), last_error.as_ref())),
-        };
+        let claim = course
+            .claim(app, &mut want, bytes.len(), attempts, last_error.as_ref())
+            .await
+            .map_err(|e| match e {
+                Refused::Now(error) => error,
+                Refused::Acquire(e) => refusal(app, e, peek.model.as_deref(), last_error.as_ref()),
+            })?;
         let wait = waited.elapsed();
         queue_wait += wait;
         app.metrics.queue_waited(wait);
@@ -237,7 +199,7 @@ async fn route(
                 match (error.kind(), &want.model) {
                     // Its own queue is full: it stays healthy, and this
                     // attempt does not count against MAX_RETRIES.
-                    (FailureKind::Busy, _) => busy.push(id.clone()),
+                    (FailureKind::Busy, _) => course.busy.push(id.clone()),
                     (FailureKind::ModelMissing, Some(model)) => {
                         app.fleet.forget_model(&id, model);
                     }
@@ -260,26 +222,6 @@ async fn route(
             }
         }
     }
-}
-
-/// The backend a Responses request must go to: the one that produced its
-/// `previous_response_id`, if corral relayed that answer; a 404 at once when
-/// that backend is gone. An id corral never saw goes anywhere (the backend
-/// answers for itself).
-fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, ProxyError> {
-    let Some(owner) = app.responses.owner(previous) else {
-        return Ok(None);
-    };
-    let alive = app.fleet.read(|s| {
-        s.backends()
-            .get(&owner)
-            .is_some_and(|b| b.healthy && !b.draining)
-    });
-    if !alive {
-        app.metrics.rejected("previous_response_gone");
-        return Err(ProxyError::PreviousResponseGone);
-    }
-    Ok(Some(owner))
 }
 
 /// REJECT_STREAMING=true: `"stream": true` is refused, and a missing `stream`

@@ -11,6 +11,7 @@ mod auth;
 mod body;
 mod claim;
 mod cloud;
+mod course;
 mod dashboard;
 pub mod error;
 mod forward;
