@@ -299,6 +299,22 @@ pub struct SimArgs {
     /// Accept any Host header (no 403 for non-local hosts).
     #[arg(long)]
     pub no_host_check: bool,
+
+    /// What `/api/version` reports.
+    #[arg(
+        long = "ollama-version",
+        env = "SIM_OLLAMA_VERSION",
+        default_value = "0.33.0-rc2"
+    )]
+    pub ollama_version: String,
+
+    /// Cloud stubs listed by `/api/tags` (`gpt-oss:120b-cloud`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub cloud_models: Vec<String>,
+
+    /// Access to ollama.com: signed-in, signed-out, disabled, rate-limited.
+    #[arg(long, default_value = "signed-in", value_parser = ["signed-in", "signed-out", "disabled", "rate-limited"])]
+    pub cloud: String,
 }
 
 /// Settings of `corral demo`.

@@ -19,15 +19,20 @@
 //! # The request path
 //!
 //! 1. `proxy::routes` matches the path; auth and body-size limits apply.
-//! 2. `proxy::body` reads the body once and peeks `model` and `stream`.
+//! 2. `proxy::body` reads the body once and peeks `model` and `stream`
+//!    (`proxy::inspect` for zstd `/v1` bodies and multipart audio forms).
 //! 3. `fleet` admits the request: 404 for a model no backend ever listed,
 //!    503 when the queue is full.
 //! 4. The request takes a `Slot` on the best eligible backend, or waits in
-//!    the FIFO queue until a freed slot is handed to it.
+//!    the FIFO queue until a freed slot is handed to it (`proxy::course`: a
+//!    cloud model takes no slot, a continued Responses answer goes to the
+//!    backend that produced it, a backend that answered `server busy` stays
+//!    healthy and is tried again after a pause).
 //! 5. `proxy::forward` sends it; a failure before the first byte reached the
 //!    client marks the backend unhealthy and goes back to step 4 elsewhere.
 //! 6. The response streams back chunk by chunk; the `Slot` is released when
 //!    the body ends or the client goes away (which cancels the backend call).
+//!    An answer that ends without its terminal event is counted as broken.
 
 pub mod config;
 pub mod demo;

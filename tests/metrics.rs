@@ -597,6 +597,25 @@ async fn the_binary_logs_one_json_line_per_request() {
             .unwrap();
         let _ = r.text().await;
     }
+    // Anthropic and Responses answers: their usage gives the token counts,
+    // and a Responses stream that ends without `response.completed` is
+    // logged as broken.
+    let messages = serde_json::json!({"model": "llama3.2", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "log me"}]});
+    let cut = serde_json::json!({"model": "llama3.2", "input": "cut", "stream": true});
+    for (path, id, body, fault) in [
+        ("/v1/messages", "messages-1", messages, ""),
+        ("/v1/responses", "cut-1", cut, "mid_stream_error"),
+    ] {
+        let mut request = client
+            .post(format!("{url}{path}"))
+            .header("x-request-id", id)
+            .json(&body);
+        if !fault.is_empty() {
+            request = request.header("x-sim-fault", fault);
+        }
+        let _ = request.send().await.unwrap().text().await;
+    }
     let find = |id: &str| -> Option<Value> {
         lines.lock().unwrap().iter().find_map(|l| {
             let v: Value = serde_json::from_str(l).ok()?;
@@ -604,7 +623,9 @@ async fn the_binary_logs_one_json_line_per_request() {
         })
     };
     eventually(SECS, "both lines are logged", || async {
-        find("ok-1").is_some() && find("refused-1").is_some()
+        ["ok-1", "refused-1", "messages-1", "cut-1"]
+            .iter()
+            .all(|id| find(id).is_some())
     })
     .await;
     let _ = child.kill();
@@ -633,4 +654,13 @@ async fn the_binary_logs_one_json_line_per_request() {
     let refused = find("refused-1").unwrap();
     assert_eq!(refused["message"], "request refused", "{refused}");
     assert_eq!(refused["status"], 404);
+    let messages = find("messages-1").unwrap();
+    assert_eq!(messages["path"], "/v1/messages");
+    assert_eq!(messages["outcome"], "complete", "{messages}");
+    assert_eq!(messages["tokens_out"], 8, "{messages}");
+    assert!(messages["tokens_in"].as_u64().unwrap() > 0, "{messages}");
+    let cut = find("cut-1").unwrap();
+    assert_eq!(cut["path"], "/v1/responses");
+    assert_eq!(cut["status"], 200);
+    assert_eq!(cut["outcome"], "broken", "{cut}");
 }

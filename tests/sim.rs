@@ -100,7 +100,7 @@ async fn root_version_tags_ps_and_show_have_ollama_shapes() {
     assert_eq!(head.status(), 200);
     assert_eq!(
         get_json(&s, "/api/version").await,
-        json!({"version": "0.32.15"})
+        json!({"version": "0.33.0-rc2"})
     );
     let tags = get_json(&s, "/api/tags").await;
     let m = &tags["models"][0];
@@ -717,7 +717,7 @@ async fn start_delay_refuses_connections_first_and_lifetime_kills_the_server() {
         "refused while starting"
     );
     eventually("server up", || s.is_running()).await;
-    assert_eq!(get_json(&s, "/api/version").await["version"], "0.32.15");
+    assert_eq!(get_json(&s, "/api/version").await["version"], "0.33.0-rc2");
     eventually("server dead", || !s.is_running()).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while TcpStream::connect(s.addr()).await.is_ok() {

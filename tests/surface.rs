@@ -233,7 +233,10 @@ async fn fleet_views_merge_the_healthy_backends() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(proxy.get_json("/api/version").await["version"], "0.32.15");
+    assert_eq!(
+        proxy.get_json("/api/version").await["version"],
+        "0.33.0-rc2"
+    );
     let root = proxy.client.get(proxy.at("/")).send().await.unwrap();
     assert_eq!(root.text().await.unwrap(), "Ollama is running");
     let head = proxy.client.head(proxy.at("/")).send().await.unwrap();

@@ -1,7 +1,8 @@
 //! Client access control: with PROXY_API_KEYS set, every request but the
 //! liveness checks (`GET /`, `HEAD /`, `GET /__proxy/health`) needs
-//! `Authorization: Bearer <key>`. Keys are compared in constant time and
-//! never logged.
+//! `Authorization: Bearer <key>`, or `x-api-key: <key>` as Anthropic clients
+//! send it. Keys are compared in constant time and never logged; neither
+//! header reaches a backend.
 
 use axum::extract::Request;
 use axum::response::Response;
@@ -29,6 +30,21 @@ pub fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
     keys.iter().fold(0u8, |found, key| {
         found | token.ct_eq(key.as_bytes()).unwrap_u8()
     }) == 1
+}
+
+/// Whether the request carries one of `keys`, as a bearer token or as
+/// Anthropic's `x-api-key`.
+pub fn client_key_matches(headers: &HeaderMap, keys: &[String]) -> bool {
+    let api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().as_bytes())
+        .is_some_and(|token| {
+            keys.iter().fold(0u8, |found, key| {
+                found | token.ct_eq(key.as_bytes()).unwrap_u8()
+            }) == 1
+        });
+    api_key | bearer_matches(headers, keys)
 }
 
 /// Paths open without a key: what a load balancer or `ollama` CLI heartbeat checks.
@@ -63,7 +79,7 @@ pub fn refusal(app: &App, request: &Request) -> Option<Response> {
     let keys = &app.args.api_keys;
     if keys.is_empty()
         || is_open(request.method(), request.uri().path())
-        || bearer_matches(request.headers(), keys)
+        || client_key_matches(request.headers(), keys)
         || is_admin_action_with_its_key(&admin_keys(app), request)
     {
         return None;
@@ -94,6 +110,17 @@ mod tests {
         assert!(!bearer_matches(&headers("Basic YWxwaGE="), &keys));
         assert!(!bearer_matches(&HeaderMap::new(), &keys));
         assert!(!bearer_matches(&headers("Bearer "), &keys));
+    }
+
+    #[test]
+    fn an_anthropic_x_api_key_counts_as_a_key() {
+        let keys = vec!["alpha".to_string()];
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "alpha".parse().unwrap());
+        assert!(client_key_matches(&h, &keys));
+        h.insert("x-api-key", "alph".parse().unwrap());
+        assert!(!client_key_matches(&h, &keys));
+        assert!(client_key_matches(&headers("Bearer alpha"), &keys));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Errors the proxy itself answers with, and their one rendering: the status,
 //! `Retry-After` where waiting helps, and the body in Ollama's shape
-//! (`{"error": "..."}`) or, on `/v1/*`, OpenAI's
-//! (`{"error": {"message", "type", "param", "code"}}`).
+//! (`{"error": "..."}`), on `/v1/*` OpenAI's
+//! (`{"error": {"message", "type", "param", "code"}}`), and on `/v1/messages`
+//! Anthropic's (`{"type": "error", "error": {"type", "message"}, "request_id"}`).
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -14,12 +15,16 @@ pub enum Api {
     Ollama,
     /// `/v1/*`: OpenAI's shape.
     OpenAi,
+    /// `/v1/messages`: Anthropic's shape.
+    Anthropic,
 }
 
 impl Api {
     /// The family of a request path.
     pub fn of(path: &str) -> Self {
-        if path.starts_with("/v1/") {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Self::Anthropic
+        } else if path.starts_with("/v1/") {
             Self::OpenAi
         } else {
             Self::Ollama
@@ -74,6 +79,12 @@ pub enum ProxyError {
     /// The proxy is shutting down.
     #[error("corral is shutting down")]
     ShuttingDown,
+    /// Account endpoints (`/api/me`, `/api/signout`, user keys).
+    #[error("account endpoints are disabled on this proxy: sign-in state belongs to each backend")]
+    Account,
+    /// A `previous_response_id` whose backend is gone.
+    #[error("previous_response_id was not found or has expired; resend the full conversation")]
+    PreviousResponseGone,
 }
 
 impl ProxyError {
@@ -82,8 +93,10 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) | Self::StreamingRefused => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::ModelManagement(_) | Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelManagement(_) | Self::Forbidden(_) | Self::Account => StatusCode::FORBIDDEN,
+            Self::UnknownModel(_) | Self::NotFound(_) | Self::PreviousResponseGone => {
+                StatusCode::NOT_FOUND
+            }
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::AllAttemptsFailed(_) => StatusCode::BAD_GATEWAY,
@@ -107,8 +120,22 @@ impl ProxyError {
     pub fn render(&self, api: Api) -> Response {
         let status = self.status();
         let message = self.to_string();
+        if matches!(self, Self::PreviousResponseGone) {
+            // Exactly the answer of the backend that no longer has it.
+            return (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                format!("{}\n", super::responses::NOT_FOUND_BODY),
+            )
+                .into_response();
+        }
         let body = match api {
             Api::Ollama => json!({ "error": message }),
+            Api::Anthropic => json!({
+                "type": "error",
+                "error": { "type": anthropic_type(status), "message": message },
+                "request_id": format!("req_{:024x}", rand::random::<u128>() >> 32),
+            }),
             Api::OpenAi => json!({ "error": {
                 "message": message,
                 "type": openai_type(status),
@@ -144,6 +171,19 @@ fn openai_type(status: StatusCode) -> &'static str {
     }
 }
 
+/// Anthropic's error `type` for a status, as Ollama's Anthropic layer sets it.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 408 | 413 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +211,28 @@ mod tests {
         let v = body_json(r).await;
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"]["param"].is_null() && v["error"]["code"].is_null());
+    }
+
+    #[tokio::test]
+    async fn messages_paths_get_the_anthropic_error_object() {
+        let r = ProxyError::QueueFull("MAX_QUEUE").render(Api::of("/v1/messages"));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let v = body_json(r).await;
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "overloaded_error");
+        let id = v["request_id"].as_str().unwrap();
+        assert!(id.starts_with("req_") && id.len() == 28, "{id}");
+        let v = body_json(ProxyError::Unauthorized.render(Api::Anthropic)).await;
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
+
+    #[tokio::test]
+    async fn a_gone_previous_response_gets_ollamas_404() {
+        let r = ProxyError::PreviousResponseGone.render(Api::of("/v1/responses"));
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let v = body_json(r).await;
+        assert_eq!(v["error"]["code"], "previous_response_not_found");
+        assert_eq!(v["error"]["param"], "previous_response_id");
     }
 
     #[test]

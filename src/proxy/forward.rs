@@ -11,6 +11,12 @@
 //!                     └─> mark backend unhealthy, exclude it, and acquire
 //!                         again, up to MAX_RETRIES times; then 502
 //! ```
+//!
+//! Variations: Ollama's 503 `server busy` leaves the backend healthy and
+//! does not count as a retry (when every backend left is busy, they are
+//! tried again after a short doubling pause, within QUEUE_TIMEOUT_SECONDS);
+//! cloud models take no slot ([`cloud`]); a Responses request that continues
+//! an earlier response goes to the backend that produced it ([`responses`]).
 
 use std::sync::Arc;
 
@@ -25,22 +31,27 @@ use tokio::time::Instant;
 
 use super::App;
 use super::body;
+use super::claim::Claim;
+use super::course::{Course, Refused, pinned_backend};
 use super::error::{Api, ProxyError};
 use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
-use crate::fleet::{AcquireError, Rejection, Slot, Want};
+use super::{cloud, inspect, responses};
+use crate::fleet::{AcquireError, Rejection, Target, Want};
 use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
 
 /// Endpoints that stream when `stream` is absent.
 const STREAM_BY_DEFAULT: [&str; 2] = ["/api/generate", "/api/chat"];
 /// Endpoints that can stream at all.
-const CAN_STREAM: [&str; 4] = [
+const CAN_STREAM: [&str; 6] = [
     "/api/generate",
     "/api/chat",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/messages",
+    "/v1/responses",
 ];
 
 /// Handles one routed request on `endpoint`.
@@ -98,23 +109,44 @@ async fn route(
         app.args.client_header_timeout,
     )
     .await?;
-    let peek = body::peek(&bytes)?;
+    let (peek, plain) =
+        inspect::peek(endpoint, &parts.headers, &bytes, app.args.max_body_bytes).await?;
     let bytes = apply_stream_rule(app.args.reject_streaming, endpoint, peek.stream, bytes)?;
     let model = peek.model.as_deref().map(ModelName::parse);
     *model_out = model.clone();
+    let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
+    let previous = match endpoint {
+        responses::ENDPOINT => responses::previous_id(plain.as_deref().unwrap_or(&bytes)),
+        _ => None,
+    };
+    let pin = match &previous {
+        Some(id) => pinned_backend(app, id)?,
+        None => None,
+    };
     let mut want = Want {
         model,
         tried: Vec::new(),
     };
+    let mut course = Course {
+        cloud,
+        pin,
+        busy: Vec::new(),
+        busy_rounds: 0,
+        deadline: started + app.args.queue_timeout,
+    };
     let mut attempts: u32 = 0;
+    let mut failures: u32 = 0;
     let mut queue_wait = std::time::Duration::ZERO;
     let mut last_error: Option<BackendError> = None;
     loop {
         let waited = Instant::now();
-        let slot = match app.fleet.acquire(want.clone(), bytes.len()).await {
-            Ok(slot) => slot,
-            Err(e) => return Err(refusal(app, e, peek.model.as_deref(), last_error.as_ref())),
-        };
+        let claim = course
+            .claim(app, &mut want, bytes.len(), attempts, last_error.as_ref())
+            .await
+            .map_err(|e| match e {
+                Refused::Now(error) => error,
+                Refused::Acquire(e) => refusal(app, e, peek.model.as_deref(), last_error.as_ref()),
+            })?;
         let wait = waited.elapsed();
         queue_wait += wait;
         app.metrics.queue_waited(wait);
@@ -122,9 +154,12 @@ async fn route(
         if attempts > 1 {
             app.metrics.retries.inc();
         }
-        let backend = Arc::clone(&slot.target().label);
+        let backend = Arc::clone(&claim.target().label);
         app.metrics.backend_attempted(&backend);
-        match attempt(app, &slot, &parts, bytes.clone(), want.model.as_ref()).await {
+        // A 404 is the backend's own answer, not a stale model list, for
+        // cloud models and for continued responses (known to corral or not).
+        let listed = want.model.as_ref().filter(|_| !cloud && previous.is_none());
+        match attempt(app, claim.target(), &parts, bytes.clone(), listed).await {
             Ok((head, rest, first)) => {
                 // A backend that listed the model took it: it is known.
                 let model_label = want.model.as_ref().map_or("none", ModelName::display);
@@ -148,24 +183,37 @@ async fn route(
                     .get_or_create(&EndpointLabels { endpoint })
                     .observe(started.elapsed().as_secs_f64());
                 tracing::debug!(endpoint, %backend, attempts, queue_wait_ms = queue_wait.as_millis() as u64, status = head.status.as_u16(), "answering");
+                if endpoint == responses::ENDPOINT && head.status.is_success() {
+                    if let Some(id) = first.as_deref().and_then(responses::response_id) {
+                        app.responses.remember(id, claim.target().id.clone());
+                    }
+                }
                 return Ok(respond(
-                    app, head, rest, first, slot, ledger, attempts, queue_wait,
+                    app, head, rest, first, claim, ledger, attempts, queue_wait,
                 ));
             }
             Err(error) => {
                 tracing::warn!(endpoint, %backend, attempt = attempts, error = %error, "attempt failed");
                 app.metrics.backend_failed(&backend, error.kind().label());
+                let id = claim.target().id.clone();
                 match (error.kind(), &want.model) {
+                    // Its own queue is full: it stays healthy, and this
+                    // attempt does not count against MAX_RETRIES.
+                    (FailureKind::Busy, _) => course.busy.push(id.clone()),
                     (FailureKind::ModelMissing, Some(model)) => {
-                        app.fleet.forget_model(&slot.target().id, model);
+                        app.fleet.forget_model(&id, model);
                     }
-                    _ => app.fleet.mark_failed(&slot.target().id, error.to_string()),
+                    _ if claim.owns_failures() => app.fleet.mark_failed(&id, error.to_string()),
+                    _ => {}
                 }
-                want.tried.push(slot.target().id.clone());
-                drop(slot);
+                want.tried.push(id);
+                drop(claim);
+                if error.kind() != FailureKind::Busy {
+                    failures += 1;
+                }
                 let retryable = error.is_retryable();
                 last_error = Some(error);
-                if !retryable || attempts > app.args.max_retries {
+                if !retryable || failures > app.args.max_retries {
                     let detail = last_error.map(|e| e.to_string()).unwrap_or_default();
                     return Err(ProxyError::AllAttemptsFailed(format!(
                         "{attempts} attempt(s), last: {detail}"
@@ -247,12 +295,11 @@ fn refusal(
 /// stale (another server now listens on its port): retried elsewhere.
 async fn attempt(
     app: &App,
-    slot: &Slot,
+    target: &Target,
     parts: &Parts,
     body: Bytes,
     model: Option<&ModelName>,
 ) -> Result<(http::response::Parts, Incoming, Option<Bytes>), BackendError> {
-    let target = slot.target();
     let root = http::uri::PathAndQuery::from_static("/");
     let path = parts.uri.path_and_query().unwrap_or(&root);
     let response = app
@@ -307,7 +354,7 @@ fn respond(
     mut head: http::response::Parts,
     rest: Incoming,
     first: Option<Bytes>,
-    slot: Slot,
+    slot: Claim,
     ledger: Ledger,
     attempts: u32,
     queue_wait: std::time::Duration,

@@ -9,10 +9,16 @@ mod admin;
 mod aggregate;
 mod auth;
 mod body;
+mod claim;
+mod cloud;
+mod course;
 mod dashboard;
 pub mod error;
 mod forward;
 pub mod history;
+mod inspect;
+mod passthrough;
+pub mod responses;
 mod routes;
 mod stream;
 pub mod upstream;
@@ -56,6 +62,8 @@ pub struct App {
     pub history: Arc<History>,
     /// Backends that registered themselves, and their leases.
     pub registry: Arc<Registry>,
+    /// Which backend produced which Responses answer.
+    pub responses: responses::Owners,
 }
 
 impl App {
@@ -73,6 +81,7 @@ impl App {
             started: tokio::time::Instant::now(),
             history: Arc::new(History::default()),
             registry: Arc::default(),
+            responses: responses::Owners::default(),
             args,
         }
     }

@@ -11,10 +11,10 @@ use axum::routing::{MethodRouter, any, delete, get, post};
 use http::{HeaderValue, StatusCode};
 
 use super::error::{Api, ProxyError};
-use super::{App, admin, aggregate, auth, dashboard, forward};
+use super::{App, admin, aggregate, auth, dashboard, forward, passthrough};
 
 /// Endpoints routed to one backend, chosen per request.
-pub const ROUTED: [&str; 8] = [
+pub const ROUTED: [&str; 12] = [
     "/api/generate",
     "/api/chat",
     "/api/embed",
@@ -23,6 +23,10 @@ pub const ROUTED: [&str; 8] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/messages",
+    "/v1/responses",
+    "/v1/audio/transcriptions",
+    "/v1/audio/speech",
 ];
 
 /// The whole router.
@@ -40,6 +44,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/copy", management("copying models"))
         .route("/api/delete", management("deleting models"))
         .route("/api/blobs/{digest}", management("uploading blobs"))
+        .route("/api/status", get(passthrough::forward))
+        .route("/api/experimental/{*rest}", any(passthrough::forward))
+        .route("/api/me", account())
+        .route("/api/signout", account())
+        .route("/api/user/keys/{key}", account())
         .route("/__proxy", get(dashboard::redirect))
         .route("/__proxy/", get(dashboard::page))
         .route("/__proxy/stats", get(dashboard::stats))
@@ -70,6 +79,11 @@ fn management(what: &'static str) -> MethodRouter<Arc<App>> {
     any(move |request: Request| async move {
         ProxyError::ModelManagement(what).render(Api::of(request.uri().path()))
     })
+}
+
+/// Account endpoints answer 403: sign-in state belongs to each backend.
+fn account() -> MethodRouter<Arc<App>> {
+    any(|| async { ProxyError::Account.render(Api::Ollama) })
 }
 
 /// Unknown paths, as Ollama answers them.

@@ -1,9 +1,12 @@
-//! The response body relayed to the client. It owns the request's [`Slot`]
-//! until the backend's body ends or the client goes away (dropping it closes
+//! The response body relayed to the client. It owns the request's
+//! [`Claim`] (its slot) until the backend's body ends or the client goes away (dropping it closes
 //! the backend connection, which stops the generation), passes every chunk on
 //! as it arrives, and ends a stream that breaks after its first byte the way
 //! the client can see: an `{"error": ...}` line for NDJSON, an error event for
-//! SSE, an aborted connection for a plain body.
+//! SSE, an aborted connection for a plain body. A body that ends cleanly but
+//! is not a whole answer (an `{"error": ...}` line under a 200, an SSE stream
+//! without its terminal event) is counted as broken and relayed as it is:
+//! corral never invents a terminal event.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::fleet::Slot;
+use super::claim::Claim;
 use crate::metrics::{EndpointLabels, Metrics};
 
 /// How a response body is framed, from its `Content-Type`.
@@ -44,10 +47,21 @@ impl Framing {
         }
     }
 
-    /// The last chunk that tells the client the stream broke, if the framing has one.
-    fn error_chunk(self, message: &str) -> Option<Bytes> {
+    /// The last chunk that tells the client the stream broke, if the
+    /// framing has one: an `{"error"}` line, an error event in the shape of
+    /// the endpoint's API (Anthropic's and the Responses API's own `error`
+    /// events; OpenAI's error object elsewhere). Never a terminal event.
+    fn error_chunk(self, endpoint: &str, message: &str) -> Option<Bytes> {
         match self {
             Self::Ndjson => Some(Bytes::from(format!("{}\n", json!({ "error": message })))),
+            Self::Sse if endpoint == "/v1/messages" => {
+                let event = json!({ "type": "error", "error": { "type": "api_error", "message": message } });
+                Some(Bytes::from(format!("event: error\ndata: {event}\n\n")))
+            }
+            Self::Sse if endpoint == "/v1/responses" => {
+                let event = json!({ "type": "error", "code": "api_error", "message": message, "param": null });
+                Some(Bytes::from(format!("event: error\ndata: {event}\n\n")))
+            }
             Self::Sse => {
                 let event = json!({ "error": { "message": message, "type": "api_error", "param": null, "code": null } });
                 Some(Bytes::from(format!("data: {event}\n\n")))
@@ -194,7 +208,8 @@ pub struct TokenCounts {
 impl TokenCounts {
     /// Finds the last counts in the end of a body: `prompt_eval_count`,
     /// `eval_count`, `eval_duration` (Ollama), or `prompt_tokens`,
-    /// `completion_tokens` (OpenAI usage).
+    /// `completion_tokens` (OpenAI usage), `input_tokens`, `output_tokens`
+    /// (Anthropic Messages and OpenAI Responses usage).
     pub fn find(tail: &[u8]) -> Self {
         // Searched as bytes: this runs once per request, and a UTF-8 check
         // and copy of the tail showed in the profile of small requests.
@@ -211,9 +226,11 @@ impl TokenCounts {
         };
         let prompt = last(b"\"prompt_eval_count\"")
             .or_else(|| last(b"\"prompt_tokens\""))
+            .or_else(|| last(b"\"input_tokens\""))
             .unwrap_or(0);
         let generated = last(b"\"eval_count\"")
             .or_else(|| last(b"\"completion_tokens\""))
+            .or_else(|| last(b"\"output_tokens\""))
             .unwrap_or(0);
         Self {
             prompt,
@@ -227,7 +244,7 @@ impl TokenCounts {
 pub struct Relay {
     body: Incoming,
     first: Option<Bytes>,
-    slot: Option<Slot>,
+    slot: Option<Claim>,
     framing: Framing,
     read_timeout: Duration,
     ended: bool,
@@ -239,7 +256,7 @@ impl Relay {
     pub fn new(
         body: Incoming,
         first: Option<Bytes>,
-        slot: Slot,
+        slot: Claim,
         framing: Framing,
         read_timeout: Duration,
         ledger: Ledger,
@@ -317,6 +334,25 @@ impl Relay {
     fn finish(&mut self) {
         self.ended = true;
         self.ledger.outcome = Outcome::Complete;
+        if !is_whole(self.ledger.endpoint, self.framing, &self.ledger.tail) {
+            self.ledger.outcome = Outcome::Broken;
+            let backend = self.slot.as_ref().map(|s| Arc::clone(&s.target().label));
+            tracing::warn!(
+                backend = backend.as_deref().unwrap_or_default(),
+                endpoint = self.ledger.endpoint,
+                "answer ended without its terminal event or with an error line"
+            );
+            if let Some(backend) = &backend {
+                self.ledger.metrics.backend_failed(backend, "broken_answer");
+            }
+            self.ledger
+                .metrics
+                .stream_errors
+                .get_or_create(&EndpointLabels {
+                    endpoint: self.ledger.endpoint,
+                })
+                .inc();
+        }
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
             slot.finish();
@@ -338,11 +374,52 @@ impl Relay {
                 endpoint: self.ledger.endpoint,
             })
             .inc();
-        slot.fleet().mark_failed(&slot.target().id, message.clone());
+        if slot.owns_failures() {
+            slot.fleet().mark_failed(&slot.target().id, message.clone());
+        }
         drop(slot);
-        match self.framing.error_chunk(&message) {
+        match self.framing.error_chunk(self.ledger.endpoint, &message) {
             Some(chunk) => Some(Ok(chunk)),
             None => Some(Err(std::io::Error::other(message))),
+        }
+    }
+}
+
+/// Whether a body that ended cleanly is a whole answer: no `{"error": ...}`
+/// as the last NDJSON line, and the terminal event of the endpoint's SSE
+/// stream (`data: [DONE]`, Anthropic's `message_stop`, Responses'
+/// `response.completed` or `response.failed`) at its end.
+pub fn is_whole(endpoint: &str, framing: Framing, tail: &[u8]) -> bool {
+    let trimmed = tail.trim_ascii_end();
+    match framing {
+        Framing::Plain => true,
+        Framing::Ndjson => {
+            let last = trimmed
+                .rsplit(|b| *b == b'\n')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii_start();
+            !last.starts_with(b"{\"error\"")
+        }
+        Framing::Sse => {
+            let last_event = |name: &[u8]| {
+                let mut needle = b"event: ".to_vec();
+                needle.extend_from_slice(name);
+                let Some(at) = trimmed.windows(needle.len()).rposition(|w| w == needle) else {
+                    return false;
+                };
+                // Nothing but that event's own data after it.
+                !trimmed[at + needle.len()..]
+                    .windows(7)
+                    .any(|w| w == b"event: ")
+            };
+            match endpoint {
+                "/v1/messages" => last_event(b"message_stop"),
+                "/v1/responses" => {
+                    last_event(b"response.completed") || last_event(b"response.failed")
+                }
+                _ => trimmed.ends_with(b"data: [DONE]"),
+            }
         }
     }
 }
@@ -350,6 +427,39 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_answers_end_with_their_terminal_event() {
+        let done = b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        assert!(is_whole("/v1/chat/completions", Framing::Sse, done));
+        assert!(!is_whole(
+            "/v1/chat/completions",
+            Framing::Sse,
+            b"data: {\"choices\":[]}\n\n"
+        ));
+        let stop = b"event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(is_whole("/v1/messages", Framing::Sse, stop));
+        assert!(!is_whole(
+            "/v1/messages",
+            Framing::Sse,
+            b"event: content_block_delta\ndata: {}\n\n"
+        ));
+        let completed = b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n";
+        assert!(is_whole("/v1/responses", Framing::Sse, completed));
+        let cut = b"event: response.output_text.delta\ndata: {\"delta\":\"x\"}\n\n";
+        assert!(!is_whole("/v1/responses", Framing::Sse, cut));
+        assert!(is_whole(
+            "/api/chat",
+            Framing::Ndjson,
+            b"{\"done\":false}\n{\"done\":true}\n"
+        ));
+        assert!(!is_whole(
+            "/api/chat",
+            Framing::Ndjson,
+            b"{\"done\":false}\n{\"error\":\"boom\"}\n"
+        ));
+        assert!(is_whole("/v1/audio/speech", Framing::Plain, b"RIFF"));
+    }
 
     #[test]
     fn counts_come_from_the_final_ollama_chunk() {
@@ -385,11 +495,22 @@ data: [DONE]
 
     #[test]
     fn error_chunks_fit_their_framing() {
-        let line = Framing::Ndjson.error_chunk("boom").unwrap();
+        let line = Framing::Ndjson.error_chunk("/api/chat", "boom").unwrap();
         assert_eq!(&line[..], b"{\"error\":\"boom\"}\n");
-        let event = Framing::Sse.error_chunk("boom").unwrap();
+        let event = Framing::Sse
+            .error_chunk("/v1/chat/completions", "boom")
+            .unwrap();
         assert!(event.starts_with(b"data: {\"error\":{") && event.ends_with(b"\n\n"));
-        assert!(Framing::Plain.error_chunk("boom").is_none());
+        let event = Framing::Sse.error_chunk("/v1/messages", "boom").unwrap();
+        assert!(event.starts_with(b"event: error\ndata: {") && event.ends_with(b"\n\n"));
+        assert!(!is_whole("/v1/messages", Framing::Sse, &event));
+        let event = Framing::Sse.error_chunk("/v1/responses", "boom").unwrap();
+        assert!(!is_whole("/v1/responses", Framing::Sse, &event));
+        assert!(
+            Framing::Plain
+                .error_chunk("/v1/audio/speech", "boom")
+                .is_none()
+        );
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub enum FailureKind {
     Reset,
     /// A 5xx status.
     Status5xx,
+    /// Ollama's 503 `server busy`: its own queue is full. Not a health
+    /// failure: the request goes elsewhere or waits.
+    Busy,
     /// The response could not be read.
     Body,
     /// 404 for a model the backend listed: another server took its port
@@ -53,6 +56,7 @@ impl FailureKind {
             Self::Timeout => "timeout",
             Self::Reset => "reset",
             Self::Status5xx => "status_5xx",
+            Self::Busy => "busy",
             Self::Body => "body",
             Self::ModelMissing => "model_missing",
         }
@@ -178,16 +182,41 @@ impl Upstream {
                 )
             })?
             .map_err(|e| classify(target, &e))?;
-        if response.status().is_server_error() {
+        let status = response.status();
+        if status.is_server_error() {
+            if status == http::StatusCode::SERVICE_UNAVAILABLE && self.is_busy(response).await {
+                return Err(BackendError::new(
+                    FailureKind::Busy,
+                    target,
+                    "server busy: its own queue is full (503)",
+                ));
+            }
             return Err(BackendError::new(
                 FailureKind::Status5xx,
                 target,
-                format!("answered {}", response.status()),
+                format!("answered {status}"),
             ));
         }
         Ok(response)
     }
+
+    /// Whether a 503 is Ollama's `server busy, please try again.  maximum
+    /// pending requests exceeded` (a short body, read with the read timeout).
+    async fn is_busy(&self, response: Response<Incoming>) -> bool {
+        use http_body_util::BodyExt;
+        let body = http_body_util::Limited::new(response.into_body(), 4096).collect();
+        match tokio::time::timeout(self.read_timeout, body).await {
+            Ok(Ok(body)) => {
+                let body = body.to_bytes();
+                body.windows(BUSY.len()).any(|w| w == BUSY)
+            }
+            _ => false,
+        }
+    }
 }
+
+/// The start of Ollama's busy message.
+const BUSY: &[u8] = b"server busy, please try again.";
 
 /// Request headers a backend must not get: its `Host` is set anew, the body
 /// length is recomputed, the proxy's credentials stay with the proxy, and a
@@ -196,6 +225,7 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
     name == header::HOST
         || name == header::CONTENT_LENGTH
         || name == header::AUTHORIZATION
+        || name == "x-api-key"
         || name == header::ORIGIN
         || name == header::ACCEPT_ENCODING
 }
@@ -234,6 +264,7 @@ mod tests {
             header::AUTHORIZATION,
             header::ORIGIN,
             header::CONTENT_LENGTH,
+            HeaderName::from_static("x-api-key"),
         ] {
             assert!(is_dropped_request_header(&name), "{name}");
         }

@@ -164,7 +164,7 @@ fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
 }
 
 /// The fault of this request: the `x-sim-fault` header, else the plan.
-fn pick_fault(state: &ServerState, headers: &HeaderMap) -> Option<Fault> {
+pub(crate) fn pick_fault(state: &ServerState, headers: &HeaderMap) -> Option<Fault> {
     let n = state.inference_seq.fetch_add(1, Ordering::Relaxed);
     let header = headers
         .get("x-sim-fault")

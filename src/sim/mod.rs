@@ -11,6 +11,10 @@
 //! - `sched`: slots, load queue, keep-alive. `name`: model-name matching.
 //! - [`generate`]: deterministic tokens and embeddings, wire shapes.
 //! - [`faults`]: the deterministic fault plan. [`stats`]: the counters.
+//! - `messages` (Anthropic), `responses` (OpenAI Responses, with per-server
+//!   history), `audio` (transcriptions, speech): the newer endpoints, on
+//!   `turn` (one generated turn); `cloud`: cloud names and access, zstd
+//!   bodies, `/api/status`.
 //!
 //! A request: count it and check `Host` → parse and validate (exact Ollama
 //! errors) → pick a fault → take a slot (loading the model through the load
@@ -19,16 +23,21 @@
 //! the slot and counts a cancel.
 
 mod answer;
+mod audio;
+mod cloud;
 pub mod faults;
 pub mod generate;
 mod inference;
+mod messages;
 mod name;
 mod reply;
+mod responses;
 mod routes;
 mod sched;
 pub mod server;
 pub mod spec;
 pub mod stats;
+mod turn;
 
 use std::future::Future;
 use std::io::Write;
@@ -42,7 +51,7 @@ use crate::config::SimArgs;
 pub use faults::Fault;
 pub use generate::{expected_embedding, expected_text, expected_tokens};
 pub use server::SimServer;
-pub use spec::{FaultSpec, FleetSpec, ModelSpec, ServerSpec};
+pub use spec::{CloudAccess, FaultSpec, FleetSpec, ModelSpec, ServerSpec};
 pub use stats::Stats;
 
 /// Starts one server per listener, `specs[i]` on `listeners[i]`.
@@ -70,7 +79,7 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
     } else {
         Duration::ZERO
     };
-    ServerSpec {
+    let spec = ServerSpec {
         models: args.models.iter().map(|m| ModelSpec::named(m)).collect(),
         loaded: args.loaded.clone(),
         parallel: args.parallel,
@@ -97,6 +106,17 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
             start_delay: args.start_delay,
         },
         ..ServerSpec::default()
+    };
+    ServerSpec {
+        version: args.ollama_version.clone(),
+        cloud_models: args.cloud_models.clone(),
+        cloud: match args.cloud.as_str() {
+            "signed-out" => spec::CloudAccess::SignedOut,
+            "disabled" => spec::CloudAccess::Disabled,
+            "rate-limited" => spec::CloudAccess::RateLimited,
+            _ => spec::CloudAccess::SignedIn,
+        },
+        ..spec
     }
 }
 

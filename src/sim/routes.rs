@@ -18,11 +18,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::generate::local_rfc3339;
-use super::inference;
 use super::name::Name;
 use super::reply::{self, Shape, native_json, text, v1_json};
 use super::server::ServerState;
 use super::spec::ModelSpec;
+use super::{audio, cloud, inference, messages, responses};
 
 type St = State<Arc<ServerState>>;
 
@@ -46,6 +46,11 @@ pub(crate) fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/chat/completions", post(inference::v1_chat))
         .route("/v1/completions", post(inference::v1_completions))
         .route("/v1/embeddings", post(inference::v1_embeddings))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/responses", post(responses::responses))
+        .route("/v1/audio/transcriptions", post(audio::transcriptions))
+        .route("/v1/audio/speech", post(audio::speech))
+        .route("/api/status", get(cloud::status))
         .route("/v1/models", get(v1_models))
         .route("/v1/models/{model}", get(v1_model))
         .route("/__sim/stats", get(sim_stats))
@@ -53,6 +58,7 @@ pub(crate) fn router(state: Arc<ServerState>) -> Router {
         .method_not_allowed_fallback(|| async {
             text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed")
         })
+        .layer(middleware::from_fn_with_state(state.clone(), cloud::layer))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_and_check,
@@ -167,6 +173,7 @@ async fn tags(State(state): St) -> Response {
                 "capabilities": capabilities(m),
             })
         })
+        .chain(cloud::tag_entries(&state))
         .collect();
     native_json(StatusCode::OK, &json!({ "models": models }))
 }

@@ -34,6 +34,8 @@ pub(crate) struct ServerState {
     pub sched: Arc<Scheduler>,
     /// Host check applies (check_host and a loopback listener).
     pub check_host: bool,
+    /// The Responses this server keeps for `previous_response_id`.
+    pub responses: super::responses::History,
 }
 
 impl ServerState {
@@ -72,6 +74,7 @@ impl ServerState {
             counters: Counters::default(),
             inference_seq: AtomicU64::new(0),
             sched,
+            responses: Default::default(),
             spec,
         }
     }

@@ -65,6 +65,25 @@ pub struct ServerSpec {
     pub check_host: bool,
     /// Injected faults.
     pub faults: FaultSpec,
+    /// Cloud stubs `/api/tags` lists (`gpt-oss:120b-cloud`), with `remote_host`.
+    pub cloud_models: Vec<String>,
+    /// What the server answers for cloud models.
+    pub cloud: CloudAccess,
+}
+
+/// A server's access to ollama.com.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudAccess {
+    /// Signed in: cloud models answer (without a local slot).
+    #[default]
+    SignedIn,
+    /// Not signed in: 401 `unauthorized` with a `signin_url`.
+    SignedOut,
+    /// `OLLAMA_NO_CLOUD` or `disable_ollama_cloud`: 403.
+    Disabled,
+    /// ollama.com answers 429.
+    RateLimited,
 }
 
 impl Default for ServerSpec {
@@ -80,9 +99,11 @@ impl Default for ServerSpec {
             tokens: 16,
             embedding_dim: 16,
             seed: 0,
-            version: "0.32.15".into(),
+            version: "0.33.0-rc2".into(),
             check_host: true,
             faults: FaultSpec::default(),
+            cloud_models: Vec::new(),
+            cloud: CloudAccess::default(),
         }
     }
 }

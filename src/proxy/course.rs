@@ -1,0 +1,129 @@
+//! Where a routed request may go next: a backend slot from the fleet, a
+//! backend without a slot for a cloud model (`cloud.rs`), only the backend
+//! that produced the response a Responses request continues (`responses.rs`),
+//! and, once every backend left has answered Ollama's 503 `server busy`, the
+//! same backends again after a pause that doubles, within
+//! QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its queue is full).
+
+use tokio::time::Instant;
+
+use super::App;
+use super::claim::Claim;
+use super::cloud;
+use super::error::ProxyError;
+use super::upstream::BackendError;
+use crate::fleet::{AcquireError, BackendId, Rejection, Want};
+
+/// Where a request may still go: a cloud model takes no slot, a continued
+/// response only its own backend, and backends that answered `server busy`
+/// are tried again after a pause once no other is left.
+pub struct Course {
+    /// A cloud model: no slot.
+    pub cloud: bool,
+    /// The backend a continued response must go to.
+    pub pin: Option<BackendId>,
+    /// Backends that answered busy since the last pause.
+    pub busy: Vec<BackendId>,
+    /// Pauses taken so far.
+    pub busy_rounds: u32,
+    /// QUEUE_TIMEOUT_SECONDS after arrival.
+    pub deadline: Instant,
+}
+
+/// Why no backend was claimed.
+pub enum Refused {
+    /// The answer is decided.
+    Now(ProxyError),
+    /// The fleet turned the request away; [`refusal`] says how.
+    Acquire(AcquireError),
+}
+
+impl Course {
+    /// The next backend to try, held by a slot or (cloud) not.
+    pub async fn claim(
+        &mut self,
+        app: &App,
+        want: &mut Want,
+        bytes: usize,
+        attempts: u32,
+        last: Option<&BackendError>,
+    ) -> Result<Claim, Refused> {
+        loop {
+            if let Some(pin) = &self.pin {
+                // Every other backend counts as tried: the request waits for
+                // this one, and is turned away when it is gone.
+                app.fleet.read(|s| {
+                    for id in s.backends().keys() {
+                        if id != pin && !want.tried.contains(id) {
+                            want.tried.push(id.clone());
+                        }
+                    }
+                });
+            }
+            let claimed = if self.cloud {
+                cloud::pick(&app.fleet, want.model.as_ref(), &want.tried)
+                    .map(|target| Claim::Unslotted {
+                        fleet: app.fleet.clone(),
+                        target,
+                    })
+                    .ok_or(AcquireError::Rejected(Rejection::Exhausted))
+            } else {
+                app.fleet
+                    .acquire(want.clone(), bytes)
+                    .await
+                    .map(Claim::Slot)
+            };
+            match claimed {
+                Ok(claim) => return Ok(claim),
+                Err(AcquireError::Rejected(Rejection::Exhausted)) => {}
+                Err(e) => return Err(Refused::Acquire(e)),
+            }
+            if !self.busy.is_empty() {
+                // Every backend left is busy: try them again after a pause
+                // that doubles (25 ms up to 0.8 s), within the queue timeout.
+                let pause = std::time::Duration::from_millis(25 << self.busy_rounds.min(5));
+                self.busy_rounds += 1;
+                if Instant::now() + pause >= self.deadline {
+                    app.metrics.rejected("queue_timeout");
+                    let secs = app.args.queue_timeout.as_secs();
+                    return Err(Refused::Now(ProxyError::QueueTimeout(secs)));
+                }
+                want.tried.retain(|id| !self.busy.contains(id));
+                self.busy.clear();
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            if self.pin.is_some() {
+                app.metrics.rejected("previous_response_gone");
+                return Err(Refused::Now(ProxyError::PreviousResponseGone));
+            }
+            if self.cloud && attempts == 0 && last.is_none() {
+                app.metrics.rejected("no_healthy_backend");
+                return Err(Refused::Now(ProxyError::NoHealthyBackend));
+            }
+            return Err(Refused::Acquire(AcquireError::Rejected(
+                Rejection::Exhausted,
+            )));
+        }
+    }
+}
+
+/// The backend a Responses request must go to: the one that produced its
+/// `previous_response_id`, if corral relayed that answer; a 404 at once when
+/// that backend is gone. An id corral never saw goes anywhere (the backend
+/// answers for itself).
+pub fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, ProxyError> {
+    let Some(owner) = app.responses.owner(previous) else {
+        return Ok(None);
+    };
+    let alive = app.fleet.read(|s| {
+        s.backends()
+            .get(&owner)
+            .is_some_and(|b| b.healthy && !b.draining)
+    });
+    if !alive {
+        app.metrics.rejected("previous_response_gone");
+        return Err(ProxyError::PreviousResponseGone);
+    }
+    Ok(Some(owner))
+}

@@ -1,0 +1,65 @@
+//! Endpoints that use no GPU (`GET /api/status`, `/api/experimental/*`):
+//! sent to a healthy backend without taking a slot, the answer relayed as it
+//! comes; a backend that cannot be reached is passed over for another.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+
+use super::App;
+use super::body;
+use super::cloud;
+use super::error::{Api, ProxyError};
+use super::upstream::strip_hop_by_hop;
+
+/// Forwards the request to a healthy backend.
+pub async fn forward(State(app): State<Arc<App>>, request: Request) -> Response {
+    match relay(&app, request).await {
+        Ok(response) => response,
+        Err(e) => e.render(Api::Ollama),
+    }
+}
+
+async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
+    let (parts, body) = request.into_parts();
+    let bytes = body::read(
+        &parts.headers,
+        body,
+        app.args.max_body_bytes,
+        app.args.client_header_timeout,
+    )
+    .await?;
+    let root = http::uri::PathAndQuery::from_static("/");
+    let path = parts.uri.path_and_query().unwrap_or(&root);
+    let mut tried = Vec::new();
+    let mut last = None;
+    while tried.len() <= app.args.max_retries as usize {
+        let Some(target) = cloud::pick(&app.fleet, None, &tried) else {
+            break;
+        };
+        let sent = app
+            .upstream
+            .send(&target, &parts.method, path, &parts.headers, bytes.clone())
+            .await;
+        match sent {
+            Ok(response) => {
+                let (mut head, rest) = response.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                head.headers
+                    .insert("x-corral-backend", target.header.clone());
+                return Ok(Response::from_parts(head, Body::new(rest)));
+            }
+            Err(e) => {
+                tracing::warn!(path = parts.uri.path(), error = %e, "pass-through attempt failed");
+                tried.push(target.id.clone());
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        None => ProxyError::NoHealthyBackend,
+        Some(e) => ProxyError::AllAttemptsFailed(format!("{} attempt(s), last: {e}", tried.len())),
+    })
+}
