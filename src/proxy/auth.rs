@@ -1,7 +1,7 @@
 //! Client access control: with PROXY_API_KEYS set, every request but the
 //! liveness checks (`GET /`, `HEAD /`, `GET /__proxy/health`) needs
 //! `Authorization: Bearer <key>`. Keys are compared in constant time and
-//! never logged.
+//! never logged; the key that matched names the request's tenant.
 
 use axum::extract::Request;
 use axum::response::Response;
@@ -11,24 +11,38 @@ use subtle::ConstantTimeEq;
 use super::App;
 use super::error::{Api, ProxyError};
 
-/// Whether the request's bearer token is one of `keys`. Every key is compared,
-/// each in constant time, so timing tells nothing about which one matched or
-/// how much of one did.
-pub fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
-    let Some(token) = headers
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
-        })
-    else {
-        return false;
-    };
-    let token = token.trim().as_bytes();
-    keys.iter().fold(0u8, |found, key| {
-        found | token.ct_eq(key.as_bytes()).unwrap_u8()
-    }) == 1
+        })?;
+    Some(token.trim().as_bytes())
+}
+
+/// Which of `keys` the request's bearer token is. Every key is compared,
+/// each in constant time, so timing tells nothing about which one matched or
+/// how much of one did.
+pub fn matching_key<'k>(
+    headers: &HeaderMap,
+    keys: impl Iterator<Item = &'k str>,
+) -> Option<usize> {
+    let token = bearer(headers)?;
+    let mut found: Option<usize> = None;
+    for (i, key) in keys.enumerate() {
+        let hit = token.ct_eq(key.as_bytes()).unwrap_u8() == 1;
+        if hit && found.is_none() {
+            found = Some(i);
+        }
+    }
+    found
+}
+
+/// Whether the request's bearer token is one of `keys`.
+pub fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
+    matching_key(headers, keys.iter().map(String::as_str)).is_some()
 }
 
 /// Paths open without a key: what a load balancer or `ollama` CLI heartbeat checks.
@@ -54,10 +68,10 @@ fn is_admin_action_with_its_key(admin_key: &str, request: &Request) -> bool {
 /// The 401 for a request without a valid key when keys are set; `None`
 /// lets it through.
 pub fn refusal(app: &App, request: &Request) -> Option<Response> {
-    let keys = &app.args.api_keys;
+    let keys = &app.tenancy.keys;
     if keys.is_empty()
         || is_open(request.method(), request.uri().path())
-        || bearer_matches(request.headers(), keys)
+        || matching_key(request.headers(), keys.iter().map(|k| k.key.as_str())).is_some()
         || is_admin_action_with_its_key(&app.args.admin_key, request)
     {
         return None;
