@@ -46,7 +46,9 @@ fn full_fleet(size: &Size) -> (Scheduler<u64>, Vec<Arc<Target>>) {
         max_queue_bytes: usize::MAX,
     });
     for port in 0..size.backends {
-        let uri: http::Uri = format!("http://127.0.0.1:{}", 20000 + port).parse().unwrap();
+        let uri: http::Uri = format!("http://127.0.0.1:{}", 20000 + port)
+            .parse()
+            .unwrap();
         let id = BackendId::Port(20000 + port);
         s.add_backend(Arc::new(Target::new(id.clone(), &uri)));
         let report = ProbeReport {
@@ -164,7 +166,9 @@ fn main() {
             })
             .collect()
     };
-    println!("| backends | models | waiters | arrival | release to a waiter | dispatch after a scan |");
+    println!(
+        "| backends | models | waiters | arrival | release to a waiter | dispatch after a scan |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for size in &sizes {
         run(size);

@@ -103,7 +103,10 @@ mod tests {
     #[test]
     fn tenant_lists_parse_and_bad_entries_are_named() {
         let w = parse_weights("alice=2, bob=0.5,").unwrap();
-        assert_eq!(w.0, vec![(Arc::from("alice"), 2.0), (Arc::from("bob"), 0.5)]);
+        assert_eq!(
+            w.0,
+            vec![(Arc::from("alice"), 2.0), (Arc::from("bob"), 0.5)]
+        );
         assert!(parse_weights("").unwrap().0.is_empty());
         assert!(parse_weights("alice=0").unwrap_err().contains("alice=0"));
         assert!(parse_weights("alice").unwrap_err().contains("'alice'"));

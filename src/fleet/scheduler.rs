@@ -412,8 +412,8 @@ impl<W> Scheduler<W> {
                 a
             }
         };
-        let fragile = !want.tried.is_empty()
-            || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
+        let fragile =
+            !want.tried.is_empty() || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
         if fragile {
             self.fragile.insert(arrival);
         }
@@ -564,10 +564,9 @@ impl<W> Scheduler<W> {
                 } else {
                     f64::from(t.in_flight) / f64::from(held)
                 },
-                oldest_wait_ms: self
-                    .waiters
-                    .oldest_of(*id)
-                    .map_or(0, |since| now.saturating_duration_since(since).as_millis() as u64),
+                oldest_wait_ms: self.waiters.oldest_of(*id).map_or(0, |since| {
+                    now.saturating_duration_since(since).as_millis() as u64
+                }),
                 slot_seconds: t.slot_ns as f64 / 1e9,
             })
             .collect();
@@ -686,8 +685,11 @@ impl<W> Scheduler<W> {
         if let Some(t) = self.waiters.tenants.get_mut(&tenant) {
             t.in_flight += 1;
         }
-        self.waiters
-            .charge(tenant, i64::try_from(charged).unwrap_or(i64::MAX), from_queue);
+        self.waiters.charge(
+            tenant,
+            i64::try_from(charged).unwrap_or(i64::MAX),
+            from_queue,
+        );
         Lease {
             target,
             tenant,
@@ -722,7 +724,11 @@ impl<W> Scheduler<W> {
         if !Arc::ptr_eq(&backend.target, &lease.target) {
             return;
         }
-        debug_assert!(backend.in_flight > 0, "slot released twice on {}", lease.target.id);
+        debug_assert!(
+            backend.in_flight > 0,
+            "slot released twice on {}",
+            lease.target.id
+        );
         backend.in_flight = backend.in_flight.saturating_sub(1);
         self.reindex(&lease.target.id);
     }

@@ -42,7 +42,11 @@ impl Slot {
 
     /// The backend this slot is on.
     pub fn target(&self) -> &Arc<Target> {
-        &self.lease.as_ref().expect("a live slot has its lease").target
+        &self
+            .lease
+            .as_ref()
+            .expect("a live slot has its lease")
+            .target
     }
 
     /// The fleet this slot belongs to.

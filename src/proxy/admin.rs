@@ -169,11 +169,13 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         (rows, s.queue_len())
     });
     let tenants = app.fleet.read(|s| s.tenants(tokio::time::Instant::now()));
-    app.metrics.set_tenants(
-        tenants
-            .into_iter()
-            .map(|t| (app.tenancy.label(&Arc::from(t.name)), t.waiting, t.in_flight)),
-    );
+    app.metrics.set_tenants(tenants.into_iter().map(|t| {
+        (
+            app.tenancy.label(&Arc::from(t.name)),
+            t.waiting,
+            t.in_flight,
+        )
+    }));
     app.metrics.queue_depth.set(depth as i64);
     app.metrics.set_backends(rows.into_iter());
     (

@@ -25,10 +25,7 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
 /// Which of `keys` the request's bearer token is. Every key is compared,
 /// each in constant time, so timing tells nothing about which one matched or
 /// how much of one did.
-pub fn matching_key<'k>(
-    headers: &HeaderMap,
-    keys: impl Iterator<Item = &'k str>,
-) -> Option<usize> {
+pub fn matching_key<'k>(headers: &HeaderMap, keys: impl Iterator<Item = &'k str>) -> Option<usize> {
     let token = bearer(headers)?;
     let mut found: Option<usize> = None;
     for (i, key) in keys.enumerate() {

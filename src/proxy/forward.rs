@@ -117,7 +117,11 @@ async fn route(
     let tenant_label = app.tenancy.label(&tenant);
     loop {
         let waited = Instant::now();
-        let slot = match app.fleet.acquire(want.clone(), bytes.len(), &mut ticket).await {
+        let slot = match app
+            .fleet
+            .acquire(want.clone(), bytes.len(), &mut ticket)
+            .await
+        {
             Ok(slot) => slot,
             Err(e) => {
                 let asked = Asked {
@@ -237,9 +241,10 @@ fn refusal(
             "unknown_model",
             ProxyError::UnknownModel(model.unwrap_or_default().to_string()),
         ),
-        AcquireError::Rejected(Rejection::QueueFull) => {
-            ("queue_full", ProxyError::QueueFull("MAX_QUEUE", retry_after()))
-        }
+        AcquireError::Rejected(Rejection::QueueFull) => (
+            "queue_full",
+            ProxyError::QueueFull("MAX_QUEUE", retry_after()),
+        ),
         AcquireError::Rejected(Rejection::QueueBytesFull) => (
             "queue_bytes_full",
             ProxyError::QueueFull("MAX_QUEUE_BYTES", retry_after()),

@@ -213,7 +213,11 @@ impl<W> Waiters<W> {
         }
         if emptied {
             if let Some(m) = &waiter.want.model {
-                if self.by_model.get(m).is_some_and(|l| l.iter().all(|l| l.len == 0)) {
+                if self
+                    .by_model
+                    .get(m)
+                    .is_some_and(|l| l.iter().all(|l| l.len == 0))
+                {
                     self.by_model.remove(m);
                 }
             }
