@@ -6,7 +6,11 @@
 //!   a slot and is queued;
 //! - **release**: a slot is given back and handed to a waiter, while the
 //!   oldest half of the queue wants another (busy) model;
-//! - **dispatch**: the re-examination after a scan that changed nothing.
+//! - **dispatch**: the re-examination after a scan that changed nothing;
+//!   and, beside it, a whole scan's worth of work under the lock: every
+//!   backend re-probed (its free-slot index entry rebuilt), then dispatch.
+//!
+//! Waiters belong to 100 tenants in turn, a tenth of them batch.
 //!
 //! `cargo run --release --example sched_bench [backends models waiters]...`;
 //! without arguments it runs 1,000/50/100,000 and 100/10/10,000 (the issue's
@@ -14,9 +18,13 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use corral::fleet::scheduler::{Decision, Limits, Outcome, Scheduler, Want};
+use tokio::time::Instant;
+
+use corral::fleet::scheduler::{
+    Decision, Lease, Limits, Outcome, Priority, Scheduler, Ticket, Want,
+};
 use corral::fleet::{BackendId, ProbeReport, Target};
 use corral::model::ModelName;
 
@@ -37,9 +45,29 @@ fn want(m: usize) -> Want {
     }
 }
 
+fn ticket(tenants: &[Arc<str>], i: usize) -> Ticket {
+    let priority = if i % 10 == 9 {
+        Priority::Batch
+    } else {
+        Priority::Interactive
+    };
+    Ticket::new(
+        Arc::clone(&tenants[i % tenants.len()]),
+        priority,
+        Instant::now(),
+    )
+}
+
+fn probe(models: usize, port: u16) -> ProbeReport {
+    ProbeReport {
+        models: vec![format!("m{}", usize::from(port) % models)],
+        ..ProbeReport::default()
+    }
+}
+
 /// A fleet with every slot taken and `waiters` queued: the first half wants
 /// model 0, the rest the other models in turn. Returns the held slots.
-fn full_fleet(size: &Size) -> (Scheduler<u64>, Vec<Arc<Target>>) {
+fn full_fleet(size: &Size, tenants: &[Arc<str>]) -> (Scheduler<u64>, Vec<Lease>) {
     let mut s = Scheduler::new(Limits {
         cap: 1,
         max_queue: usize::MAX,
@@ -51,16 +79,13 @@ fn full_fleet(size: &Size) -> (Scheduler<u64>, Vec<Arc<Target>>) {
             .unwrap();
         let id = BackendId::Port(20000 + port);
         s.add_backend(Arc::new(Target::new(id.clone(), &uri)));
-        let report = ProbeReport {
-            models: vec![format!("m{}", usize::from(port) % size.models)],
-            ..ProbeReport::default()
-        };
-        s.apply_probe(&id, report);
+        s.apply_probe(&id, probe(size.models, port));
         s.backend_mut(&id).unwrap().healthy = true;
     }
     let mut held = Vec::new();
     for port in 0..size.backends {
-        match s.try_acquire(&want(usize::from(port) % size.models)) {
+        let w = want(usize::from(port) % size.models);
+        match s.try_acquire(&w, &ticket(tenants, 0), Instant::now()) {
             Decision::Granted(t) => held.push(t),
             other => panic!("setup: {other:?}"),
         }
@@ -71,7 +96,8 @@ fn full_fleet(size: &Size) -> (Scheduler<u64>, Vec<Arc<Target>>) {
         } else {
             1 + i % (size.models - 1)
         };
-        s.enqueue(want(m), 0, i as u64).unwrap();
+        s.enqueue(want(m), 0, &ticket(tenants, i), i as u64)
+            .unwrap();
     }
     (s, held)
 }
@@ -81,7 +107,8 @@ fn per_op(total: Duration, n: usize) -> f64 {
 }
 
 fn run(size: &Size) {
-    let (mut s, held) = full_fleet(size);
+    let tenants: Vec<Arc<str>> = (0..100).map(|t| Arc::from(format!("t{t}"))).collect();
+    let (mut s, held) = full_fleet(size, &tenants);
     let mut next = size.waiters as u64;
 
     // Arrival: every backend of the model busy, so the request waits.
@@ -89,9 +116,10 @@ fn run(size: &Size) {
     let t = Instant::now();
     for i in 0..n {
         let w = want(1 + i % (size.models - 1));
-        match s.try_acquire(&w) {
+        let t = ticket(&tenants, i);
+        match s.try_acquire(&w, &t, Instant::now()) {
             Decision::Wait => {
-                black_box(s.enqueue(w, 0, next).unwrap());
+                black_box(s.enqueue(w, 0, &t, next).unwrap());
                 next += 1;
             }
             other => panic!("arrival: {other:?}"),
@@ -102,23 +130,20 @@ fn run(size: &Size) {
     // Release: a backend of a model other than 0 frees its slot; the oldest
     // waiter for it (behind the half of the queue that wants model 0) gets
     // it, and the grant holds the slot again. The model-0 backends stay busy.
-    let others: Vec<Arc<Target>> = held
-        .iter()
-        .filter(|t| usize::from(t.id.port().unwrap() - 20000) % size.models != 0)
-        .cloned()
-        .collect();
+    let (mut others, _model0): (Vec<Lease>, Vec<Lease>) = held
+        .into_iter()
+        .partition(|l| usize::from(l.target.id.port().unwrap() - 20000) % size.models != 0);
     let n = 2000.min(size.waiters / 4);
     let mut took = Duration::ZERO;
     for i in 0..n {
-        let target = &others[i % others.len()];
+        let lease = others.remove(0);
         let t = Instant::now();
-        let out = s.release(target);
+        let out = s.release(lease, Instant::now());
         took += t.elapsed();
-        assert!(
-            matches!(out.as_slice(), [(_, Outcome::Granted(_))]),
-            "release {i} handed {} grants",
-            out.len()
-        );
+        match <[_; 1]>::try_from(out) {
+            Ok([(_, Outcome::Granted(lease))]) => others.push(lease),
+            _ => panic!("release {i} did not hand exactly one grant"),
+        }
     }
     let release = per_op(took, n);
 
@@ -126,16 +151,27 @@ fn run(size: &Size) {
     let n = 20;
     let t = Instant::now();
     for _ in 0..n {
-        assert!(black_box(s.dispatch()).is_empty());
+        assert!(black_box(s.dispatch(Instant::now())).is_empty());
     }
     let dispatch = per_op(t.elapsed(), n);
 
+    // A whole scan under the lock: every backend re-probed, then dispatch.
+    let t = Instant::now();
+    for _ in 0..n {
+        for port in 0..size.backends {
+            s.apply_probe(&BackendId::Port(20000 + port), probe(size.models, port));
+        }
+        assert!(black_box(s.dispatch(Instant::now())).is_empty());
+    }
+    let scan = per_op(t.elapsed(), n);
+
     println!(
-        "| {} | {} | {} | {arrival:.2} µs | {release:.2} µs | {:.3} ms |",
+        "| {} | {} | {} | {arrival:.2} µs | {release:.2} µs | {:.3} ms | {:.3} ms |",
         size.backends,
         size.models,
         size.waiters,
-        dispatch / 1000.0
+        dispatch / 1000.0,
+        scan / 1000.0
     );
 }
 
