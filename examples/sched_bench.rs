@@ -10,7 +10,11 @@
 //!   and, beside it, a whole scan's worth of work under the lock: every
 //!   backend re-probed (its free-slot index entry rebuilt), then dispatch.
 //!
-//! Waiters belong to 100 tenants in turn, a tenth of them batch.
+//! Waiters belong to 100 tenants, a tenth of them batch, in two layouts:
+//! *spread* (waiter i is tenant i mod 100: every tenant waits for every
+//! model, the worst case for the per-model tenant order, which a grant must
+//! update in every lane its tenant waits in) and *grouped* (each tenant
+//! waits for one or two models, as users of a shared cluster mostly do).
 //!
 //! `cargo run --release --example sched_bench [backends models waiters]...`;
 //! without arguments it runs 1,000/50/100,000 and 100/10/10,000 (the issue's
@@ -34,6 +38,15 @@ struct Size {
     waiters: usize,
 }
 
+/// Which tenant the `i`-th waiter, for model `m`, belongs to.
+fn tenant_of(spread: bool, i: usize, m: usize) -> usize {
+    if spread {
+        i % 100
+    } else {
+        (m * 2 + i % 2) % 100
+    }
+}
+
 fn model(i: usize) -> ModelName {
     ModelName::parse(&format!("m{i}"))
 }
@@ -45,17 +58,13 @@ fn want(m: usize) -> Want {
     }
 }
 
-fn ticket(tenants: &[Arc<str>], i: usize) -> Ticket {
+fn ticket(tenants: &[Arc<str>], i: usize, tenant: usize) -> Ticket {
     let priority = if i % 10 == 9 {
         Priority::Batch
     } else {
         Priority::Interactive
     };
-    Ticket::new(
-        Arc::clone(&tenants[i % tenants.len()]),
-        priority,
-        Instant::now(),
-    )
+    Ticket::new(Arc::clone(&tenants[tenant]), priority, Instant::now())
 }
 
 fn probe(models: usize, port: u16) -> ProbeReport {
@@ -67,7 +76,7 @@ fn probe(models: usize, port: u16) -> ProbeReport {
 
 /// A fleet with every slot taken and `waiters` queued: the first half wants
 /// model 0, the rest the other models in turn. Returns the held slots.
-fn full_fleet(size: &Size, tenants: &[Arc<str>]) -> (Scheduler<u64>, Vec<Lease>) {
+fn full_fleet(size: &Size, tenants: &[Arc<str>], spread: bool) -> (Scheduler<u64>, Vec<Lease>) {
     let mut s = Scheduler::new(Limits {
         cap: 1,
         max_queue: usize::MAX,
@@ -85,7 +94,7 @@ fn full_fleet(size: &Size, tenants: &[Arc<str>]) -> (Scheduler<u64>, Vec<Lease>)
     let mut held = Vec::new();
     for port in 0..size.backends {
         let w = want(usize::from(port) % size.models);
-        match s.try_acquire(&w, &ticket(tenants, 0), Instant::now()) {
+        match s.try_acquire(&w, &ticket(tenants, 0, 0), Instant::now()) {
             Decision::Granted(t) => held.push(t),
             other => panic!("setup: {other:?}"),
         }
@@ -96,8 +105,8 @@ fn full_fleet(size: &Size, tenants: &[Arc<str>]) -> (Scheduler<u64>, Vec<Lease>)
         } else {
             1 + i % (size.models - 1)
         };
-        s.enqueue(want(m), 0, &ticket(tenants, i), i as u64)
-            .unwrap();
+        let t = ticket(tenants, i, tenant_of(spread, i, m));
+        s.enqueue(want(m), 0, &t, i as u64).unwrap();
     }
     (s, held)
 }
@@ -106,17 +115,18 @@ fn per_op(total: Duration, n: usize) -> f64 {
     total.as_secs_f64() * 1e6 / n as f64
 }
 
-fn run(size: &Size) {
+fn run(size: &Size, spread: bool) {
     let tenants: Vec<Arc<str>> = (0..100).map(|t| Arc::from(format!("t{t}"))).collect();
-    let (mut s, held) = full_fleet(size, &tenants);
+    let (mut s, held) = full_fleet(size, &tenants, spread);
     let mut next = size.waiters as u64;
 
     // Arrival: every backend of the model busy, so the request waits.
     let n = 2000;
     let t = Instant::now();
     for i in 0..n {
-        let w = want(1 + i % (size.models - 1));
-        let t = ticket(&tenants, i);
+        let m = 1 + i % (size.models - 1);
+        let w = want(m);
+        let t = ticket(&tenants, i, tenant_of(spread, i, m));
         match s.try_acquire(&w, &t, Instant::now()) {
             Decision::Wait => {
                 black_box(s.enqueue(w, 0, &t, next).unwrap());
@@ -166,7 +176,8 @@ fn run(size: &Size) {
     let scan = per_op(t.elapsed(), n);
 
     println!(
-        "| {} | {} | {} | {arrival:.2} µs | {release:.2} µs | {:.3} ms | {:.3} ms |",
+        "| {} | {} | {} | {} | {arrival:.2} µs | {release:.2} µs | {:.3} ms | {:.3} ms |",
+        if spread { "spread" } else { "grouped" },
         size.backends,
         size.models,
         size.waiters,
@@ -203,10 +214,12 @@ fn main() {
             .collect()
     };
     println!(
-        "| backends | models | waiters | arrival | release to a waiter | dispatch after a scan |"
+        "| tenants | backends | models | waiters | arrival | release to a waiter | dispatch after a scan | re-probe all + dispatch |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for size in &sizes {
-        run(size);
+        for spread in [false, true] {
+            run(size, spread);
+        }
     }
 }

@@ -709,10 +709,9 @@ impl<W> Scheduler<W> {
             t.slot_ns = t.slot_ns.saturating_add(held_ns);
         }
         let correction = i128::from(held_ns) - i128::from(lease.charged);
-        self.waiters.charge(
+        self.waiters.correct(
             lease.tenant,
             i64::try_from(correction).unwrap_or(if correction < 0 { i64::MIN } else { i64::MAX }),
-            false,
         );
         self.waiters.forget_if_idle(lease.tenant);
         self.record_turnover(lease.model, held_ns, now);

@@ -61,6 +61,10 @@ pub struct Tenant {
     pub in_flight: u32,
     /// Slot-nanoseconds its finished requests held since it became active.
     pub slot_ns: u64,
+    /// Corrections (real slot time minus what was charged up front) not yet
+    /// applied: folded into its next charge, so that a release re-keys
+    /// nobody and a grant re-keys only the tenant served.
+    owed: i64,
     /// The lanes it has waiters in.
     lanes: HashSet<LaneKey>,
 }
@@ -113,6 +117,7 @@ impl<W> Waiters<W> {
                 waiting: 0,
                 in_flight: 0,
                 slot_ns: 0,
+                owed: 0,
                 lanes: HashSet::new(),
             },
         );
@@ -225,13 +230,27 @@ impl<W> Waiters<W> {
         Some(waiter)
     }
 
-    /// Adds `delta` slot-nanoseconds (negative: a correction) to a tenant's
+    /// Records a correction of a tenant's account (negative: it was charged
+    /// too much): at once when it waits nowhere, else with its next charge.
+    pub fn correct(&mut self, id: TenantId, delta: i64) {
+        let Some(tenant) = self.tenants.get_mut(&id) else {
+            return;
+        };
+        if tenant.lanes.is_empty() {
+            self.charge(id, delta, false);
+        } else {
+            tenant.owed = tenant.owed.saturating_add(delta);
+        }
+    }
+
+    /// Adds `delta` slot-nanoseconds and what the tenant owes to its
     /// account, re-keying it in the lanes it waits in.
     pub fn charge(&mut self, id: TenantId, delta: i64, served_from_queue: bool) {
         let Some(tenant) = self.tenants.get_mut(&id) else {
             return;
         };
         let old = tenant.vt;
+        let delta = delta.saturating_add(std::mem::take(&mut tenant.owed));
         let scaled = (delta as f64 / tenant.weight) as i64;
         tenant.vt = old.saturating_add_signed(scaled);
         if served_from_queue {
