@@ -6,7 +6,8 @@
 //!   (`X-Corral-Queue-Ms`) and the service time.
 //! - `shares`: ten tenants queue unequal numbers of requests of unequal
 //!   length at once; prints each tenant's slot-seconds while every tenant
-//!   still had requests waiting, and Jain's index of them.
+//!   still had requests waiting, and Jain's index of them; stops when the
+//!   first tenant has all its answers (the rest need not drain).
 //!
 //! The many waiting requests ride on HTTP/2 connections (200 streams each,
 //! hyper's default), so that 20,000 of them fit in the descriptor limit.
@@ -271,22 +272,31 @@ async fn shares(proxy: String, base: usize, tokens: usize, timeout_secs: u64) {
     }
     let start = Instant::now();
     let mut done = Vec::with_capacity(total);
+    // Until the first tenant has all its answers: past that it is no longer
+    // backlogged, and the rest need not drain.
+    let mut answered = [0usize; TENANTS];
     let collect = async {
         while let Some(d) = all.join_next().await {
             if let Ok(d) = d {
+                answered[d.tenant] += 1;
+                let t = d.tenant;
                 done.push(d);
+                if answered[t] == base * (t + 1) {
+                    break;
+                }
             }
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(timeout_secs), collect).await;
+    all.abort_all();
     let failed = done.iter().filter(|d| !d.ok).count();
+    let finished = (0..TENANTS).find(|t| answered[*t] == base * (t + 1));
     // The window: from when the last request was sent until the first
     // tenant's last request got its slot (after that it is not backlogged).
     let granted = |d: &Done| d.sent + d.queue;
     let from = done.iter().map(|d| d.sent).max().unwrap_or(start) + Duration::from_millis(500);
-    let to = (0..TENANTS)
-        .filter_map(|t| done.iter().filter(|d| d.tenant == t).map(granted).max())
-        .min()
+    let to = finished
+        .and_then(|t| done.iter().filter(|d| d.tenant == t).map(granted).max())
         .unwrap_or(from);
     let mut secs = [0.0f64; TENANTS];
     for d in done.iter().filter(|d| d.ok) {
@@ -305,8 +315,9 @@ async fn shares(proxy: String, base: usize, tokens: usize, timeout_secs: u64) {
         .fold(0.0f64, f64::max);
     let shares: Vec<String> = secs.iter().map(|s| format!("{s:.2}")).collect();
     println!(
-        "requests={total} answered={} failed={failed} window_s={:.2} jain={jain:.3} worst_off_fair={:.3} slot_seconds={}",
+        "requests={total} answered={} failed={failed} first_done=t{} window_s={:.2} jain={jain:.3} worst_off_fair={:.3} slot_seconds={}",
         done.len(),
+        finished.unwrap_or(usize::MAX),
         to.saturating_duration_since(from).as_secs_f64(),
         worst,
         shares.join(",")
