@@ -502,7 +502,9 @@ overhead | fleet | queue | discovery | streaming | fairness | all) ;;
     exit 2
     ;;
 esac
-for tool in wrk nginx curl jq taskset; do
+tools="curl jq taskset"
+case $1 in overhead | all) tools+=" wrk nginx" ;; esac
+for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done
 if [[ ${BUILD:-1} != 0 ]]; then

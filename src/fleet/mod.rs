@@ -180,12 +180,7 @@ impl Fleet {
 
     /// Counts a request a backend answered.
     pub fn record_served(&self, target: &Arc<Target>) {
-        let mut state = self.lock();
-        if let Some(b) = state.backend_mut(&target.id) {
-            if Arc::ptr_eq(&b.target, target) {
-                b.served += 1;
-            }
-        }
+        self.lock().count_served(target);
     }
 
     /// Drains (true) or undrains (false) a backend; false when there is no such backend.

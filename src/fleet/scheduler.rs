@@ -308,6 +308,15 @@ impl<W> Scheduler<W> {
         Some(backend)
     }
 
+    /// Counts a request a backend answered (a counter only: no re-index).
+    pub fn count_served(&mut self, target: &Arc<Target>) {
+        if let Some(b) = self.backends.get_mut(&target.id) {
+            if Arc::ptr_eq(&b.target, target) {
+                b.served += 1;
+            }
+        }
+    }
+
     /// Adds a backend (unhealthy until probed) unless one with that id exists.
     pub fn add_backend(&mut self, target: Arc<Target>) -> &mut Backend {
         let id = target.id.clone();

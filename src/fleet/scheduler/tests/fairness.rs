@@ -66,7 +66,7 @@ fn simulate(backends: u16, loads: &[Load], horizon: Duration) -> Shares {
         running.start(t, lease, start + loads[t].service);
     }
     while let Some(Reverse((at, key))) = running.heap.pop() {
-        if left.iter().any(|n| *n == 0) || at - start > horizon {
+        if left.contains(&0) || at - start > horizon {
             break;
         }
         let (lease, t) = running.leases.remove(&key).expect("running lease");
