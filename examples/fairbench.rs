@@ -5,9 +5,9 @@
 //!   interactive request every `every_ms`; prints B's queue waits
 //!   (`X-Corral-Queue-Ms`) and the service time.
 //! - `shares`: ten tenants queue unequal numbers of requests of unequal
-//!   length at once; prints each tenant's slot-seconds while every tenant
-//!   still had requests waiting, and Jain's index of them; stops when the
-//!   first tenant has all its answers (the rest need not drain).
+//!   length at once; prints each tenant's slot-seconds over a window in
+//!   which every tenant still had requests waiting, and Jain's index of
+//!   them; then gives up the rest (they need not drain).
 //!
 //! The many waiting requests ride on HTTP/2 connections (200 streams each,
 //! hyper's default), so that 20,000 of them fit in the descriptor limit.
@@ -48,21 +48,21 @@ enum Mode {
     Shares {
         #[arg(long)]
         proxy: String,
-        /// Requests of tenant i: base × (i + 1).
-        #[arg(long, default_value_t = 300)]
+        /// Requests of tenant i: base × (10 − i).
+        #[arg(long, default_value_t = 150)]
         base: usize,
         /// Tokens per request of tenant i: tokens × (i + 1).
         #[arg(long, default_value_t = 2)]
         tokens: usize,
-        #[arg(long, default_value_t = 120)]
-        timeout_secs: u64,
+        /// Longest measuring window, in seconds.
+        #[arg(long, default_value_t = 10)]
+        window_secs: u64,
     },
 }
 
 /// One answered request.
 #[derive(Debug, Clone, Copy)]
 struct Done {
-    tenant: usize,
     sent: Instant,
     queue: Duration,
     ended: Instant,
@@ -108,11 +108,7 @@ async fn h2_connections(authority: &str, n: usize) -> Vec<SendRequest<Full<Bytes
 }
 
 /// Sends one request and reads its answer.
-async fn send(
-    mut to: SendRequest<Full<Bytes>>,
-    tenant: usize,
-    req: http::Request<Full<Bytes>>,
-) -> Done {
+async fn send(mut to: SendRequest<Full<Bytes>>, req: http::Request<Full<Bytes>>) -> Done {
     let sent = Instant::now();
     let answer = async {
         to.ready().await.ok()?;
@@ -128,7 +124,6 @@ async fn send(
     };
     let (queue, ok) = answer.await.unwrap_or((Duration::ZERO, false));
     Done {
-        tenant,
         sent,
         queue,
         ended: Instant::now(),
@@ -157,8 +152,8 @@ async fn main() {
             proxy,
             base,
             tokens,
-            timeout_secs,
-        } => shares(proxy, base, tokens, timeout_secs).await,
+            window_secs,
+        } => shares(proxy, base, tokens, window_secs).await,
     }
 }
 
@@ -206,7 +201,7 @@ async fn burst(proxy: String, bulk: usize, every_ms: u64, probes: usize, tokens:
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..bulk {
         let to = conns[i % conns.len()].clone();
-        flood.spawn(send(to, 0, request(&authority, "a", "batch", tokens)));
+        flood.spawn(send(to, request(&authority, "a", "batch", tokens)));
     }
     let queued = wait_queued(
         &authority,
@@ -223,7 +218,6 @@ async fn burst(proxy: String, bulk: usize, every_ms: u64, probes: usize, tokens:
         tick.tick().await;
         let d = send(
             probe_conn.clone(),
-            1,
             request(&authority, "b", "interactive", tokens),
         )
         .await;
@@ -248,63 +242,61 @@ async fn burst(proxy: String, bulk: usize, every_ms: u64, probes: usize, tokens:
     );
 }
 
-async fn shares(proxy: String, base: usize, tokens: usize, timeout_secs: u64) {
+async fn shares(proxy: String, base: usize, tokens: usize, window_secs: u64) {
     const TENANTS: usize = 10;
     let authority = proxy.trim_start_matches("http://").to_string();
-    let total: usize = (1..=TENANTS).map(|i| base * i).sum();
+    // Tenant i: base × (10 − i) requests of tokens × (i + 1) tokens: ten
+    // times the requests, a tenth of the length, from t9 to t0.
+    let count = |t: usize| base * (TENANTS - t);
+    let total: usize = (0..TENANTS).map(count).sum();
     let conns = h2_connections(&authority, total.div_ceil(190).max(1)).await;
     let mut all = tokio::task::JoinSet::new();
     let names: Vec<String> = (0..TENANTS).map(|i| format!("t{i}")).collect();
     // Interleaved, so that every tenant is queued from the start.
     let mut n = 0;
-    for round in 0..base * TENANTS {
+    for round in 0..count(0) {
         for (t, name) in names.iter().enumerate() {
-            if round < base * (t + 1) {
+            if round < count(t) {
                 let to = conns[n % conns.len()].clone();
                 n += 1;
                 all.spawn(send(
                     to,
-                    t,
                     request(&authority, name, "interactive", tokens * (t + 1)),
                 ));
             }
         }
     }
-    let start = Instant::now();
-    let mut done = Vec::with_capacity(total);
-    // Until the first tenant has all its answers: past that it is no longer
-    // backlogged, and the rest need not drain.
-    let mut answered = [0usize; TENANTS];
-    let collect = async {
-        while let Some(d) = all.join_next().await {
-            if let Ok(d) = d {
-                answered[d.tenant] += 1;
-                let t = d.tenant;
-                done.push(d);
-                if answered[t] == base * (t + 1) {
-                    break;
-                }
+    // The window opens once everything is queued, and closes after
+    // `window_secs` or when a tenant runs out of waiters. Slot-seconds are
+    // the proxy's own account (`/__proxy/backends` tenants: each finished
+    // request's time from grant to release), read at both ends.
+    let queued = wait_queued(
+        &authority,
+        (total - 2 * TENANTS) as u64,
+        Duration::from_secs(60),
+    )
+    .await;
+    let first = tenant_seconds(&authority, &names).await;
+    let opened = Instant::now();
+    let mut drained = None;
+    while opened.elapsed() < Duration::from_secs(window_secs) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(v) = backends(&authority).await {
+            let waiting = |name: &str| {
+                v["tenants"]
+                    .as_array()
+                    .and_then(|ts| ts.iter().find(|t| t["name"] == name)?["waiting"].as_u64())
+            };
+            if let Some(t) = names.iter().position(|n| waiting(n).unwrap_or(0) == 0) {
+                drained = Some(t);
+                break;
             }
         }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(timeout_secs), collect).await;
-    all.abort_all();
-    let failed = done.iter().filter(|d| !d.ok).count();
-    let finished = (0..TENANTS).find(|t| answered[*t] == base * (t + 1));
-    // The window: from when the last request was sent until the first
-    // tenant's last request got its slot (after that it is not backlogged).
-    let granted = |d: &Done| d.sent + d.queue;
-    let from = done.iter().map(|d| d.sent).max().unwrap_or(start) + Duration::from_millis(500);
-    let to = finished
-        .and_then(|t| done.iter().filter(|d| d.tenant == t).map(granted).max())
-        .unwrap_or(from);
-    let mut secs = [0.0f64; TENANTS];
-    for d in done.iter().filter(|d| d.ok) {
-        let (a, b) = (granted(d).max(from), d.ended.min(to));
-        if b > a {
-            secs[d.tenant] += (b - a).as_secs_f64();
-        }
     }
+    let last = tenant_seconds(&authority, &names).await;
+    let window = opened.elapsed();
+    all.abort_all();
+    let secs: Vec<f64> = first.iter().zip(&last).map(|(a, b)| b - a).collect();
     let sum: f64 = secs.iter().sum();
     let squares: f64 = secs.iter().map(|s| s * s).sum();
     let jain = sum * sum / (TENANTS as f64 * squares);
@@ -315,11 +307,25 @@ async fn shares(proxy: String, base: usize, tokens: usize, timeout_secs: u64) {
         .fold(0.0f64, f64::max);
     let shares: Vec<String> = secs.iter().map(|s| format!("{s:.2}")).collect();
     println!(
-        "requests={total} answered={} failed={failed} first_done=t{} window_s={:.2} jain={jain:.3} worst_off_fair={:.3} slot_seconds={}",
-        done.len(),
-        finished.unwrap_or(usize::MAX),
-        to.saturating_duration_since(from).as_secs_f64(),
-        worst,
+        "requests={total} queued={queued} drained_early={} window_s={:.2} jain={jain:.3} worst_off_fair={worst:.3} slot_seconds={}",
+        drained.map_or("none".to_string(), |t| format!("t{t}")),
+        window.as_secs_f64(),
         shares.join(",")
     );
+}
+
+/// Each tenant's slot-seconds as the proxy accounts them.
+async fn tenant_seconds(authority: &str, names: &[String]) -> Vec<f64> {
+    let v = backends(authority).await.unwrap_or_default();
+    names
+        .iter()
+        .map(|name| {
+            v["tenants"]
+                .as_array()
+                .and_then(|ts| {
+                    ts.iter().find(|t| t["name"] == name.as_str())?["slot_seconds"].as_f64()
+                })
+                .unwrap_or(0.0)
+        })
+        .collect()
 }

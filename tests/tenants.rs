@@ -273,3 +273,61 @@ async fn the_tenant_label_is_bounded_to_configured_names() {
             .any(|l| l.contains(r#"tenant="other""#) && l.ends_with(" 2"))
     );
 }
+
+#[tokio::test]
+async fn a_retried_request_waits_at_its_first_place_not_at_the_back() {
+    // One good backend (100 ms a request), held; a spare port for a
+    // backend that fails every request.
+    let mut fleet = TestFleet::start(vec![slow(20, 5)], 1).await;
+    let proxy = start_proxy(&fleet, |a| a.max_retries = 3).await;
+    let holder = hold_slot(&proxy).await;
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let send = |name: &'static str| {
+        let request = proxy
+            .client
+            .post(proxy.at("/api/generate"))
+            .header("x-corral-tenant", "t")
+            .json(&generate("llama3.2", name, false));
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 200, "{name}");
+            let attempts = r.headers()["x-corral-attempts"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            done.lock().unwrap().push((name, attempts));
+        })
+    };
+    let mut tasks = vec![send("first")];
+    wait_waiting(&proxy, 1).await;
+    for name in ["second", "third", "fourth"] {
+        tasks.push(send(name));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_waiting(&proxy, 4).await;
+    // The failing backend appears: the oldest waiter goes there, fails, and
+    // must wait again (the good backend is still held).
+    fleet.start_spare(common::failing()).await;
+    eventually(Duration::from_secs(10), "a retry is waiting", || async {
+        let text = proxy
+            .client
+            .get(proxy.at("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .any(|l| l.starts_with("corral_retries_total ") && !l.ends_with(" 0"))
+    })
+    .await;
+    drop(holder);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = done.lock().unwrap().clone();
+    assert_eq!(order[0].0, "first", "the retry kept its place: {order:?}");
+    assert_ne!(order[0].1, "1", "it was retried: {order:?}");
+}
