@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{
     TestFleet, eventually, generate, hold_slot, slow, spawn_post, start_proxy, wait_waiting,
 };
-use corral::sim::ServerSpec;
+use corral::sim::{ModelSpec, ServerSpec};
 use serde_json::Value;
 
 /// The tenants of `/__proxy/backends`, by name.
@@ -276,18 +276,30 @@ async fn the_tenant_label_is_bounded_to_configured_names() {
 
 #[tokio::test]
 async fn a_retried_request_waits_at_its_first_place_not_at_the_back() {
-    // One good backend (100 ms a request), held; a spare port for a
-    // backend that fails every request.
-    let mut fleet = TestFleet::start(vec![slow(20, 5)], 1).await;
+    // G has llama3.2 and qwen (20 ms a token), held for 3 s by a long
+    // answer; F, started later, has only llama3.2 and fails every request.
+    // Only the first request (llama3.2) can go to F: it fails there and
+    // must wait for G again, while three later requests (qwen) wait too.
+    let mut good = slow(20, 5);
+    good.models = vec![ModelSpec::named("llama3.2"), ModelSpec::named("qwen")];
+    let mut fleet = TestFleet::start(vec![good], 1).await;
     let proxy = start_proxy(&fleet, |a| a.max_retries = 3).await;
-    let holder = hold_slot(&proxy).await;
+    let long = serde_json::json!({"model": "qwen", "prompt": "hold", "stream": false,
+        "options": {"num_predict": 150}});
+    let holder = spawn_post(&proxy, "/api/generate", long, &[("x-corral-tenant", "h")]);
+    eventually(
+        Duration::from_secs(5),
+        "the holder has the slot",
+        || async { common::in_flight(&proxy).await == 1 },
+    )
+    .await;
     let done = Arc::new(Mutex::new(Vec::new()));
-    let send = |name: &'static str| {
+    let send = |name: &'static str, model: &str| {
         let request = proxy
             .client
             .post(proxy.at("/api/generate"))
             .header("x-corral-tenant", "t")
-            .json(&generate("llama3.2", name, false));
+            .json(&generate(model, name, false));
         let done = Arc::clone(&done);
         tokio::spawn(async move {
             let r = request.send().await.unwrap();
@@ -299,35 +311,44 @@ async fn a_retried_request_waits_at_its_first_place_not_at_the_back() {
             done.lock().unwrap().push((name, attempts));
         })
     };
-    let mut tasks = vec![send("first")];
+    let mut tasks = vec![send("first", "llama3.2")];
     wait_waiting(&proxy, 1).await;
     for name in ["second", "third", "fourth"] {
-        tasks.push(send(name));
+        tasks.push(send(name, "qwen"));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_waiting(&proxy, 4).await;
-    // The failing backend appears: the oldest waiter goes there, fails, and
-    // must wait again (the good backend is still held).
-    fleet.start_spare(common::failing()).await;
-    eventually(Duration::from_secs(10), "a retry is waiting", || async {
-        let text = proxy
-            .client
-            .get(proxy.at("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .any(|l| l.starts_with("corral_retries_total ") && !l.ends_with(" 0"))
-    })
+    let mut failing = common::failing();
+    failing.models = vec![ModelSpec::named("llama3.2")];
+    fleet.start_spare(failing).await;
+    eventually(
+        Duration::from_secs(10),
+        "the first request was retried",
+        || async {
+            let text = proxy
+                .client
+                .get(proxy.at("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .any(|l| l.starts_with("corral_retries_total ") && !l.ends_with(" 0"))
+        },
+    )
     .await;
-    drop(holder);
+    assert_eq!(holder.response().await.status(), 200);
     for t in tasks {
         t.await.unwrap();
     }
     let order = done.lock().unwrap().clone();
-    assert_eq!(order[0].0, "first", "the retry kept its place: {order:?}");
-    assert_ne!(order[0].1, "1", "it was retried: {order:?}");
+    assert_eq!(
+        order[0],
+        ("first", "2".to_string()),
+        "the retry kept its place: {order:?}"
+    );
+    let rest: Vec<&str> = order[1..].iter().map(|(n, _)| *n).collect();
+    assert_eq!(rest, ["second", "third", "fourth"]);
 }
