@@ -482,8 +482,8 @@ from real generations so that the run fits a 2-core machine.
 Ten tenants with unequal demand: tenant i queues 150 × (10 − i) requests of
 2 × (i + 1) tokens (20 to 200 ms) at once, so t0 sends ten times the
 requests of t9, each a tenth as long. Slot-seconds per tenant (the proxy's
-account in `/__proxy/backends`: grant to release of each finished request)
-over a window that opens once everything is queued and closes after 10 s or
+account in \`/__proxy/backends\`: grant to release of each finished request)
+over a window that opens once the queue is at its deepest and closes after 10 s or
 when a tenant runs out of waiters ("drained early"):
 
 | requests | window | drained early | Jain's index (target ≥ 0.95) | worst tenant off its fair share (target ≤ 0.10) | slot-seconds t0..t9 |

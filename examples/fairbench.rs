@@ -173,6 +173,24 @@ async fn wait_queued(authority: &str, n: u64, deadline: Duration) -> u64 {
     last
 }
 
+/// Waits until the queue stops growing (every request sent, the queue at
+/// its deepest), or `deadline` passes; returns the deepest queue seen.
+async fn wait_peak(authority: &str, deadline: Duration) -> u64 {
+    let end = Instant::now() + deadline;
+    let mut peak = 0;
+    while Instant::now() < end {
+        if let Some(v) = backends(authority).await {
+            let waiting = v["queue"]["waiting"].as_u64().unwrap_or(0);
+            if peak > 0 && waiting < peak {
+                break;
+            }
+            peak = peak.max(waiting);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak
+}
+
 async fn backends(authority: &str) -> Option<serde_json::Value> {
     let tcp = tokio::net::TcpStream::connect(authority).await.ok()?;
     let (mut send, conn) =
@@ -270,12 +288,7 @@ async fn shares(proxy: String, base: usize, tokens: usize, window_secs: u64) {
     // `window_secs` or when a tenant runs out of waiters. Slot-seconds are
     // the proxy's own account (`/__proxy/backends` tenants: each finished
     // request's time from grant to release), read at both ends.
-    let queued = wait_queued(
-        &authority,
-        (total - 2 * TENANTS) as u64,
-        Duration::from_secs(60),
-    )
-    .await;
+    let queued = wait_peak(&authority, Duration::from_secs(60)).await;
     let first = tenant_seconds(&authority, &names).await;
     let opened = Instant::now();
     let mut drained = None;
