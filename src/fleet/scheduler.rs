@@ -10,14 +10,17 @@
 //! slot-time used, first come first served within a tenant ([`waiters`]).
 //! A retry keeps its arrival number, so it re-enters at its old place.
 //!
-//! Cost: backends with a free slot are indexed by model in preference order,
-//! waiters by model, tenant and arrival, so an arrival, a release and a
-//! dispatch touch what changed, not every waiter or every backend.
+//! Cost: backends with a free slot are indexed by model in preference order
+//! ([`free`]), waiters by model, tenant and arrival ([`waiters`]), so an
+//! arrival, a release and a dispatch touch what changed, not every waiter or
+//! every backend. What a request brings and gets back is in [`request`].
 //!
 //! Invariants, checked by the seeded test after every step: no backend holds
 //! more than the cap; after every call no waiter could be granted a free slot
 //! it is eligible for.
 
+mod free;
+mod request;
 mod waiters;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -29,123 +32,10 @@ use tokio::time::Instant;
 use super::backend::{Backend, BackendId, ProbeReport, Target};
 use crate::model::ModelName;
 
+use free::FreeIndex;
+pub use request::{Decision, Lease, Outcome, Priority, Rejection, Ticket, Want};
 pub use waiters::{Tenant, TenantId};
 use waiters::{Waiter, Waiters};
-
-/// What a request needs from a backend.
-#[derive(Debug, Clone, Default)]
-pub struct Want {
-    /// The model it names; `None` fits any backend.
-    pub model: Option<ModelName>,
-    /// Backends it already failed on, not to be tried again.
-    pub tried: Vec<BackendId>,
-}
-
-/// How urgent a request is (`X-Corral-Priority`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub enum Priority {
-    /// Someone is waiting for the answer: goes first.
-    #[default]
-    Interactive = 0,
-    /// Bulk work: takes what interactive leaves, plus its floor.
-    Batch = 1,
-}
-
-impl Priority {
-    /// `interactive` or `batch`, any case.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "interactive" => Some(Self::Interactive),
-            "batch" => Some(Self::Batch),
-            _ => None,
-        }
-    }
-
-    /// The lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Interactive => "interactive",
-            Self::Batch => "batch",
-        }
-    }
-}
-
-/// Who asks, how urgently, and (for a retry) its original arrival.
-#[derive(Debug, Clone)]
-pub struct Ticket {
-    /// The tenant's name.
-    pub tenant: Arc<str>,
-    /// Its priority.
-    pub priority: Priority,
-    /// Set by the first [`Scheduler::enqueue`]; a retry passes it back to
-    /// keep its place.
-    pub arrival: Option<u64>,
-    /// When the request first arrived.
-    pub since: Instant,
-}
-
-impl Ticket {
-    /// A fresh ticket for a request arriving at `now`.
-    pub fn new(tenant: Arc<str>, priority: Priority, now: Instant) -> Self {
-        Self {
-            tenant,
-            priority,
-            arrival: None,
-            since: now,
-        }
-    }
-}
-
-/// Why a request is turned away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// No backend has listed the model since start, while some backend is healthy.
-    UnknownModel,
-    /// A retry with no healthy untried backend left that has the model.
-    Exhausted,
-    /// MAX_QUEUE requests are already waiting.
-    QueueFull,
-    /// MAX_QUEUE_BYTES of request bodies are already waiting.
-    QueueBytesFull,
-    /// MAX_QUEUE_PER_TENANT requests of this tenant are already waiting.
-    TenantQueueFull,
-    /// The proxy is shutting down and takes nothing new.
-    ShuttingDown,
-}
-
-/// A slot held: give it back with [`Scheduler::release`] (done) or
-/// [`Scheduler::abandon`] (cut off mid-request).
-#[derive(Debug)]
-pub struct Lease {
-    /// The backend the slot is on.
-    pub target: Arc<Target>,
-    tenant: TenantId,
-    model: Option<ModelName>,
-    granted_at: Instant,
-    /// Slot-nanoseconds charged to the tenant up front (the model's usual
-    /// service time), corrected when the slot comes back.
-    charged: u64,
-}
-
-/// What a waiter is told when it leaves the queue.
-#[derive(Debug)]
-pub enum Outcome {
-    /// A slot on this backend is now the waiter's.
-    Granted(Lease),
-    /// The request cannot be served.
-    Rejected(Rejection),
-}
-
-/// The answer to a request that asks for a slot now.
-#[derive(Debug)]
-pub enum Decision {
-    /// A slot is taken for the request.
-    Granted(Lease),
-    /// No eligible backend has a free slot: the request should wait.
-    Wait,
-    /// The request cannot be served.
-    Rejected(Rejection),
-}
 
 /// The limits the scheduler enforces.
 #[derive(Debug, Clone, Copy)]
@@ -203,17 +93,6 @@ pub struct TenantView {
     pub slot_seconds: f64,
 }
 
-/// Where a backend sits in the free index, to take it out again.
-#[derive(Default)]
-struct Indexed {
-    healthy: bool,
-    any: Option<Rank>,
-    models: Vec<(ModelName, Rank)>,
-}
-
-/// Preference order among free backends: smaller first.
-type Rank = (u32, u32, BackendId);
-
 /// How a model's slots turn over, for estimates.
 struct ModelStats {
     /// Typical time a request holds a slot, in ns (moving average).
@@ -230,16 +109,10 @@ const DEFAULT_SERVICE: Duration = Duration::from_secs(1);
 /// Backends, their slots, the tenants and their waiting requests.
 pub struct Scheduler<W> {
     backends: BTreeMap<BackendId, Backend>,
-    /// Free backends (healthy, not draining, under the cap) in preference
-    /// order: all of them, and per model listed.
-    free_any: BTreeSet<Rank>,
-    free_by_model: HashMap<ModelName, BTreeSet<Rank>>,
-    indexed: HashMap<BackendId, Indexed>,
+    /// Free backends (healthy, not draining, under the cap) by model.
+    free: FreeIndex,
     /// Backends handed out through `backend_mut`: re-indexed by the next call.
     touched: Vec<BackendId>,
-    /// Backends that gained a free slot since the last hand-out.
-    dirty: BTreeSet<BackendId>,
-    healthy: usize,
     waiters: Waiters<W>,
     /// Waiters that can be turned away by a change of the fleet: retries
     /// (no untried backend left) and waiters for a model never listed.
@@ -269,12 +142,8 @@ impl<W> Scheduler<W> {
     pub fn with_policy(limits: Limits, policy: Policy) -> Self {
         Self {
             backends: BTreeMap::new(),
-            free_any: BTreeSet::new(),
-            free_by_model: HashMap::new(),
-            indexed: HashMap::new(),
+            free: FreeIndex::default(),
             touched: Vec::new(),
-            dirty: BTreeSet::new(),
-            healthy: 0,
             waiters: Waiters::default(),
             fragile: BTreeSet::new(),
             next_arrival: 0,
@@ -519,7 +388,7 @@ impl<W> Scheduler<W> {
                 }
             }
         }
-        while let Some(id) = self.dirty.pop_first() {
+        while let Some(id) = self.free.dirty.pop_first() {
             self.hand_out(&id, now, &mut out);
         }
         out
@@ -599,13 +468,10 @@ impl<W> Scheduler<W> {
 
     /// The backend a request would get now, if any.
     fn pick(&self, want: &Want) -> Option<BackendId> {
-        let ranks = match &want.model {
-            None => Some(&self.free_any),
-            Some(m) => self.free_by_model.get(m),
-        }?;
-        let candidates = ranks
-            .iter()
-            .filter_map(|(_, _, id)| self.backends.get(id))
+        let candidates = self
+            .free
+            .candidates(want.model.as_ref())
+            .filter_map(|id| self.backends.get(id))
             .filter(|b| self.is_eligible(b, want));
         let chosen = Self::place(want, candidates)?;
         Some(chosen.target.id.clone())
@@ -627,7 +493,7 @@ impl<W> Scheduler<W> {
         self.hand_out_slots(id, now, out);
         // Nobody left who can use what is free there: nothing to revisit
         // until the backend or the queue changes.
-        self.dirty.remove(id);
+        self.free.dirty.remove(id);
     }
 
     fn hand_out_slots(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
@@ -777,58 +643,11 @@ impl<W> Scheduler<W> {
         }
     }
 
-    /// Puts a backend where its state says in the free index (and the
-    /// healthy count), and marks it for a hand-out when it has a free slot.
+    /// Puts a backend where its state says in the free index.
     fn reindex(&mut self, id: &BackendId) {
-        let mut entry = self.indexed.remove(id).unwrap_or_default();
-        if entry.healthy {
-            self.healthy -= 1;
-        }
-        if let Some(rank) = entry.any.take() {
-            self.free_any.remove(&rank);
-        }
-        for (model, rank) in entry.models.drain(..) {
-            if let Some(set) = self.free_by_model.get_mut(&model) {
-                set.remove(&rank);
-                if set.is_empty() {
-                    self.free_by_model.remove(&model);
-                }
-            }
-        }
-        let Some(b) = self.backends.get(id) else {
-            self.dirty.remove(id);
-            return;
-        };
-        let uncapped = self.limits.cap == 0;
-        let rank = |loaded: bool| {
-            let not_loaded = u32::from(!loaded);
-            if uncapped {
-                (b.in_flight, not_loaded, id.clone())
-            } else {
-                (not_loaded, b.in_flight, id.clone())
-            }
-        };
-        entry.healthy = b.healthy;
-        if b.healthy {
-            self.healthy += 1;
-        }
-        if b.healthy && !b.draining && self.slot_free(b) {
-            let r = rank(false);
-            self.free_any.insert(r.clone());
-            entry.any = Some(r);
-            for model in &b.models {
-                let r = rank(b.loaded.contains(model));
-                self.free_by_model
-                    .entry(model.clone())
-                    .or_default()
-                    .insert(r.clone());
-                entry.models.push((model.clone(), r));
-            }
-            self.dirty.insert(id.clone());
-        } else {
-            self.dirty.remove(id);
-        }
-        self.indexed.insert(id.clone(), entry);
+        let backend = self.backends.get(id);
+        let free = backend.is_some_and(|b| b.healthy && !b.draining && self.slot_free(b));
+        self.free.update(id, backend, free, self.limits.cap == 0);
     }
 
     fn rejection(&self, want: &Want) -> Option<Rejection> {
@@ -836,7 +655,7 @@ impl<W> Scheduler<W> {
             return Some(Rejection::ShuttingDown);
         }
         if let Some(model) = &want.model {
-            if !self.known.contains(model) && self.healthy > 0 {
+            if !self.known.contains(model) && self.free.healthy > 0 {
                 return Some(Rejection::UnknownModel);
             }
         }
