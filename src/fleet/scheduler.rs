@@ -4,16 +4,16 @@
 //! sender), so this is tested with plain values and a paused clock.
 //!
 //! Fairness: every request has a tenant and a priority. A freed slot goes to
-//! an interactive waiter before a batch one (but every
-//! [`Policy::batch_floor_percent`]-th grant goes to batch when batch waits),
-//! and among waiters of one priority to the tenant with the least weighted
-//! slot-time used, first come first served within a tenant ([`waiters`]).
+//! an interactive waiter before a batch one (but while batch waits it keeps
+//! [`Policy::batch_floor_percent`] of the grants), and among waiters of one
+//! priority to the tenant with the least weighted slot-time used, first come
+//! first served within a tenant (`waiters`).
 //! A retry keeps its arrival number, so it re-enters at its old place.
 //!
 //! Cost: backends with a free slot are indexed by model in preference order
-//! ([`free`]), waiters by model, tenant and arrival ([`waiters`]), so an
+//! (`free`), waiters by model, tenant and arrival (`waiters`), so an
 //! arrival, a release and a dispatch touch what changed, not every waiter or
-//! every backend. What a request brings and gets back is in [`request`].
+//! every backend. What a request brings and gets back is in `request`.
 //!
 //! Invariants, checked by the seeded test after every step: no backend holds
 //! more than the cap; after every call no waiter could be granted a free slot
