@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|all
+# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|all
 #
 # Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
 # release `corral`, Debian's nginx), measures with wrk or the loadgen example,
@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CORRAL=$ROOT/target/release/corral
 LOADGEN=$ROOT/target/release/examples/loadgen
+FAIRBENCH=$ROOT/target/release/examples/fairbench
 RESULTS=$ROOT/bench/results.md
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5}
@@ -445,16 +446,67 @@ EOF
     stop "$sims"
 }
 
+fairness() {
+    log "fairness: 10 one-slot sims at ~100 ms per request; a flood of 20,000 against one request every 2 s"
+    start_sims 31600 10 1 --parallel 1 --tokens 10 --tokens-per-second 100
+    local sims=$SIM_PID
+    start_corral 0 BACKEND_PORT_START=31600 BACKEND_PORT_END=31609 MAX_CONCURRENT_PER_BACKEND=1 \
+        QUEUE_TIMEOUT_SECONDS=600
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 10'
+    local burst shares
+    burst=$(taskset -c 1 "$FAIRBENCH" burst --proxy "http://127.0.0.1:$PROXY_PORT" --bulk 20000 --every-ms 2000 --probes 15 --tokens 10)
+    log "$burst"
+    stop "$CORRAL_PID"
+    # Ten tenants: tenant i queues 150 × (10 − i) requests of 2 × (i + 1)
+    # tokens (20 to 200 ms each), all at once.
+    start_corral 0 BACKEND_PORT_START=31600 BACKEND_PORT_END=31609 MAX_CONCURRENT_PER_BACKEND=1 \
+        QUEUE_TIMEOUT_SECONDS=600
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 10'
+    shares=$(taskset -c 1 "$FAIRBENCH" shares --proxy "http://127.0.0.1:$PROXY_PORT" --base 150 --tokens 2 --window-secs 10)
+    log "$shares"
+    cat >"$TMP/fairness.md" <<EOF
+
+## Fairness through HTTP: 10 one-slot sims, tenants by X-Corral-Tenant
+
+$(machine "one run")
+
+A flood and a trickle: tenant A queues 20,000 batch requests at once (on
+HTTP/2, 200 streams a connection); tenant B sends one interactive request
+every 2 s, 15 times. Service time ~100 ms (10 tokens at 100/s), scaled down
+from real generations so that the run fits a 2-core machine.
+
+| A queued | B requests | B wait p50 | p99 | max | service p50 | B p99 / service (target ≤ 2) |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| $(kv queued "$burst") | $(kv probes "$burst") | $(kv b_wait_p50_ms "$burst") ms | $(kv b_wait_p99_ms "$burst") ms | $(kv b_wait_max_ms "$burst") ms | $(kv service_p50_ms "$burst") ms | $(kv p99_over_service "$burst") |
+
+Ten tenants with unequal demand: tenant i queues 150 × (10 − i) requests of
+2 × (i + 1) tokens (20 to 200 ms) at once, so t0 sends ten times the
+requests of t9, each a tenth as long. Slot-seconds per tenant (the proxy's
+account in \`/__proxy/backends\`: grant to release of each finished request)
+over a window that opens once the queue is at its deepest and closes after 10 s or
+when a tenant runs out of waiters ("drained early"):
+
+| requests | window | drained early | Jain's index (target ≥ 0.95) | worst tenant off its fair share (target ≤ 0.10) | slot-seconds t0..t9 |
+| ---: | ---: | --- | ---: | ---: | --- |
+| $(kv requests "$shares") | $(kv window_s "$shares") s | $(kv drained_early "$shares") | $(kv jain "$shares") | $(kv worst_off_fair "$shares") | $(kv slot_seconds "$shares") |
+EOF
+    section fairness "$TMP/fairness.md"
+    stop "$CORRAL_PID"
+    stop "$sims"
+}
+
 # ===== main =====
 
 case ${1:-} in
-overhead | fleet | queue | discovery | streaming | all) ;;
+overhead | fleet | queue | discovery | streaming | fairness | all) ;;
 *)
-    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|all" >&2
+    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|all" >&2
     exit 2
     ;;
 esac
-for tool in wrk nginx curl jq taskset; do
+tools="curl jq taskset"
+case $1 in overhead | all) tools+=" wrk nginx" ;; esac
+for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done
 if [[ ${BUILD:-1} != 0 ]]; then
@@ -467,6 +519,7 @@ if [[ $1 == all ]]; then
     queue
     discovery
     streaming
+    fairness
 else
     "$1"
 fi

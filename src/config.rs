@@ -9,6 +9,10 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub mod tenancy;
+
+use tenancy::TenantMap;
+
 /// corral: one stable Ollama address in front of a changing fleet of Ollama servers.
 #[derive(Debug, Parser)]
 #[command(
@@ -117,6 +121,22 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_QUEUE_BYTES", default_value_t = 1 << 30)]
     pub max_queue_bytes: usize,
 
+    /// Waiting requests of one tenant at most; past that, 503 for that tenant.
+    #[arg(long, env = "MAX_QUEUE_PER_TENANT")]
+    pub max_queue_per_tenant: Option<usize>,
+
+    /// Tenant weights, `name=weight,...`; tenants not named weigh 1.
+    #[arg(long, env = "TENANT_WEIGHTS", default_value = "", value_parser = tenancy::parse_weights)]
+    pub tenant_weights: TenantMap<f64>,
+
+    /// Default priority of tenants, `name=interactive|batch,...`; others: interactive.
+    #[arg(long, env = "TENANT_PRIORITIES", default_value = "", value_parser = tenancy::parse_priorities)]
+    pub tenant_priorities: TenantMap<crate::fleet::Priority>,
+
+    /// Percent of freed slots batch requests keep while they wait (0-100).
+    #[arg(long, env = "BATCH_FLOOR_PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub batch_floor_percent: u32,
+
     /// TCP connect timeout to a backend, in seconds.
     #[arg(long = "backend-connect-timeout", env = "BACKEND_CONNECT_TIMEOUT_SECONDS", default_value = "2.0", value_parser = parse_seconds)]
     pub backend_connect_timeout: Duration,
@@ -133,7 +153,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 100 << 20)]
     pub max_body_bytes: usize,
 
-    /// Client keys, comma-separated; when set, requests need `Authorization: Bearer <key>`.
+    /// Client keys, comma-separated, each `name:key` or a bare key; when set,
+    /// requests need `Authorization: Bearer <key>`.
     #[arg(
         long = "api-keys",
         env = "PROXY_API_KEYS",
@@ -185,7 +206,10 @@ impl ServeArgs {
             return Err("PROBE_TIMEOUT_SECONDS must be greater than 0".into());
         }
         // An empty key (from `PROXY_API_KEYS=a,,b`) would let anyone in with `Bearer `.
-        if self.api_keys.iter().any(|k| k.trim().is_empty()) {
+        if tenancy::api_keys(&self.api_keys)
+            .iter()
+            .any(|k| k.key.is_empty())
+        {
             return Err("PROXY_API_KEYS contains an empty key".into());
         }
         Ok(())

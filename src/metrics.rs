@@ -67,6 +67,13 @@ pub struct ModelLabels {
     pub model: Arc<str>,
 }
 
+/// Labels of per-tenant series: a tenant named in the settings, or `other`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    /// Tenant name (a key's name, a TENANT_WEIGHTS or TENANT_PRIORITIES entry) or `other`.
+    pub tenant: Arc<str>,
+}
+
 /// Labels of queue rejections.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -101,6 +108,12 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     /// Requests turned away before reaching a backend, by reason.
     pub rejections: Family<ReasonLabels, Counter>,
+    /// Time spent waiting for a slot, by tenant.
+    pub tenant_queue_wait: HistogramFamily<TenantLabels>,
+    /// Requests waiting now, by tenant.
+    pub tenant_queue_depth: Family<TenantLabels, Gauge>,
+    /// Requests holding a slot now, by tenant.
+    pub tenant_in_flight: Family<TenantLabels, Gauge>,
     /// Backend health now (1 healthy, 0 not).
     pub backend_healthy: Family<BackendLabels, Gauge>,
     /// Requests holding a slot on the backend now.
@@ -195,6 +208,9 @@ impl Metrics {
             queue_depth: Gauge::default(),
             queue_wait: latency_histogram(),
             rejections: Family::default(),
+            tenant_queue_wait: Family::new_with_constructor(latency_histogram),
+            tenant_queue_depth: Family::default(),
+            tenant_in_flight: Family::default(),
             backend_healthy: Family::default(),
             backend_in_flight: Family::default(),
             backend_requests: Family::default(),
@@ -238,6 +254,21 @@ impl Metrics {
             "corral_queue_rejections",
             "Requests turned away before reaching a backend, by reason",
             m.rejections.clone(),
+        );
+        r.register(
+            "corral_tenant_queue_wait_seconds",
+            "Time requests waited for a backend slot, by tenant",
+            m.tenant_queue_wait.clone(),
+        );
+        r.register(
+            "corral_tenant_queue_depth",
+            "Requests waiting for a backend slot, by tenant",
+            m.tenant_queue_depth.clone(),
+        );
+        r.register(
+            "corral_tenant_in_flight",
+            "Requests holding a backend slot, by tenant",
+            m.tenant_in_flight.clone(),
         );
         r.register(
             "corral_backend_healthy",
@@ -293,6 +324,34 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Observes a tenant's wait for a slot (`tenant` is already a bounded label).
+    pub fn tenant_waited(&self, tenant: &Arc<str>, wait: Duration) {
+        self.tenant_queue_wait
+            .get_or_create(&TenantLabels {
+                tenant: Arc::clone(tenant),
+            })
+            .observe(wait.as_secs_f64());
+    }
+
+    /// Sets the per-tenant gauges: `(label, waiting, in flight)`, several
+    /// tenants may share the label `other`. Labels absent now are removed.
+    pub fn set_tenants(&self, tenants: impl Iterator<Item = (Arc<str>, usize, u32)>) {
+        let mut sums: std::collections::HashMap<Arc<str>, (i64, i64)> =
+            std::collections::HashMap::new();
+        for (label, waiting, in_flight) in tenants {
+            let sum = sums.entry(label).or_default();
+            sum.0 += waiting as i64;
+            sum.1 += i64::from(in_flight);
+        }
+        self.tenant_queue_depth.clear();
+        self.tenant_in_flight.clear();
+        for (tenant, (waiting, in_flight)) in sums {
+            let labels = TenantLabels { tenant };
+            self.tenant_queue_depth.get_or_create(&labels).set(waiting);
+            self.tenant_in_flight.get_or_create(&labels).set(in_flight);
+        }
     }
 
     /// Sets the per-backend gauges from the fleet table and retires the

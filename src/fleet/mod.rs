@@ -1,8 +1,9 @@
 //! The fleet: a cheap `Clone` handle over the one lock that guards the
 //! backends, their slots and the wait queue. Routing decisions are made by
-//! the sans-io [`scheduler`]; this module adds the waiting (a oneshot per
-//! waiter, so a freed slot wakes exactly the waiter that gets it), the queue
-//! timeout, and the [`Slot`] guard that gives a slot back when dropped.
+//! the sans-io [`scheduler`]; this module adds the clock, the waiting (a
+//! oneshot per waiter, so a freed slot wakes exactly the waiter that gets
+//! it), the one queue deadline of a request, and the [`Slot`] guard that
+//! gives a slot back when dropped.
 
 pub mod backend;
 pub mod discovery;
@@ -18,12 +19,12 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 pub use backend::{Backend, BackendId, ProbeReport, Target};
-pub use scheduler::{Limits, Rejection, Want};
+pub use scheduler::{Limits, Policy, Priority, Rejection, TenantView, Ticket, Want};
 pub use slot::Slot;
 
 use crate::model::ModelName;
 
-use scheduler::{Decision, Outcome, Scheduler};
+use scheduler::{Decision, Lease, Outcome, Scheduler};
 
 /// What a waiter receives: its slot, or why it will not get one.
 type Grant = Result<Slot, Rejection>;
@@ -54,11 +55,16 @@ struct Shared {
 }
 
 impl Fleet {
-    /// An empty fleet with these limits.
+    /// An empty fleet with these limits and the default [`Policy`].
     pub fn new(limits: Limits, queue_timeout: Duration) -> Self {
+        Self::with_policy(limits, Policy::default(), queue_timeout)
+    }
+
+    /// An empty fleet with these limits and tenant policy.
+    pub fn with_policy(limits: Limits, policy: Policy, queue_timeout: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
-                state: Mutex::new(Scheduler::new(limits)),
+                state: Mutex::new(Scheduler::with_policy(limits, policy)),
                 queue_timeout,
             }),
         }
@@ -81,26 +87,38 @@ impl Fleet {
         let (value, out) = {
             let mut state = self.lock();
             let value = f(&mut state);
-            (value, state.dispatch())
+            (value, state.dispatch(Instant::now()))
         };
         self.deliver(out);
         value
     }
 
     /// Gets a slot for the request: at once when an eligible backend is free,
-    /// else after waiting in the FIFO queue. Dropping the future (the client
-    /// went away) leaves the queue at once.
-    pub async fn acquire(&self, want: Want, bytes: usize) -> Result<Slot, AcquireError> {
+    /// else after waiting in the queue, until `ticket.since` plus the queue
+    /// timeout (one deadline for all attempts of a request). The ticket
+    /// keeps the request's arrival number, so a retry waits at its old place.
+    /// Dropping the future (the client went away) leaves the queue at once.
+    pub async fn acquire(
+        &self,
+        want: Want,
+        bytes: usize,
+        ticket: &mut Ticket,
+    ) -> Result<Slot, AcquireError> {
+        let deadline = ticket.since + self.shared.queue_timeout;
         let (seq, rx) = {
             let mut state = self.lock();
-            match state.try_acquire(&want) {
-                Decision::Granted(target) => return Ok(Slot::new(self.clone(), target)),
+            match state.try_acquire(&want, ticket, Instant::now()) {
+                Decision::Granted(lease) => return Ok(Slot::new(self.clone(), lease)),
                 Decision::Rejected(r) => return Err(AcquireError::Rejected(r)),
+                Decision::Wait if Instant::now() >= deadline => {
+                    return Err(AcquireError::QueueTimeout);
+                }
                 Decision::Wait => {
                     let (tx, rx) = oneshot::channel();
                     let seq = state
-                        .enqueue(want, bytes, tx)
+                        .enqueue(want, bytes, ticket, tx)
                         .map_err(AcquireError::Rejected)?;
+                    ticket.arrival = Some(seq);
                     (seq, rx)
                 }
             }
@@ -110,7 +128,6 @@ impl Fleet {
             seq: Some(seq),
         };
         let mut rx = rx;
-        let deadline = Instant::now() + self.shared.queue_timeout;
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(grant) => {
                 place.seq = None;
@@ -129,6 +146,12 @@ impl Fleet {
                 }
             }
         }
+    }
+
+    /// How long a client turned away for `model` should wait before trying
+    /// again, from its tenant's place and the model's recent turnover.
+    pub fn retry_after(&self, model: Option<&ModelName>, tenant: &str) -> Duration {
+        self.read(|s| s.retry_after(model, tenant))
     }
 
     /// Marks a backend unhealthy after a failed attempt; it comes back only
@@ -159,12 +182,7 @@ impl Fleet {
 
     /// Counts a request a backend answered.
     pub fn record_served(&self, target: &Arc<Target>) {
-        let mut state = self.lock();
-        if let Some(b) = state.backend_mut(&target.id) {
-            if Arc::ptr_eq(&b.target, target) {
-                b.served += 1;
-            }
-        }
+        self.lock().count_served(target);
     }
 
     /// Drains (true) or undrains (false) a backend; false when there is no such backend.
@@ -182,9 +200,22 @@ impl Fleet {
         found
     }
 
-    fn release(&self, target: &Arc<Target>) {
-        let out = self.lock().release(target);
+    /// Gives a finished request's slot back at once.
+    fn release(&self, lease: Lease) {
+        let out = self.lock().release(lease, Instant::now());
         self.deliver(out);
+    }
+
+    /// Keeps an abandoned slot taken for the settle time; a wake-up at its
+    /// deadline (or any earlier call that passes it) gives it back.
+    fn abandon(&self, lease: Lease, runtime: &tokio::runtime::Handle) {
+        let due = self.lock().abandon(lease, Instant::now());
+        let fleet = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep_until(due).await;
+            let out = fleet.lock().expire(Instant::now());
+            fleet.deliver(out);
+        });
     }
 
     /// Sends outcomes to their waiters, outside the lock. A waiter that gave
@@ -193,7 +224,7 @@ impl Fleet {
     fn deliver(&self, out: Vec<(oneshot::Sender<Grant>, Outcome)>) {
         for (tx, outcome) in out {
             let grant = match outcome {
-                Outcome::Granted(target) => Ok(Slot::new(self.clone(), target)),
+                Outcome::Granted(lease) => Ok(Slot::new(self.clone(), lease)),
                 Outcome::Rejected(r) => Err(r),
             };
             // Never used: back at once, not after the settle time.

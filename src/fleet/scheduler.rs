@@ -1,61 +1,41 @@
 //! The routing core, sans-io: which backend a request gets, who waits, and
-//! who gets a freed slot. No tokio, no http: the waiter payload `W` is opaque
-//! (the fleet uses a oneshot sender), so this is tested with plain values.
+//! who gets a freed slot. No sockets, no timers: time comes in as `Instant`
+//! arguments and the waiter payload `W` is opaque (the fleet uses a oneshot
+//! sender), so this is tested with plain values and a paused clock.
 //!
-//! Invariants, checked by the seeded test at the bottom after every step:
-//! no backend holds more than the cap; after every call no waiter could be
-//! granted a free slot it is eligible for; a freed slot goes to the oldest
-//! waiter that can use it.
+//! Fairness: every request has a tenant and a priority. A freed slot goes to
+//! an interactive waiter before a batch one (but while batch waits it keeps
+//! [`Policy::batch_floor_percent`] of the grants), and among waiters of one
+//! priority to the tenant with the least weighted slot-time used, first come
+//! first served within a tenant (`waiters`).
+//! A retry keeps its arrival number, so it re-enters at its old place.
+//!
+//! Cost: backends with a free slot are indexed by model in preference order
+//! (`free`), waiters by model, tenant and arrival (`waiters`), so an
+//! arrival, a release and a dispatch touch what changed, not every waiter or
+//! every backend. What a request brings and gets back is in `request`.
+//!
+//! Invariants, checked by the seeded test after every step: no backend holds
+//! more than the cap; after every call no waiter could be granted a free slot
+//! it is eligible for.
 
-use std::collections::{BTreeMap, HashSet};
+mod free;
+mod request;
+mod waiters;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::backend::{Backend, BackendId, ProbeReport, Target};
 use crate::model::ModelName;
 
-/// What a request needs from a backend.
-#[derive(Debug, Clone, Default)]
-pub struct Want {
-    /// The model it names; `None` fits any backend.
-    pub model: Option<ModelName>,
-    /// Backends it already failed on, not to be tried again.
-    pub tried: Vec<BackendId>,
-}
-
-/// Why a request is turned away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// No backend has listed the model since start, while some backend is healthy.
-    UnknownModel,
-    /// A retry with no healthy untried backend left that has the model.
-    Exhausted,
-    /// MAX_QUEUE requests are already waiting.
-    QueueFull,
-    /// MAX_QUEUE_BYTES of request bodies are already waiting.
-    QueueBytesFull,
-    /// The proxy is shutting down and takes nothing new.
-    ShuttingDown,
-}
-
-/// What a waiter is told when it leaves the queue.
-#[derive(Debug)]
-pub enum Outcome {
-    /// A slot on this backend is now the waiter's (its in-flight count is taken).
-    Granted(Arc<Target>),
-    /// The request cannot be served.
-    Rejected(Rejection),
-}
-
-/// The answer to a request that asks for a slot now.
-#[derive(Debug)]
-pub enum Decision {
-    /// A slot on this backend is taken for the request.
-    Granted(Arc<Target>),
-    /// No eligible backend has a free slot: the request should wait.
-    Wait,
-    /// The request cannot be served.
-    Rejected(Rejection),
-}
+use free::FreeIndex;
+pub use request::{Decision, Lease, Outcome, Priority, Rejection, Ticket, Want};
+pub use waiters::{Tenant, TenantId};
+use waiters::{Waiter, Waiters};
 
 /// The limits the scheduler enforces.
 #[derive(Debug, Clone, Copy)]
@@ -68,20 +48,84 @@ pub struct Limits {
     pub max_queue_bytes: usize,
 }
 
-struct Waiter<W> {
-    want: Want,
-    bytes: usize,
-    payload: W,
+/// How the queue is shared between tenants.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// TENANT_WEIGHTS; tenants not named weigh 1.
+    pub weights: HashMap<Arc<str>, f64>,
+    /// MAX_QUEUE_PER_TENANT; 0 = no limit but MAX_QUEUE.
+    pub max_queue_per_tenant: usize,
+    /// BATCH_FLOOR_PERCENT: the share of grants batch keeps while it waits.
+    pub batch_floor_percent: u32,
+    /// How long a slot abandoned mid-request stays taken: the backend
+    /// learns that its connection closed only when its own event loop gets
+    /// to it, and a request sent at once would find the old one running.
+    pub settle: Duration,
 }
 
-/// Backends, their slots and the FIFO queue of waiting requests.
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            weights: HashMap::new(),
+            max_queue_per_tenant: 0,
+            batch_floor_percent: 10,
+            settle: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A tenant as `/__proxy/backends` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TenantView {
+    /// Its name.
+    pub name: String,
+    /// Its weight.
+    pub weight: f64,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Requests holding a slot.
+    pub in_flight: u32,
+    /// Its share of the slots held now (0..1).
+    pub share: f64,
+    /// How long its oldest waiter has waited, in ms.
+    pub oldest_wait_ms: u64,
+    /// Slot-seconds its finished requests held since it became active.
+    pub slot_seconds: f64,
+}
+
+/// How a model's slots turn over, for estimates.
+struct ModelStats {
+    /// Typical time a request holds a slot, in ns (moving average).
+    service_ns: f64,
+    /// Slots given back per second (moving average over 1 s windows).
+    rate: f64,
+    window_start: Instant,
+    window_count: u32,
+}
+
+/// What a new tenant's first request is charged before its real time is known.
+const DEFAULT_SERVICE: Duration = Duration::from_secs(1);
+
+/// Backends, their slots, the tenants and their waiting requests.
 pub struct Scheduler<W> {
     backends: BTreeMap<BackendId, Backend>,
-    /// Waiters by arrival number: iteration order is FIFO.
-    queue: BTreeMap<u64, Waiter<W>>,
-    next_seq: u64,
-    queued_bytes: usize,
+    /// Free backends (healthy, not draining, under the cap) by model.
+    free: FreeIndex,
+    /// Backends handed out through `backend_mut`: re-indexed by the next call.
+    touched: Vec<BackendId>,
+    waiters: Waiters<W>,
+    /// Waiters that can be turned away by a change of the fleet: retries
+    /// (no untried backend left) and waiters for a model never listed.
+    fragile: BTreeSet<u64>,
+    next_arrival: u64,
+    /// Interactive grants since the last batch one.
+    interactive_streak: u32,
+    /// Abandoned slots and when they come back.
+    settling: BTreeMap<(Instant, u64), Lease>,
+    next_settle_seq: u64,
+    stats: HashMap<Option<ModelName>, ModelStats>,
     limits: Limits,
+    policy: Policy,
     /// Every model some backend has listed since start: the 404 test.
     known: HashSet<ModelName>,
     /// Shutting down: no new slots, every waiter turned away.
@@ -89,14 +133,26 @@ pub struct Scheduler<W> {
 }
 
 impl<W> Scheduler<W> {
-    /// An empty fleet.
+    /// An empty fleet with the default [`Policy`].
     pub fn new(limits: Limits) -> Self {
+        Self::with_policy(limits, Policy::default())
+    }
+
+    /// An empty fleet.
+    pub fn with_policy(limits: Limits, policy: Policy) -> Self {
         Self {
             backends: BTreeMap::new(),
-            queue: BTreeMap::new(),
-            next_seq: 0,
-            queued_bytes: 0,
+            free: FreeIndex::default(),
+            touched: Vec::new(),
+            waiters: Waiters::default(),
+            fragile: BTreeSet::new(),
+            next_arrival: 0,
+            interactive_streak: 0,
+            settling: BTreeMap::new(),
+            next_settle_seq: 0,
+            stats: HashMap::new(),
             limits,
+            policy,
             known: HashSet::new(),
             closed: false,
         }
@@ -113,15 +169,29 @@ impl<W> Scheduler<W> {
         &self.backends
     }
 
-    /// One backend, to change its flags or counters.
+    /// One backend, to change its flags or counters; the change is seen by
+    /// the next call of any other `&mut` method.
     pub fn backend_mut(&mut self, id: &BackendId) -> Option<&mut Backend> {
-        self.backends.get_mut(id)
+        let backend = self.backends.get_mut(id)?;
+        self.touched.push(id.clone());
+        Some(backend)
+    }
+
+    /// Counts a request a backend answered (a counter only: no re-index).
+    pub fn count_served(&mut self, target: &Arc<Target>) {
+        if let Some(b) = self.backends.get_mut(&target.id) {
+            if Arc::ptr_eq(&b.target, target) {
+                b.served += 1;
+            }
+        }
     }
 
     /// Adds a backend (unhealthy until probed) unless one with that id exists.
     pub fn add_backend(&mut self, target: Arc<Target>) -> &mut Backend {
+        let id = target.id.clone();
+        self.touched.push(id.clone());
         self.backends
-            .entry(target.id.clone())
+            .entry(id)
             .or_insert_with(|| Backend::new(target))
     }
 
@@ -129,6 +199,7 @@ impl<W> Scheduler<W> {
     /// into nothing.
     pub fn remove_backend(&mut self, id: &BackendId) {
         self.backends.remove(id);
+        self.reindex(id);
     }
 
     /// Records a successful probe; true when the server looks replaced.
@@ -137,7 +208,9 @@ impl<W> Scheduler<W> {
             return false;
         };
         self.known.extend(backend_models(&report));
-        backend.apply_probe(report)
+        let replaced = backend.apply_probe(report);
+        self.reindex(id);
+        replaced
     }
 
     /// Marks a backend unhealthy; true when it was healthy.
@@ -148,17 +221,18 @@ impl<W> Scheduler<W> {
         let was = backend.healthy;
         backend.healthy = false;
         backend.last_error = Some(error);
+        self.reindex(id);
         was
     }
 
     /// Requests waiting now.
     pub fn queue_len(&self) -> usize {
-        self.queue.len()
+        self.waiters.by_arrival.len()
     }
 
     /// Bytes of request bodies waiting now.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.waiters.bytes
     }
 
     /// Healthy backends now (drained ones included).
@@ -172,138 +246,234 @@ impl<W> Scheduler<W> {
     }
 
     /// Takes a slot for the request if one is free, or says why it must wait
-    /// or go. Does not queue it: see [`Scheduler::enqueue`].
-    pub fn try_acquire(&mut self, want: &Want) -> Decision {
+    /// or go. Does not queue it: see [`Scheduler::enqueue`]. A free slot here
+    /// means no waiter can use it (the invariant), so nobody is overtaken.
+    pub fn try_acquire(&mut self, want: &Want, ticket: &Ticket, now: Instant) -> Decision {
+        self.reindex_touched();
         if let Some(rejection) = self.rejection(want) {
             return Decision::Rejected(rejection);
         }
-        match self.pick(want) {
-            Some(id) => Decision::Granted(self.take_slot(&id)),
-            None => Decision::Wait,
-        }
+        let Some(id) = self.pick(want) else {
+            return Decision::Wait;
+        };
+        let tenant = self.tenant_id(&ticket.tenant);
+        Decision::Granted(self.take_slot(&id, tenant, want.model.clone(), now, false))
     }
 
-    /// Queues a request that must wait; returns its place, to leave with
-    /// [`Scheduler::dequeue`].
-    pub fn enqueue(&mut self, want: Want, bytes: usize, payload: W) -> Result<u64, Rejection> {
-        if self.queue.len() >= self.limits.max_queue {
+    /// Queues a request that must wait; returns its arrival number, to leave
+    /// with [`Scheduler::dequeue`]. A ticket that has one (a retry) keeps it
+    /// and so its place.
+    pub fn enqueue(
+        &mut self,
+        want: Want,
+        bytes: usize,
+        ticket: &Ticket,
+        payload: W,
+    ) -> Result<u64, Rejection> {
+        if self.queue_len() >= self.limits.max_queue {
             return Err(Rejection::QueueFull);
         }
-        if self.queued_bytes.saturating_add(bytes) > self.limits.max_queue_bytes {
+        if self.waiters.bytes.saturating_add(bytes) > self.limits.max_queue_bytes {
             return Err(Rejection::QueueBytesFull);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.queued_bytes += bytes;
-        self.queue.insert(
-            seq,
+        let tenant = self.tenant_id(&ticket.tenant);
+        let cap = self.policy.max_queue_per_tenant;
+        if cap > 0 && self.waiters.waiting_of(tenant) >= cap {
+            self.waiters.forget_if_idle(tenant);
+            return Err(Rejection::TenantQueueFull);
+        }
+        let arrival = match ticket.arrival {
+            Some(a) if !self.waiters.by_arrival.contains_key(&a) => a,
+            _ => {
+                let a = self.next_arrival;
+                self.next_arrival += 1;
+                a
+            }
+        };
+        let fragile =
+            !want.tried.is_empty() || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
+        if fragile {
+            self.fragile.insert(arrival);
+        }
+        self.waiters.insert(
+            arrival,
             Waiter {
                 want,
+                tenant,
+                priority: ticket.priority,
                 bytes,
+                since: ticket.since,
                 payload,
             },
         );
-        Ok(seq)
+        Ok(arrival)
     }
 
     /// Takes a waiter out of the queue (timeout, client gone). `None` when it
     /// already left with an outcome.
-    pub fn dequeue(&mut self, seq: u64) -> Option<W> {
-        let waiter = self.queue.remove(&seq)?;
-        self.queued_bytes -= waiter.bytes;
+    pub fn dequeue(&mut self, arrival: u64) -> Option<W> {
+        let waiter = self.waiters.remove(arrival)?;
+        self.fragile.remove(&arrival);
+        self.waiters.forget_if_idle(waiter.tenant);
         Some(waiter.payload)
     }
 
-    /// Gives back a slot of `target` and hands it (and any other free slot of
-    /// that backend) to the oldest waiters that can use it.
-    pub fn release(&mut self, target: &Arc<Target>) -> Vec<(W, Outcome)> {
-        let Some(backend) = self.backends.get_mut(&target.id) else {
-            return Vec::new();
-        };
-        // A slot of a backend that was since replaced under the same id is not
-        // this backend's to give back.
-        if !Arc::ptr_eq(&backend.target, target) {
-            return Vec::new();
-        }
-        debug_assert!(
-            backend.in_flight > 0,
-            "slot released twice on {}",
-            target.id
-        );
-        backend.in_flight = backend.in_flight.saturating_sub(1);
+    /// Gives back a slot whose request is done and hands it (and any other
+    /// free slot of that backend) to the waiters next in line.
+    pub fn release(&mut self, lease: Lease, now: Instant) -> Vec<(W, Outcome)> {
+        self.reindex_touched();
+        let id = lease.target.id.clone();
+        self.give_back(lease, now);
         let mut out = Vec::new();
-        while self.has_free_slot(&target.id) {
-            let Some(seq) = self.oldest_waiter_for(&target.id) else {
+        self.hand_out(&id, now, &mut out);
+        out
+    }
+
+    /// A slot cut off mid-request: it stays taken until `now` plus the
+    /// settle time, then comes back through [`Scheduler::expire`] called
+    /// at or after the instant returned.
+    pub fn abandon(&mut self, lease: Lease, now: Instant) -> Instant {
+        let seq = self.next_settle_seq;
+        self.next_settle_seq += 1;
+        let due = now + self.policy.settle;
+        self.settling.insert((due, seq), lease);
+        due
+    }
+
+    /// When the next abandoned slot comes back.
+    pub fn next_settle(&self) -> Option<Instant> {
+        self.settling.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Gives back the abandoned slots whose settle time has passed.
+    pub fn expire(&mut self, now: Instant) -> Vec<(W, Outcome)> {
+        self.reindex_touched();
+        let mut out = Vec::new();
+        while let Some(entry) = self.settling.first_entry() {
+            if entry.key().0 > now {
                 break;
-            };
-            let payload = self.dequeue(seq).expect("seq was just found in the queue");
-            out.push((payload, Outcome::Granted(self.take_slot(&target.id))));
+            }
+            let lease = entry.remove();
+            let id = lease.target.id.clone();
+            self.give_back(lease, now);
+            self.hand_out(&id, now, &mut out);
         }
         out
     }
 
-    /// Re-examines the whole queue after the fleet changed (a scan, a backend
-    /// marked unhealthy, an undrain): rejects waiters that can no longer be
-    /// served and grants free slots, oldest waiter first.
-    pub fn dispatch(&mut self) -> Vec<(W, Outcome)> {
+    /// Settles what the fleet changed (a scan, a backend marked unhealthy,
+    /// an undrain): turns away the waiters that can no longer be served and
+    /// hands the new free slots out. Costs what changed, not the queue.
+    pub fn dispatch(&mut self, now: Instant) -> Vec<(W, Outcome)> {
+        self.reindex_touched();
         let mut out = Vec::new();
-        let rejected: Vec<(u64, Rejection)> = self
-            .queue
-            .iter()
-            .filter_map(|(seq, w)| self.rejection(&w.want).map(|r| (*seq, r)))
-            .collect();
-        for (seq, rejection) in rejected {
-            let payload = self.dequeue(seq).expect("seq was just found in the queue");
-            out.push((payload, Outcome::Rejected(rejection)));
-        }
-        let seqs: Vec<u64> = self.queue.keys().copied().collect();
-        for seq in seqs {
-            if !self.backends.keys().any(|id| self.has_free_slot(id)) {
-                break;
+        if self.closed {
+            let all: Vec<u64> = self.waiters.by_arrival.keys().copied().collect();
+            for arrival in all {
+                if let Some(payload) = self.dequeue(arrival) {
+                    out.push((payload, Outcome::Rejected(Rejection::ShuttingDown)));
+                }
             }
-            let Some(id) = self.pick(&self.queue[&seq].want) else {
-                continue;
-            };
-            let target = self.take_slot(&id);
-            let payload = self.dequeue(seq).expect("seq was just found in the queue");
-            out.push((payload, Outcome::Granted(target)));
+            return out;
         }
+        if !self.fragile.is_empty() {
+            let fragile: Vec<u64> = self.fragile.iter().copied().collect();
+            for arrival in fragile {
+                let Some(w) = self.waiters.by_arrival.get(&arrival) else {
+                    continue;
+                };
+                if let Some(rejection) = self.rejection(&w.want) {
+                    let payload = self.dequeue(arrival).expect("waiter was just found");
+                    out.push((payload, Outcome::Rejected(rejection)));
+                }
+            }
+        }
+        while let Some(id) = self.free.dirty.pop_first() {
+            self.hand_out(&id, now, &mut out);
+        }
+        out
+    }
+
+    /// An honest `Retry-After` for a request of `tenant` for `model` that
+    /// was turned away now: its tenant's waiters for the model, times the
+    /// tenants sharing it, over the rate at which the model's slots came
+    /// free lately (or its slots over its usual service time).
+    pub fn retry_after(&self, model: Option<&ModelName>, tenant: &str) -> Duration {
+        let tenant_id = self.waiters.tenant_named(tenant);
+        let (mine, sharing) = match tenant_id {
+            Some(id) => self.waiters.standing(id, model),
+            None => (0, 0),
+        };
+        let ahead = ((mine + 1) * sharing.max(1)).min(self.waiters.waiting_for(model) + 1);
+        let stats = self.stats.get(&model.cloned());
+        let rate = match stats {
+            Some(s) if s.rate > 0.0 => s.rate,
+            _ => {
+                let slots = self
+                    .backends
+                    .values()
+                    .filter(|b| b.healthy && !b.draining && b.has_model(model))
+                    .count() as f64
+                    * f64::from(self.limits.cap.max(1));
+                let service = stats.map_or(DEFAULT_SERVICE.as_secs_f64(), |s| s.service_ns / 1e9);
+                slots / service.max(1e-3)
+            }
+        };
+        if rate <= 0.0 {
+            return Duration::from_secs(60);
+        }
+        Duration::from_secs_f64((ahead as f64 / rate).clamp(1.0, 3600.0))
+    }
+
+    /// The tenants with something waiting or in flight, by name.
+    pub fn tenants(&self, now: Instant) -> Vec<TenantView> {
+        let held: u32 = self.waiters.tenants.values().map(|t| t.in_flight).sum();
+        let mut out: Vec<TenantView> = self
+            .waiters
+            .tenants
+            .iter()
+            .map(|(id, t)| TenantView {
+                name: t.name.to_string(),
+                weight: t.weight,
+                waiting: t.waiting,
+                in_flight: t.in_flight,
+                share: if held == 0 {
+                    0.0
+                } else {
+                    f64::from(t.in_flight) / f64::from(held)
+                },
+                oldest_wait_ms: self.waiters.oldest_of(*id).map_or(0, |since| {
+                    now.saturating_duration_since(since).as_millis() as u64
+                }),
+                slot_seconds: t.slot_ns as f64 / 1e9,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
     // ===== selection =====
 
-    /// The best backend with a free slot for `want`, if any. With a cap:
-    /// model loaded first, then fewest in flight, then lowest id. Without a
-    /// cap: fewest in flight first, so one warm backend does not take all.
+    /// Which of the eligible backends with a free slot gets a request: the
+    /// one place where placement is decided. `candidates` come in the
+    /// default preference order (with a cap: model loaded first, then fewest
+    /// in flight, then lowest id; without one: fewest in flight first, so
+    /// one warm backend does not take all), all eligible for `want`.
+    fn place<'a>(
+        _want: &Want,
+        mut candidates: impl Iterator<Item = &'a Backend>,
+    ) -> Option<&'a Backend> {
+        candidates.next()
+    }
+
+    /// The backend a request would get now, if any.
     fn pick(&self, want: &Want) -> Option<BackendId> {
-        let uncapped = self.limits.cap == 0;
-        let chosen = self
-            .backends
-            .values()
-            .filter(|b| self.is_eligible(b, want) && self.slot_free(b))
-            .min_by(|a, b| {
-                let (la, lb) = (
-                    a.has_loaded(want.model.as_ref()),
-                    b.has_loaded(want.model.as_ref()),
-                );
-                let loaded = lb.cmp(&la); // loaded (true) sorts first
-                let load = a.in_flight.cmp(&b.in_flight);
-                let (first, second) = if uncapped {
-                    (load, loaded)
-                } else {
-                    (loaded, load)
-                };
-                first
-                    .then(second)
-                    .then_with(|| a.target.id.cmp(&b.target.id))
-            })?;
-        tracing::trace!(
-            backend = %chosen.target.id,
-            in_flight = chosen.in_flight,
-            loaded = chosen.has_loaded(want.model.as_ref()),
-            "picked"
-        );
+        let candidates = self
+            .free
+            .candidates(want.model.as_ref())
+            .filter_map(|id| self.backends.get(id))
+            .filter(|b| self.is_eligible(b, want));
+        let chosen = Self::place(want, candidates)?;
         Some(chosen.target.id.clone())
     }
 
@@ -318,34 +488,174 @@ impl<W> Scheduler<W> {
         self.limits.cap == 0 || b.in_flight < self.limits.cap
     }
 
-    fn has_free_slot(&self, id: &BackendId) -> bool {
-        self.backends
-            .get(id)
-            .is_some_and(|b| b.healthy && !b.draining && self.slot_free(b))
+    /// Grants the free slots of one backend to the waiters next in line.
+    fn hand_out(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
+        self.hand_out_slots(id, now, out);
+        // Nobody left who can use what is free there: nothing to revisit
+        // until the backend or the queue changes.
+        self.free.dirty.remove(id);
     }
 
-    fn oldest_waiter_for(&self, id: &BackendId) -> Option<u64> {
-        let backend = self.backends.get(id)?;
-        self.queue
-            .iter()
-            .find(|(_, w)| self.is_eligible(backend, &w.want))
-            .map(|(seq, _)| *seq)
+    fn hand_out_slots(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
+        if self.closed {
+            return;
+        }
+        loop {
+            let Some(backend) = self.backends.get(id) else {
+                return;
+            };
+            if !(backend.healthy && !backend.draining && self.slot_free(backend)) {
+                return;
+            }
+            let Some(arrival) = self.next_waiter(backend) else {
+                return;
+            };
+            let waiter = self
+                .waiters
+                .remove(arrival)
+                .expect("the index names a queued waiter");
+            self.fragile.remove(&arrival);
+            if waiter.priority == Priority::Batch {
+                self.interactive_streak = 0;
+            } else {
+                self.interactive_streak = self.interactive_streak.saturating_add(1);
+            }
+            let lease = self.take_slot(id, waiter.tenant, waiter.want.model, now, true);
+            out.push((waiter.payload, Outcome::Granted(lease)));
+        }
     }
 
-    fn take_slot(&mut self, id: &BackendId) -> Arc<Target> {
+    /// The waiter a free slot of `backend` goes to: interactive first unless
+    /// batch is owed its floor; within a priority, least virtual time, then
+    /// arrival.
+    fn next_waiter(&self, backend: &Backend) -> Option<u64> {
+        let id = &backend.target.id;
+        let best = |p| self.waiters.best(p, backend.models.iter(), id);
+        let interactive = best(Priority::Interactive);
+        let floor = self.policy.batch_floor_percent.min(100);
+        let batch_due = floor > 0 && self.interactive_streak * floor >= 100 - floor;
+        if interactive.is_some() && !batch_due {
+            return interactive.map(|(_, a)| a);
+        }
+        best(Priority::Batch).or(interactive).map(|(_, a)| a)
+    }
+
+    fn take_slot(
+        &mut self,
+        id: &BackendId,
+        tenant: TenantId,
+        model: Option<ModelName>,
+        now: Instant,
+        from_queue: bool,
+    ) -> Lease {
         let backend = self.backends.get_mut(id).expect("picked backend exists");
         backend.in_flight += 1;
         debug_assert!(self.limits.cap == 0 || backend.in_flight <= self.limits.cap);
-        Arc::clone(&backend.target)
+        let target = Arc::clone(&backend.target);
+        self.reindex(id);
+        let charged = self
+            .stats
+            .get(&model)
+            .map_or(DEFAULT_SERVICE.as_nanos() as u64, |s| s.service_ns as u64);
+        if let Some(t) = self.waiters.tenants.get_mut(&tenant) {
+            t.in_flight += 1;
+        }
+        self.waiters.charge(
+            tenant,
+            i64::try_from(charged).unwrap_or(i64::MAX),
+            from_queue,
+        );
+        Lease {
+            target,
+            tenant,
+            model,
+            granted_at: now,
+            charged,
+        }
+    }
+
+    /// Gives a slot back and settles its tenant's account with the time it
+    /// really held it.
+    fn give_back(&mut self, lease: Lease, now: Instant) {
+        let held = now.saturating_duration_since(lease.granted_at);
+        let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(t) = self.waiters.tenants.get_mut(&lease.tenant) {
+            t.in_flight = t.in_flight.saturating_sub(1);
+            t.slot_ns = t.slot_ns.saturating_add(held_ns);
+        }
+        let correction = i128::from(held_ns) - i128::from(lease.charged);
+        self.waiters.correct(
+            lease.tenant,
+            i64::try_from(correction).unwrap_or(if correction < 0 { i64::MIN } else { i64::MAX }),
+        );
+        self.waiters.forget_if_idle(lease.tenant);
+        self.record_turnover(lease.model, held_ns, now);
+        let Some(backend) = self.backends.get_mut(&lease.target.id) else {
+            return;
+        };
+        // A slot of a backend that was since replaced under the same id is not
+        // this backend's to give back.
+        if !Arc::ptr_eq(&backend.target, &lease.target) {
+            return;
+        }
+        debug_assert!(
+            backend.in_flight > 0,
+            "slot released twice on {}",
+            lease.target.id
+        );
+        backend.in_flight = backend.in_flight.saturating_sub(1);
+        self.reindex(&lease.target.id);
+    }
+
+    fn record_turnover(&mut self, model: Option<ModelName>, held_ns: u64, now: Instant) {
+        let stats = self.stats.entry(model).or_insert_with(|| ModelStats {
+            service_ns: held_ns as f64,
+            rate: 0.0,
+            window_start: now,
+            window_count: 0,
+        });
+        stats.service_ns = 0.8 * stats.service_ns + 0.2 * held_ns as f64;
+        stats.window_count += 1;
+        let window = now.saturating_duration_since(stats.window_start);
+        if window >= Duration::from_secs(1) {
+            let rate = f64::from(stats.window_count) / window.as_secs_f64();
+            stats.rate = if stats.rate == 0.0 {
+                rate
+            } else {
+                0.5 * stats.rate + 0.5 * rate
+            };
+            stats.window_start = now;
+            stats.window_count = 0;
+        }
+    }
+
+    fn tenant_id(&mut self, name: &Arc<str>) -> TenantId {
+        let weights = &self.policy.weights;
+        self.waiters
+            .tenant(name, || weights.get(name).copied().unwrap_or(1.0))
+    }
+
+    // ===== the free index =====
+
+    fn reindex_touched(&mut self) {
+        while let Some(id) = self.touched.pop() {
+            self.reindex(&id);
+        }
+    }
+
+    /// Puts a backend where its state says in the free index.
+    fn reindex(&mut self, id: &BackendId) {
+        let backend = self.backends.get(id);
+        let free = backend.is_some_and(|b| b.healthy && !b.draining && self.slot_free(b));
+        self.free.update(id, backend, free, self.limits.cap == 0);
     }
 
     fn rejection(&self, want: &Want) -> Option<Rejection> {
         if self.closed {
             return Some(Rejection::ShuttingDown);
         }
-        let any_healthy = || self.backends.values().any(|b| b.healthy);
         if let Some(model) = &want.model {
-            if !self.known.contains(model) && any_healthy() {
+            if !self.known.contains(model) && self.free.healthy > 0 {
                 return Some(Rejection::UnknownModel);
             }
         }

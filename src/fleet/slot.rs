@@ -6,32 +6,31 @@
 //!
 //! A slot whose request ended cleanly is released with [`Slot::finish`], at
 //! once. One dropped any other way (the client left, the backend broke) is
-//! released [`SETTLE`] later: the backend learns that its connection closed
-//! only when its own event loop gets to it, and a request sent there at once
-//! would find the previous one still running, over the cap.
+//! [abandoned](super::scheduler::Scheduler::abandon): the scheduler keeps it
+//! taken for the settle time ([`Policy::settle`](super::Policy)), because the
+//! backend learns that its connection closed only when its own event loop
+//! gets to it, and a request sent there at once would find the previous one
+//! still running, over the cap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use super::scheduler::Lease;
 use super::{Fleet, Target};
 
-/// How long a slot abandoned mid-request stays taken after its drop, so that
-/// the backend notices the closed connection before the next request comes.
-pub const SETTLE: Duration = Duration::from_millis(50);
-
-/// A slot on one backend. Dropping it releases the slot ([`SETTLE`] later
-/// unless it was [finished](Slot::finish)).
+/// A slot on one backend. Dropping it gives the slot back (after the settle
+/// time unless it was [finished](Slot::finish)).
 pub struct Slot {
     fleet: Fleet,
-    target: Arc<Target>,
+    /// Always `Some` until the drop.
+    lease: Option<Lease>,
     finished: bool,
 }
 
 impl Slot {
-    pub(super) fn new(fleet: Fleet, target: Arc<Target>) -> Self {
+    pub(super) fn new(fleet: Fleet, lease: Lease) -> Self {
         Self {
             fleet,
-            target,
+            lease: Some(lease),
             finished: false,
         }
     }
@@ -43,7 +42,11 @@ impl Slot {
 
     /// The backend this slot is on.
     pub fn target(&self) -> &Arc<Target> {
-        &self.target
+        &self
+            .lease
+            .as_ref()
+            .expect("a live slot has its lease")
+            .target
     }
 
     /// The fleet this slot belongs to.
@@ -54,16 +57,12 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let runtime = tokio::runtime::Handle::try_current();
-        match runtime {
-            Ok(runtime) if !self.finished => {
-                let (fleet, target) = (self.fleet.clone(), Arc::clone(&self.target));
-                runtime.spawn(async move {
-                    tokio::time::sleep(SETTLE).await;
-                    fleet.release(&target);
-                });
-            }
-            _ => self.fleet.release(&self.target),
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !self.finished => self.fleet.abandon(lease, &runtime),
+            _ => self.fleet.release(lease),
         }
     }
 }
@@ -71,7 +70,7 @@ impl Drop for Slot {
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slot")
-            .field("backend", &self.target.id)
+            .field("backend", &self.target().id)
             .finish()
     }
 }

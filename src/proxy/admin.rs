@@ -1,6 +1,7 @@
 //! The proxy's own endpoints: `/__proxy/health`, `/__proxy/backends` (the
-//! ollama_proxy fields `port`, `healthy`, `in_flight` first, then more),
-//! drain and undrain, self-registration (`POST /__proxy/backends`, `DELETE
+//! ollama_proxy fields `port`, `healthy`, `in_flight` first, then more; the
+//! queue and the active tenants beside them), drain and undrain,
+//! self-registration (`POST /__proxy/backends`, `DELETE
 //! /__proxy/backends/{id}`), and `/metrics`. The dashboard is in `dashboard.rs`.
 
 use std::net::SocketAddr;
@@ -89,10 +90,14 @@ pub fn backend_views(app: &App) -> Vec<BackendView> {
 
 /// `GET /__proxy/backends`.
 pub async fn backends(State(app): State<Arc<App>>) -> Response {
-    let queue = app.fleet.read(|s| (s.queue_len(), s.queued_bytes()));
+    let now = tokio::time::Instant::now();
+    let (queue, tenants) = app
+        .fleet
+        .read(|s| ((s.queue_len(), s.queued_bytes()), s.tenants(now)));
     Json(json!({
         "backends": backend_views(&app),
         "queue": { "waiting": queue.0, "bytes": queue.1 },
+        "tenants": tenants,
     }))
     .into_response()
 }
@@ -316,6 +321,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
             .collect();
         (rows, s.queue_len())
     });
+    let tenants = app.fleet.read(|s| s.tenants(tokio::time::Instant::now()));
+    app.metrics.set_tenants(tenants.into_iter().map(|t| {
+        (
+            app.tenancy.label(&Arc::from(t.name)),
+            t.waiting,
+            t.in_flight,
+        )
+    }));
     app.metrics.queue_depth.set(depth as i64);
     app.metrics.set_backends(rows.into_iter());
     (

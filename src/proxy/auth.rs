@@ -2,7 +2,7 @@
 //! liveness checks (`GET /`, `HEAD /`, `GET /__proxy/health`) needs
 //! `Authorization: Bearer <key>`, or `x-api-key: <key>` as Anthropic clients
 //! send it. Keys are compared in constant time and never logged; neither
-//! header reaches a backend.
+//! header reaches a backend. The key that matched names the request's tenant.
 
 use axum::extract::Request;
 use axum::response::Response;
@@ -12,39 +12,48 @@ use subtle::ConstantTimeEq;
 use super::App;
 use super::error::{Api, ProxyError};
 
-/// Whether the request's bearer token is one of `keys`. Every key is compared,
-/// each in constant time, so timing tells nothing about which one matched or
-/// how much of one did.
-pub fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
-    let Some(token) = headers
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
-        })
-    else {
-        return false;
-    };
-    let token = token.trim().as_bytes();
-    keys.iter().fold(0u8, |found, key| {
-        found | token.ct_eq(key.as_bytes()).unwrap_u8()
-    }) == 1
+        })?;
+    Some(token.trim().as_bytes())
 }
 
-/// Whether the request carries one of `keys`, as a bearer token or as
-/// Anthropic's `x-api-key`.
-pub fn client_key_matches(headers: &HeaderMap, keys: &[String]) -> bool {
-    let api_key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().as_bytes())
-        .is_some_and(|token| {
-            keys.iter().fold(0u8, |found, key| {
-                found | token.ct_eq(key.as_bytes()).unwrap_u8()
-            }) == 1
-        });
-    api_key | bearer_matches(headers, keys)
+/// The client's key: its bearer token, else Anthropic's `x-api-key`.
+fn client_token(headers: &HeaderMap) -> Option<&[u8]> {
+    bearer(headers).or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().as_bytes())
+    })
+}
+
+/// Which of `keys` `token` is. Every key is compared, each in constant time,
+/// so timing tells nothing about which one matched or how much of one did.
+fn position<'k>(token: &[u8], keys: impl Iterator<Item = &'k str>) -> Option<usize> {
+    let mut found: Option<usize> = None;
+    for (i, key) in keys.enumerate() {
+        let hit = token.ct_eq(key.as_bytes()).unwrap_u8() == 1;
+        if hit && found.is_none() {
+            found = Some(i);
+        }
+    }
+    found
+}
+
+/// Which of `keys` the request's client key (bearer or `x-api-key`) is.
+pub fn matching_key<'k>(headers: &HeaderMap, keys: impl Iterator<Item = &'k str>) -> Option<usize> {
+    position(client_token(headers)?, keys)
+}
+
+/// Whether the request's bearer token is one of `keys`.
+pub fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
+    bearer(headers).is_some_and(|token| position(token, keys.iter().map(String::as_str)).is_some())
 }
 
 /// Paths open without a key: what a load balancer or `ollama` CLI heartbeat checks.
@@ -76,10 +85,10 @@ pub fn admin_keys(app: &App) -> Vec<String> {
 /// The 401 for a request without a valid key when keys are set; `None`
 /// lets it through.
 pub fn refusal(app: &App, request: &Request) -> Option<Response> {
-    let keys = &app.args.api_keys;
+    let keys = &app.tenancy.keys;
     if keys.is_empty()
         || is_open(request.method(), request.uri().path())
-        || client_key_matches(request.headers(), keys)
+        || matching_key(request.headers(), keys.iter().map(|k| k.key.as_str())).is_some()
         || is_admin_action_with_its_key(&admin_keys(app), request)
     {
         return None;
@@ -114,13 +123,16 @@ mod tests {
 
     #[test]
     fn an_anthropic_x_api_key_counts_as_a_key() {
-        let keys = vec!["alpha".to_string()];
+        let keys = ["beta", "alpha"];
         let mut h = HeaderMap::new();
         h.insert("x-api-key", "alpha".parse().unwrap());
-        assert!(client_key_matches(&h, &keys));
+        assert_eq!(matching_key(&h, keys.into_iter()), Some(1));
         h.insert("x-api-key", "alph".parse().unwrap());
-        assert!(!client_key_matches(&h, &keys));
-        assert!(client_key_matches(&headers("Bearer alpha"), &keys));
+        assert_eq!(matching_key(&h, keys.into_iter()), None);
+        assert_eq!(
+            matching_key(&headers("Bearer alpha"), keys.into_iter()),
+            Some(1)
+        );
     }
 
     #[test]

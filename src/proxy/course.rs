@@ -12,7 +12,7 @@ use super::claim::Claim;
 use super::cloud;
 use super::error::ProxyError;
 use super::upstream::BackendError;
-use crate::fleet::{AcquireError, BackendId, Rejection, Want};
+use crate::fleet::{AcquireError, BackendId, Rejection, Ticket, Want};
 
 /// Where a request may still go: a cloud model takes no slot, a continued
 /// response only its own backend, and backends that answered `server busy`
@@ -45,6 +45,7 @@ impl Course {
         app: &App,
         want: &mut Want,
         bytes: usize,
+        ticket: &mut Ticket,
         attempts: u32,
         last: Option<&BackendError>,
     ) -> Result<Claim, Refused> {
@@ -69,7 +70,7 @@ impl Course {
                     .ok_or(AcquireError::Rejected(Rejection::Exhausted))
             } else {
                 app.fleet
-                    .acquire(want.clone(), bytes)
+                    .acquire(want.clone(), bytes, ticket)
                     .await
                     .map(Claim::Slot)
             };
@@ -84,9 +85,7 @@ impl Course {
                 let pause = std::time::Duration::from_millis(25 << self.busy_rounds.min(5));
                 self.busy_rounds += 1;
                 if Instant::now() + pause >= self.deadline {
-                    app.metrics.rejected("queue_timeout");
-                    let secs = app.args.queue_timeout.as_secs();
-                    return Err(Refused::Now(ProxyError::QueueTimeout(secs)));
+                    return Err(Refused::Acquire(AcquireError::QueueTimeout));
                 }
                 want.tried.retain(|id| !self.busy.contains(id));
                 self.busy.clear();

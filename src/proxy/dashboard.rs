@@ -36,6 +36,8 @@ pub struct Stats {
     pub backends: Vec<BackendView>,
     /// The wait queue now.
     pub queue: QueueView,
+    /// The tenants with requests waiting or in flight, by name.
+    pub tenants: Vec<crate::fleet::TenantView>,
     /// Running totals since start.
     pub totals: TotalsView,
     /// Seconds since the proxy started.
@@ -59,10 +61,14 @@ pub struct QueueView {
 
 /// `GET /__proxy/stats`.
 pub async fn stats(State(app): State<Arc<App>>) -> Response {
-    let (waiting, bytes) = app.fleet.read(|s| (s.queue_len(), s.queued_bytes()));
+    let now = tokio::time::Instant::now();
+    let (waiting, bytes, tenants) = app
+        .fleet
+        .read(|s| (s.queue_len(), s.queued_bytes(), s.tenants(now)));
     Json(Stats {
         backends: backend_views(&app),
         queue: QueueView { waiting, bytes },
+        tenants,
         totals: app.metrics.totals.view(),
         uptime_seconds: app.started.elapsed().as_secs_f64(),
         max_concurrent_per_backend: app.args.max_concurrent_per_backend,

@@ -67,12 +67,14 @@ pub enum ProxyError {
     /// Every attempt failed, or no untried backend was left.
     #[error("all attempts failed: {0}")]
     AllAttemptsFailed(String),
-    /// The wait queue is full (count or bytes).
+    /// The wait queue is full (count, bytes or the tenant's share); the
+    /// second field is the estimated wait in seconds for `Retry-After`.
     #[error("server busy: the queue is full ({0}); please try again")]
-    QueueFull(&'static str),
-    /// No backend became free in QUEUE_TIMEOUT_SECONDS.
+    QueueFull(&'static str, u32),
+    /// No backend became free in QUEUE_TIMEOUT_SECONDS; then the estimated
+    /// wait in seconds for `Retry-After`.
     #[error("no backend could take the request within {0} s (QUEUE_TIMEOUT_SECONDS)")]
-    QueueTimeout(u64),
+    QueueTimeout(u64, u32),
     /// No healthy backend can answer a fleet-wide question.
     #[error("no healthy backend")]
     NoHealthyBackend,
@@ -100,8 +102,8 @@ impl ProxyError {
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::AllAttemptsFailed(_) => StatusCode::BAD_GATEWAY,
-            Self::QueueFull(_)
-            | Self::QueueTimeout(_)
+            Self::QueueFull(..)
+            | Self::QueueTimeout(..)
             | Self::NoHealthyBackend
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -110,8 +112,8 @@ impl ProxyError {
     /// Seconds a client should wait before trying again, where that helps.
     fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::QueueFull(_) => Some(1),
-            Self::QueueTimeout(_) | Self::NoHealthyBackend | Self::ShuttingDown => Some(5),
+            Self::QueueFull(_, secs) | Self::QueueTimeout(_, secs) => Some(*secs),
+            Self::NoHealthyBackend | Self::ShuttingDown => Some(5),
             _ => None,
         }
     }
@@ -215,7 +217,8 @@ mod tests {
 
     #[tokio::test]
     async fn messages_paths_get_the_anthropic_error_object() {
-        let r = ProxyError::QueueFull("MAX_QUEUE").render(Api::of("/v1/messages"));
+        let r = ProxyError::QueueFull("MAX_QUEUE", 7).render(Api::of("/v1/messages"));
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         let v = body_json(r).await;
         assert_eq!(v["type"], "error");
@@ -238,8 +241,8 @@ mod tests {
     #[test]
     fn unavailable_answers_say_when_to_come_back() {
         for e in [
-            ProxyError::QueueFull("requests"),
-            ProxyError::QueueTimeout(3600),
+            ProxyError::QueueFull("requests", 1),
+            ProxyError::QueueTimeout(3600, 5),
             ProxyError::NoHealthyBackend,
         ] {
             let r = e.render(Api::Ollama);

@@ -2,14 +2,16 @@
 //!
 //! ```text
 //! read body (MAX_BODY_BYTES) ─ peek model/stream ─ REJECT_STREAMING rule
-//!   └─> acquire a slot (404 unknown model · 503 queue full/timeout · wait FIFO)
+//!   └─> tenant + priority ─ acquire a slot (404 unknown model · 503 queue
+//!       full/timeout with an estimated Retry-After · wait, fair across tenants)
 //!         └─> send to the slot's backend, wait for the head and first chunk
 //!               ├─ ok ──> answer: head + first chunk + the rest as it comes;
 //!               │         the slot rides with the body until it ends or the
 //!               │         client leaves
 //!               └─ connect error · timeout · reset · 5xx (nothing sent yet)
 //!                     └─> mark backend unhealthy, exclude it, and acquire
-//!                         again, up to MAX_RETRIES times; then 502
+//!                         again at its old queue place and under its one
+//!                         queue deadline, up to MAX_RETRIES times; then 502
 //! ```
 //!
 //! Variations: Ollama's 503 `server busy` leaves the backend healthy and
@@ -38,7 +40,7 @@ use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
 use super::{cloud, inspect, responses};
-use crate::fleet::{AcquireError, Rejection, Target, Want};
+use crate::fleet::{AcquireError, Rejection, Target, Ticket, Want};
 use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
 
@@ -102,6 +104,7 @@ async fn route(
     model_out: &mut Option<ModelName>,
 ) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
+    let (tenant, priority) = app.tenancy.of(&parts)?;
     let bytes = body::read(
         &parts.headers,
         body,
@@ -138,18 +141,36 @@ async fn route(
     let mut failures: u32 = 0;
     let mut queue_wait = std::time::Duration::ZERO;
     let mut last_error: Option<BackendError> = None;
+    // One ticket for every attempt: its arrival place and queue deadline.
+    let mut ticket = Ticket::new(Arc::clone(&tenant), priority, started);
+    let tenant_label = app.tenancy.label(&tenant);
     loop {
         let waited = Instant::now();
         let claim = course
-            .claim(app, &mut want, bytes.len(), attempts, last_error.as_ref())
+            .claim(
+                app,
+                &mut want,
+                bytes.len(),
+                &mut ticket,
+                attempts,
+                last_error.as_ref(),
+            )
             .await
             .map_err(|e| match e {
                 Refused::Now(error) => error,
-                Refused::Acquire(e) => refusal(app, e, peek.model.as_deref(), last_error.as_ref()),
+                Refused::Acquire(e) => {
+                    let asked = Asked {
+                        model: want.model.as_ref(),
+                        name: peek.model.as_deref(),
+                        tenant: &tenant,
+                    };
+                    refusal(app, e, asked, last_error.as_ref())
+                }
             })?;
         let wait = waited.elapsed();
         queue_wait += wait;
         app.metrics.queue_waited(wait);
+        app.metrics.tenant_waited(&tenant_label, wait);
         attempts += 1;
         if attempts > 1 {
             app.metrics.retries.inc();
@@ -242,28 +263,47 @@ fn apply_stream_rule(
     }
 }
 
+/// What a refused request asked for, for its error and `Retry-After`.
+struct Asked<'a> {
+    model: Option<&'a ModelName>,
+    /// The model as the client spelled it.
+    name: Option<&'a str>,
+    tenant: &'a str,
+}
+
 /// The client's answer when no slot was had.
 fn refusal(
     app: &App,
     error: AcquireError,
-    model: Option<&str>,
+    asked: Asked<'_>,
     last: Option<&BackendError>,
 ) -> ProxyError {
+    let model = asked.name;
+    let retry_after = || {
+        let secs = app.fleet.retry_after(asked.model, asked.tenant).as_secs();
+        u32::try_from(secs).unwrap_or(u32::MAX)
+    };
     let (reason, error) = match error {
         AcquireError::QueueTimeout => (
             "queue_timeout",
-            ProxyError::QueueTimeout(app.args.queue_timeout.as_secs()),
+            ProxyError::QueueTimeout(app.args.queue_timeout.as_secs(), retry_after()),
         ),
         AcquireError::Rejected(Rejection::UnknownModel) => (
             "unknown_model",
             ProxyError::UnknownModel(model.unwrap_or_default().to_string()),
         ),
-        AcquireError::Rejected(Rejection::QueueFull) => {
-            ("queue_full", ProxyError::QueueFull("MAX_QUEUE"))
-        }
-        AcquireError::Rejected(Rejection::QueueBytesFull) => {
-            ("queue_bytes_full", ProxyError::QueueFull("MAX_QUEUE_BYTES"))
-        }
+        AcquireError::Rejected(Rejection::QueueFull) => (
+            "queue_full",
+            ProxyError::QueueFull("MAX_QUEUE", retry_after()),
+        ),
+        AcquireError::Rejected(Rejection::QueueBytesFull) => (
+            "queue_bytes_full",
+            ProxyError::QueueFull("MAX_QUEUE_BYTES", retry_after()),
+        ),
+        AcquireError::Rejected(Rejection::TenantQueueFull) => (
+            "tenant_queue_full",
+            ProxyError::QueueFull("MAX_QUEUE_PER_TENANT", retry_after()),
+        ),
         AcquireError::Rejected(Rejection::ShuttingDown) => {
             ("shutting_down", ProxyError::ShuttingDown)
         }

@@ -21,6 +21,7 @@ mod passthrough;
 pub mod responses;
 mod routes;
 mod stream;
+pub mod tenant;
 pub mod upstream;
 
 use std::future::Future;
@@ -52,6 +53,8 @@ pub struct App {
     pub args: ServeArgs,
     /// The backends, slots and queue.
     pub fleet: Fleet,
+    /// The tenant settings (API keys and their tenants among them).
+    pub tenancy: tenant::Tenancy,
     /// The client to the backends.
     pub upstream: Upstream,
     /// The metric families.
@@ -75,7 +78,8 @@ impl App {
             max_queue_bytes: args.max_queue_bytes,
         };
         Self {
-            fleet: Fleet::new(limits, args.queue_timeout),
+            fleet: Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout),
+            tenancy: tenant::Tenancy::new(&args),
             upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),

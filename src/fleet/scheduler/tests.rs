@@ -1,9 +1,40 @@
 //! Scheduler tests: selection order, queue hand-off, rejections, and a seeded
-//! random workload with the invariants checked after every step.
+//! random workload with the invariants checked after every step. Fairness,
+//! priorities, retries and the settle time are in `tests/fairness.rs`.
 
 use super::*;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+
+mod fairness;
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn ticket(tenant: &str) -> Ticket {
+    Ticket::new(Arc::from(tenant), Priority::Interactive, now())
+}
+
+impl<W> Scheduler<W> {
+    /// `try_acquire` for tenant `t`, now.
+    fn acquire(&mut self, want: &Want) -> Decision {
+        self.try_acquire(want, &ticket("t"), now())
+    }
+
+    /// `enqueue` for tenant `t`.
+    fn enq(&mut self, want: Want, bytes: usize, payload: W) -> Result<u64, Rejection> {
+        self.enqueue(want, bytes, &ticket("t"), payload)
+    }
+
+    /// Every backend a request could get now, by brute force over the table
+    /// (the index must agree).
+    fn could_get(&self, want: &Want) -> bool {
+        self.backends
+            .values()
+            .any(|b| self.is_eligible(b, want) && self.slot_free(b))
+    }
+}
 
 fn limits(cap: u32) -> Limits {
     Limits {
@@ -13,7 +44,7 @@ fn limits(cap: u32) -> Limits {
     }
 }
 
-fn add(s: &mut Scheduler<u32>, port: u16, models: &[&str], loaded: &[&str]) {
+fn add<W>(s: &mut Scheduler<W>, port: u16, models: &[&str], loaded: &[&str]) {
     let uri: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
     s.add_backend(Arc::new(Target::new(BackendId::Port(port), &uri)));
     let report = ProbeReport {
@@ -31,95 +62,92 @@ fn want(model: &str) -> Want {
     }
 }
 
-fn granted_port(d: Decision) -> u16 {
+fn granted(d: Decision) -> Lease {
     match d {
-        Decision::Granted(t) => t.id.port().unwrap(),
+        Decision::Granted(l) => l,
         other => panic!("expected a grant, got {other:?}"),
     }
 }
 
-fn target(s: &Scheduler<u32>, port: u16) -> Arc<Target> {
-    Arc::clone(&s.backends()[&BackendId::Port(port)].target)
+fn granted_port(d: Decision) -> u16 {
+    granted(d).target.id.port().unwrap()
 }
 
 #[test]
 fn least_in_flight_wins_and_ties_go_to_the_lowest_port() {
-    let mut s = Scheduler::new(limits(2));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(2));
     for port in [24002, 24000, 24001] {
         add(&mut s, port, &["llama3"], &[]);
     }
     let order: Vec<u16> = (0..6)
-        .map(|_| granted_port(s.try_acquire(&want("llama3"))))
+        .map(|_| granted_port(s.acquire(&want("llama3"))))
         .collect();
     assert_eq!(order, [24000, 24001, 24002, 24000, 24001, 24002]);
-    assert!(matches!(s.try_acquire(&want("llama3")), Decision::Wait));
+    assert!(matches!(s.acquire(&want("llama3")), Decision::Wait));
 }
 
 #[test]
 fn a_backend_with_the_model_loaded_is_preferred_under_a_cap() {
-    let mut s = Scheduler::new(limits(4));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(4));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["llama3"], &["llama3:latest"]);
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24001);
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24001);
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24001);
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24001);
 }
 
 #[test]
 fn without_a_cap_load_comes_before_loaded() {
-    let mut s = Scheduler::new(limits(0));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(0));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["llama3"], &["llama3"]);
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24001);
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24000);
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24001);
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24001);
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24000);
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24001);
 }
 
 #[test]
 fn only_backends_that_listed_the_model_are_eligible() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["mistral"], &[]);
     add(&mut s, 24001, &["llama3:latest"], &[]);
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24001);
-    assert!(matches!(
-        s.try_acquire(&want("Llama3:latest")),
-        Decision::Wait
-    ));
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24001);
+    assert!(matches!(s.acquire(&want("Llama3:latest")), Decision::Wait));
 }
 
 #[test]
 fn a_model_never_listed_is_unknown_while_some_backend_is_healthy() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     assert!(
-        matches!(s.try_acquire(&want("ghost")), Decision::Wait),
+        matches!(s.acquire(&want("ghost")), Decision::Wait),
         "no backend yet: wait"
     );
     add(&mut s, 24000, &["llama3"], &[]);
     assert!(matches!(
-        s.try_acquire(&want("ghost")),
+        s.acquire(&want("ghost")),
         Decision::Rejected(Rejection::UnknownModel)
     ));
 }
 
 #[test]
 fn a_model_only_on_unhealthy_backends_waits() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["mistral"], &[]);
     s.mark_unhealthy(&BackendId::Port(24000), "down".into());
-    assert!(matches!(s.try_acquire(&want("llama3")), Decision::Wait));
+    assert!(matches!(s.acquire(&want("llama3")), Decision::Wait));
 }
 
 #[test]
 fn freed_slot_goes_to_oldest_waiter_for_that_model() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["mistral"], &[]);
-    granted_port(s.try_acquire(&want("llama3")));
-    granted_port(s.try_acquire(&want("mistral")));
-    s.enqueue(want("mistral"), 10, 1).unwrap();
-    s.enqueue(want("llama3"), 10, 2).unwrap();
-    s.enqueue(want("llama3"), 10, 3).unwrap();
-    let out = s.release(&target(&s, 24000));
+    let llama = granted(s.acquire(&want("llama3")));
+    granted_port(s.acquire(&want("mistral")));
+    s.enq(want("mistral"), 10, 1).unwrap();
+    s.enq(want("llama3"), 10, 2).unwrap();
+    s.enq(want("llama3"), 10, 3).unwrap();
+    let out = s.release(llama, now());
     assert_eq!(out.len(), 1);
     assert_eq!(
         out[0].0, 2,
@@ -131,23 +159,23 @@ fn freed_slot_goes_to_oldest_waiter_for_that_model() {
 
 #[test]
 fn a_waiter_for_another_model_does_not_block_a_free_backend() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["mistral"], &[]);
-    granted_port(s.try_acquire(&want("llama3")));
-    s.enqueue(want("llama3"), 0, 1).unwrap();
-    assert_eq!(granted_port(s.try_acquire(&want("mistral"))), 24001);
+    granted_port(s.acquire(&want("llama3")));
+    s.enq(want("llama3"), 0, 1).unwrap();
+    assert_eq!(granted_port(s.acquire(&want("mistral"))), 24001);
 }
 
 #[test]
 fn dequeued_waiter_is_not_granted() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
-    granted_port(s.try_acquire(&want("llama3")));
-    let seq = s.enqueue(want("llama3"), 5, 1).unwrap();
+    let lease = granted(s.acquire(&want("llama3")));
+    let seq = s.enq(want("llama3"), 5, 1).unwrap();
     assert_eq!(s.dequeue(seq), Some(1));
     assert_eq!(s.dequeue(seq), None);
-    assert!(s.release(&target(&s, 24000)).is_empty());
+    assert!(s.release(lease, now()).is_empty());
     assert_eq!(s.queued_bytes(), 0);
 }
 
@@ -158,56 +186,56 @@ fn queue_limits_refuse_at_once() {
         max_queue: 2,
         max_queue_bytes: 100,
     });
-    s.enqueue(Want::default(), 60, 1).unwrap();
+    s.enq(Want::default(), 60, 1).unwrap();
     assert_eq!(
-        s.enqueue(Want::default(), 50, 2),
+        s.enq(Want::default(), 50, 2),
         Err(Rejection::QueueBytesFull)
     );
-    s.enqueue(Want::default(), 40, 3).unwrap();
-    assert_eq!(s.enqueue(Want::default(), 0, 4), Err(Rejection::QueueFull));
+    s.enq(Want::default(), 40, 3).unwrap();
+    assert_eq!(s.enq(Want::default(), 0, 4), Err(Rejection::QueueFull));
 }
 
 #[test]
 fn a_retry_skips_tried_backends_and_is_exhausted_when_none_is_left() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["llama3"], &[]);
     let mut w = want("llama3");
     w.tried.push(BackendId::Port(24000));
-    assert_eq!(granted_port(s.try_acquire(&w)), 24001);
+    assert_eq!(granted_port(s.acquire(&w)), 24001);
     w.tried.push(BackendId::Port(24001));
     assert!(matches!(
-        s.try_acquire(&w),
+        s.acquire(&w),
         Decision::Rejected(Rejection::Exhausted)
     ));
 }
 
 #[test]
 fn a_newly_healthy_backend_is_dispatched_to_waiters_in_order() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
-    granted_port(s.try_acquire(&want("llama3")));
+    granted_port(s.acquire(&want("llama3")));
     for w in 1..=3 {
-        s.enqueue(want("llama3"), 0, w).unwrap();
+        s.enq(want("llama3"), 0, w).unwrap();
     }
     add(&mut s, 24001, &["llama3"], &[]);
     add(&mut s, 24002, &["llama3"], &[]);
-    let out: Vec<u32> = s.dispatch().into_iter().map(|(w, _)| w).collect();
+    let out: Vec<u32> = s.dispatch(now()).into_iter().map(|(w, _)| w).collect();
     assert_eq!(out, [1, 2]);
     assert_eq!(s.queue_len(), 1);
 }
 
 #[test]
 fn dispatch_rejects_waiters_whose_last_candidate_died() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["llama3"], &[]);
-    granted_port(s.try_acquire(&want("llama3")));
+    granted_port(s.acquire(&want("llama3")));
     let mut w = want("llama3");
     w.tried.push(BackendId::Port(24001));
-    s.enqueue(w, 0, 7).unwrap();
+    s.enq(w, 0, 7).unwrap();
     s.mark_unhealthy(&BackendId::Port(24000), "reset".into());
-    let out = s.dispatch();
+    let out = s.dispatch(now());
     assert!(matches!(
         out.as_slice(),
         [(7, Outcome::Rejected(Rejection::Exhausted))]
@@ -216,31 +244,32 @@ fn dispatch_rejects_waiters_whose_last_candidate_died() {
 
 #[test]
 fn drained_backend_gets_nothing_new() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
     add(&mut s, 24001, &["llama3"], &[]);
     s.backend_mut(&BackendId::Port(24000)).unwrap().draining = true;
-    assert_eq!(granted_port(s.try_acquire(&want("llama3"))), 24001);
-    assert!(matches!(s.try_acquire(&want("llama3")), Decision::Wait));
+    assert_eq!(granted_port(s.acquire(&want("llama3"))), 24001);
+    assert!(matches!(s.acquire(&want("llama3")), Decision::Wait));
 }
 
 #[test]
 fn a_slot_of_a_replaced_backend_is_not_given_back_to_its_successor() {
-    let mut s = Scheduler::new(limits(1));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
-    let old = target(&s, 24000);
-    let stale = Arc::new(Target::new(
-        old.id.clone(),
+    let mut old = granted(s.acquire(&want("llama3")));
+    let id = old.target.id.clone();
+    old.target = Arc::new(Target::new(
+        id.clone(),
         &"http://127.0.0.1:24000".parse().unwrap(),
     ));
-    granted_port(s.try_acquire(&want("llama3")));
-    assert!(s.release(&stale).is_empty());
-    assert_eq!(s.backends()[&old.id].in_flight, 1);
+    assert!(s.release(old, now()).is_empty());
+    assert_eq!(s.backends()[&id].in_flight, 1);
 }
 
-/// A seeded random workload: arrivals, releases, timeouts, health flips and
-/// drains, with the invariants checked after every step. `CORRAL_SEEDS=n`
-/// widens the sweep.
+/// A seeded random workload: arrivals of four tenants in both priorities,
+/// releases, abandoned slots that settle, retries that keep their place,
+/// timeouts, health flips and drains, with the invariants checked after
+/// every step. `CORRAL_SEEDS=n` widens the sweep.
 #[test]
 fn random_workloads_keep_the_invariants() {
     let seeds: u64 = std::env::var("CORRAL_SEEDS")
@@ -252,55 +281,101 @@ fn random_workloads_keep_the_invariants() {
     }
 }
 
+const TENANT_CAP: usize = 6;
+
+/// A request of the workload: what it wants and its ticket.
+struct Req {
+    want: Want,
+    ticket: Ticket,
+}
+
 fn run_workload(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let cap = rng.random_range(1..=3);
-    let mut s = Scheduler::new(limits(cap));
+    let policy = Policy {
+        max_queue_per_tenant: TENANT_CAP,
+        weights: [(Arc::from("a"), 2.0)].into_iter().collect(),
+        ..Policy::default()
+    };
+    let mut s = Scheduler::with_policy(limits(cap), policy);
     let models = ["a", "b", "c"];
+    let tenants = ["a", "b", "c", "d"];
     for port in 0..6u16 {
         let m = models[usize::from(port) % 3];
         add(&mut s, 30000 + port, &[m, "a"], &[]);
     }
-    let mut held: Vec<Arc<Target>> = Vec::new();
-    let mut waiting: Vec<(u64, u32)> = Vec::new(); // (seq, payload)
+    let mut clock = now();
+    let mut held: Vec<(Lease, u32)> = Vec::new();
+    let mut settling: Vec<(Instant, BackendId)> = Vec::new();
+    let mut waiting: HashMap<u32, u64> = HashMap::new(); // payload -> arrival
+    let mut reqs: HashMap<u32, Req> = HashMap::new();
     let mut next_payload = 0u32;
-    let grant =
-        |out: Vec<(u32, Outcome)>, held: &mut Vec<Arc<Target>>, waiting: &mut Vec<(u64, u32)>| {
-            for (payload, outcome) in out {
-                let pos = waiting
-                    .iter()
-                    .position(|(_, p)| *p == payload)
-                    .expect("granted waiter was waiting");
-                waiting.remove(pos);
-                if let Outcome::Granted(t) = outcome {
-                    held.push(t);
-                }
+    let grant = |out: Vec<(u32, Outcome)>,
+                 held: &mut Vec<(Lease, u32)>,
+                 waiting: &mut HashMap<u32, u64>| {
+        for (payload, outcome) in out {
+            assert!(
+                waiting.remove(&payload).is_some(),
+                "seed {seed}: granted waiter was waiting"
+            );
+            if let Outcome::Granted(lease) = outcome {
+                held.push((lease, payload));
             }
-        };
-    for step in 0..400 {
-        match rng.random_range(0..10) {
+        }
+    };
+    for step in 0..500 {
+        clock += Duration::from_millis(rng.random_range(0..40));
+        match rng.random_range(0..13) {
             0..=3 => {
-                let w = want(models[rng.random_range(0..3)]);
-                match s.try_acquire(&w) {
-                    Decision::Granted(t) => held.push(t),
-                    Decision::Wait => {
-                        let seq = s.enqueue(w, 1, next_payload).unwrap();
-                        waiting.push((seq, next_payload));
-                        next_payload += 1;
-                    }
-                    Decision::Rejected(r) => panic!("seed {seed} step {step}: unexpected {r:?}"),
-                }
+                let priority = if rng.random_bool(0.3) {
+                    Priority::Batch
+                } else {
+                    Priority::Interactive
+                };
+                let tenant = tenants[rng.random_range(0..tenants.len())];
+                let req = Req {
+                    want: want(models[rng.random_range(0..3)]),
+                    ticket: Ticket::new(Arc::from(tenant), priority, clock),
+                };
+                let id = next_payload;
+                next_payload += 1;
+                reqs.insert(id, req);
+                ask(&mut s, &mut reqs, id, clock, &mut held, &mut waiting, seed);
             }
             4..=6 if !held.is_empty() => {
-                let t = held.swap_remove(rng.random_range(0..held.len()));
-                let out = s.release(&t);
+                let (lease, _) = held.swap_remove(rng.random_range(0..held.len()));
+                let out = s.release(lease, clock);
                 grant(out, &mut held, &mut waiting);
             }
-            7 if !waiting.is_empty() => {
-                let (seq, payload) = waiting.swap_remove(rng.random_range(0..waiting.len()));
-                assert_eq!(s.dequeue(seq), Some(payload));
+            7 if !held.is_empty() => {
+                // Cut off mid-request: stays taken for the settle time.
+                let (lease, _) = held.swap_remove(rng.random_range(0..held.len()));
+                let id = lease.target.id.clone();
+                settling.push((s.abandon(lease, clock), id));
             }
-            8 => {
+            8 if !held.is_empty() => {
+                // The attempt failed: the backend is marked unhealthy, the
+                // slot abandoned, and the request asks again with the same
+                // ticket, excluding that backend.
+                let (lease, id) = held.swap_remove(rng.random_range(0..held.len()));
+                let backend = lease.target.id.clone();
+                if rng.random_bool(0.5) {
+                    s.mark_unhealthy(&backend, "failed".into());
+                    grant(s.dispatch(clock), &mut held, &mut waiting);
+                }
+                settling.push((s.abandon(lease, clock), backend.clone()));
+                if let Some(req) = reqs.get_mut(&id) {
+                    req.want.tried.push(backend);
+                }
+                ask(&mut s, &mut reqs, id, clock, &mut held, &mut waiting, seed);
+            }
+            9 if !waiting.is_empty() => {
+                let payloads: Vec<u32> = waiting.keys().copied().collect();
+                let payload = payloads[rng.random_range(0..payloads.len())];
+                let arrival = waiting.remove(&payload).unwrap();
+                assert_eq!(s.dequeue(arrival), Some(payload));
+            }
+            10 => {
                 let id = BackendId::Port(30000 + rng.random_range(0..6));
                 if rng.random_bool(0.5) {
                     s.mark_unhealthy(&id, "flip".into());
@@ -308,34 +383,88 @@ fn run_workload(seed: u64) {
                     b.healthy = true;
                     b.draining = rng.random_bool(0.2);
                 }
-                let out = s.dispatch();
+                grant(s.dispatch(clock), &mut held, &mut waiting);
+            }
+            11 => {
+                let out = s.expire(clock);
+                settling.retain(|(due, _)| *due > clock);
                 grant(out, &mut held, &mut waiting);
             }
             _ => {}
         }
-        check_invariants(&s, cap, &held, seed, step);
+        check_invariants(&s, cap, &held, &settling, seed, step);
     }
-    for (seq, _) in waiting {
-        s.dequeue(seq);
+    let arrivals: Vec<u64> = waiting.values().copied().collect();
+    for arrival in arrivals {
+        s.dequeue(arrival);
     }
-    for t in held {
+    for (lease, _) in held {
         assert!(
-            s.release(&t).is_empty(),
+            s.release(lease, clock).is_empty(),
             "seed {seed}: nobody is left waiting"
         );
     }
+    assert!(s.expire(clock + Duration::from_secs(1)).is_empty());
     assert!(
         s.backends().values().all(|b| b.in_flight == 0),
         "seed {seed}: in-flight did not return to 0"
     );
     assert_eq!(s.queued_bytes(), 0);
+    assert!(
+        s.waiters.tenants.is_empty(),
+        "seed {seed}: idle tenants are forgotten"
+    );
 }
 
-fn check_invariants(s: &Scheduler<u32>, cap: u32, held: &[Arc<Target>], seed: u64, step: usize) {
+/// Asks for a slot for request `id`: granted, queued (a retry at its old
+/// place) or refused.
+fn ask(
+    s: &mut Scheduler<u32>,
+    reqs: &mut HashMap<u32, Req>,
+    id: u32,
+    clock: Instant,
+    held: &mut Vec<(Lease, u32)>,
+    waiting: &mut HashMap<u32, u64>,
+    seed: u64,
+) {
+    let req = reqs.get_mut(&id).expect("request exists");
+    match s.try_acquire(&req.want, &req.ticket, clock) {
+        Decision::Granted(lease) => held.push((lease, id)),
+        Decision::Wait => {
+            let before = req.ticket.arrival;
+            match s.enqueue(req.want.clone(), 1, &req.ticket, id) {
+                Ok(arrival) => {
+                    if let Some(old) = before {
+                        assert_eq!(arrival, old, "seed {seed}: a retry keeps its place");
+                    }
+                    req.ticket.arrival = Some(arrival);
+                    waiting.insert(id, arrival);
+                }
+                Err(Rejection::TenantQueueFull) => {
+                    let tid = s.waiters.tenant_named(&req.ticket.tenant).unwrap();
+                    assert_eq!(s.waiters.waiting_of(tid), TENANT_CAP, "seed {seed}");
+                }
+                Err(r) => panic!("seed {seed}: unexpected {r:?}"),
+            }
+        }
+        Decision::Rejected(Rejection::Exhausted) if !req.want.tried.is_empty() => {}
+        Decision::Rejected(r) => panic!("seed {seed}: unexpected {r:?}"),
+    }
+}
+
+fn check_invariants(
+    s: &Scheduler<u32>,
+    cap: u32,
+    held: &[(Lease, u32)],
+    settling: &[(Instant, BackendId)],
+    seed: u64,
+    step: usize,
+) {
     for (id, b) in s.backends() {
-        let holding = held.iter().filter(|t| &t.id == id).count() as u32;
+        let holding = held.iter().filter(|(l, _)| &l.target.id == id).count()
+            + settling.iter().filter(|(_, b)| b == id).count();
         assert_eq!(
-            b.in_flight, holding,
+            b.in_flight, holding as u32,
             "seed {seed} step {step}: {id} in_flight drifted"
         );
         assert!(
@@ -344,10 +473,27 @@ fn check_invariants(s: &Scheduler<u32>, cap: u32, held: &[Arc<Target>], seed: u6
         );
     }
     // No waiter could have been granted: every eligible backend is full.
-    for w in s.queue.values() {
+    for w in s.waiters.by_arrival.values() {
         assert!(
-            s.pick(&w.want).is_none(),
+            !s.could_get(&w.want),
             "seed {seed} step {step}: a waiter was left behind a free slot"
         );
     }
+    // The free index agrees with the table.
+    for m in ["a", "b", "c"] {
+        let w = want(m);
+        assert_eq!(
+            s.pick(&w).is_some(),
+            s.could_get(&w),
+            "seed {seed} step {step}: the free index disagrees for {m}"
+        );
+    }
+    for t in s.waiters.tenants.values() {
+        assert!(
+            t.waiting <= TENANT_CAP,
+            "seed {seed} step {step}: tenant cap"
+        );
+    }
+    let bytes: usize = s.waiters.by_arrival.values().map(|w| w.bytes).sum();
+    assert_eq!(s.queued_bytes(), bytes);
 }

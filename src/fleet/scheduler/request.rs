@@ -1,0 +1,126 @@
+//! What a request brings to the scheduler and what it gets back: its
+//! [`Want`] and [`Ticket`], a [`Decision`] or an [`Outcome`], and the
+//! [`Lease`] on a slot it gives back when done.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::TenantId;
+use crate::fleet::backend::{BackendId, Target};
+use crate::model::ModelName;
+
+/// What a request needs from a backend.
+#[derive(Debug, Clone, Default)]
+pub struct Want {
+    /// The model it names; `None` fits any backend.
+    pub model: Option<ModelName>,
+    /// Backends it already failed on, not to be tried again.
+    pub tried: Vec<BackendId>,
+}
+
+/// How urgent a request is (`X-Corral-Priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Priority {
+    /// Someone is waiting for the answer: goes first.
+    #[default]
+    Interactive = 0,
+    /// Bulk work: takes what interactive leaves, plus its floor.
+    Batch = 1,
+}
+
+impl Priority {
+    /// `interactive` or `batch`, any case.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "interactive" => Some(Self::Interactive),
+            "batch" => Some(Self::Batch),
+            _ => None,
+        }
+    }
+
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Batch => "batch",
+        }
+    }
+}
+
+/// Who asks, how urgently, and (for a retry) its original arrival.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// The tenant's name.
+    pub tenant: Arc<str>,
+    /// Its priority.
+    pub priority: Priority,
+    /// Set by the first [`Scheduler::enqueue`](super::Scheduler::enqueue); a retry passes it back to
+    /// keep its place.
+    pub arrival: Option<u64>,
+    /// When the request first arrived.
+    pub since: Instant,
+}
+
+impl Ticket {
+    /// A fresh ticket for a request arriving at `now`.
+    pub fn new(tenant: Arc<str>, priority: Priority, now: Instant) -> Self {
+        Self {
+            tenant,
+            priority,
+            arrival: None,
+            since: now,
+        }
+    }
+}
+
+/// Why a request is turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No backend has listed the model since start, while some backend is healthy.
+    UnknownModel,
+    /// A retry with no healthy untried backend left that has the model.
+    Exhausted,
+    /// MAX_QUEUE requests are already waiting.
+    QueueFull,
+    /// MAX_QUEUE_BYTES of request bodies are already waiting.
+    QueueBytesFull,
+    /// MAX_QUEUE_PER_TENANT requests of this tenant are already waiting.
+    TenantQueueFull,
+    /// The proxy is shutting down and takes nothing new.
+    ShuttingDown,
+}
+
+/// A slot held: give it back with [`Scheduler::release`](super::Scheduler::release) (done) or
+/// [`Scheduler::abandon`](super::Scheduler::abandon) (cut off mid-request).
+#[derive(Debug)]
+pub struct Lease {
+    /// The backend the slot is on.
+    pub target: Arc<Target>,
+    pub(super) tenant: TenantId,
+    pub(super) model: Option<ModelName>,
+    pub(super) granted_at: Instant,
+    /// Slot-nanoseconds charged to the tenant up front (the model's usual
+    /// service time), corrected when the slot comes back.
+    pub(super) charged: u64,
+}
+
+/// What a waiter is told when it leaves the queue.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A slot on this backend is now the waiter's.
+    Granted(Lease),
+    /// The request cannot be served.
+    Rejected(Rejection),
+}
+
+/// The answer to a request that asks for a slot now.
+#[derive(Debug)]
+pub enum Decision {
+    /// A slot is taken for the request.
+    Granted(Lease),
+    /// No eligible backend has a free slot: the request should wait.
+    Wait,
+    /// The request cannot be served.
+    Rejected(Rejection),
+}
