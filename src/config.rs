@@ -228,6 +228,18 @@ pub struct SimArgs {
     #[arg(long, default_value = "0", value_parser = parse_seconds)]
     pub load_time: Duration,
 
+    /// Models in memory at most (like OLLAMA_MAX_LOADED_MODELS); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_loaded: usize,
+
+    /// Prompt tokens evaluated per second (the part not in the prompt cache); 0 = at once.
+    #[arg(long, default_value_t = 2000.0)]
+    pub prompt_speed: f64,
+
+    /// Size in tokens of the host-memory cache of earlier prompts.
+    #[arg(long, default_value_t = 65_536)]
+    pub prompt_cache: usize,
+
     /// Tokens generated per second; 0 answers at once.
     #[arg(long, default_value_t = 50.0)]
     pub tokens_per_second: f64,
