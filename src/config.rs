@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::fleet::placement::Routing;
+
 /// corral: one stable Ollama address in front of a changing fleet of Ollama servers.
 #[derive(Debug, Parser)]
 #[command(
@@ -97,6 +99,11 @@ pub struct ServeArgs {
     /// Requests in flight per backend; 0 = no cap.
     #[arg(long, env = "MAX_CONCURRENT_PER_BACKEND", default_value_t = 1)]
     pub max_concurrent_per_backend: u32,
+
+    /// Placement: `cache-aware` (prefix, session and model warmth, bounded by
+    /// load) or `least-busy` (loaded model, fewest in flight, lowest port).
+    #[arg(long, env = "ROUTING", value_enum, default_value_t = Routing::CacheAware)]
+    pub routing: Routing,
 
     /// How long a request may wait for a free backend, in seconds.
     #[arg(long = "queue-timeout", env = "QUEUE_TIMEOUT_SECONDS", default_value = "3600", value_parser = parse_seconds)]

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod discovery;
+pub mod placement;
 pub mod scheduler;
 mod slot;
 
@@ -155,7 +156,15 @@ impl Fleet {
         tracing::warn!(backend = %id, model = %model.display(), "backend no longer has the model");
     }
 
-    /// Counts a request a backend answered.
+    /// A response ended: placement learns the backend's prompt speed and
+    /// service time (see [`placement::Placement::observed`]).
+    pub fn observed(&self, id: &BackendId, prompt_tokens: u64, prompt_ns: u64, service: Duration) {
+        self.lock()
+            .placement_mut()
+            .observed(id, prompt_tokens, prompt_ns, service);
+    }
+
+    /// Counts a request a backend served in full.
     pub fn record_served(&self, target: &Arc<Target>) {
         let mut state = self.lock();
         if let Some(b) = state.backend_mut(&target.id) {

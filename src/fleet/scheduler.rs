@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use super::backend::{Backend, BackendId, ProbeReport, Target};
+use super::placement::{Candidate, Choice, Placement, Routing, Signature};
 use crate::model::ModelName;
 
 /// What a request needs from a backend.
@@ -20,6 +21,8 @@ pub struct Want {
     pub model: Option<ModelName>,
     /// Backends it already failed on, not to be tried again.
     pub tried: Vec<BackendId>,
+    /// What cache-aware placement knows of it; `None`: nothing worth keeping.
+    pub signature: Option<Arc<Signature>>,
 }
 
 /// Why a request is turned away.
@@ -86,6 +89,8 @@ pub struct Scheduler<W> {
     known: HashSet<ModelName>,
     /// Shutting down: no new slots, every waiter turned away.
     closed: bool,
+    /// What each backend holds (issue 12), beside the scheduler state.
+    placement: Placement,
 }
 
 impl<W> Scheduler<W> {
@@ -99,7 +104,18 @@ impl<W> Scheduler<W> {
             limits,
             known: HashSet::new(),
             closed: false,
+            placement: Placement::new(Routing::LeastBusy),
         }
+    }
+
+    /// Sets the placement rule (ROUTING); a new scheduler uses least-busy.
+    pub fn set_routing(&mut self, routing: Routing) {
+        self.placement = Placement::new(routing);
+    }
+
+    /// The placement memory, to learn from responses.
+    pub fn placement_mut(&mut self) -> &mut Placement {
+        &mut self.placement
     }
 
     /// Stops granting slots: waiters and new requests are turned away with
@@ -129,6 +145,7 @@ impl<W> Scheduler<W> {
     /// into nothing.
     pub fn remove_backend(&mut self, id: &BackendId) {
         self.backends.remove(id);
+        self.placement.forget(id);
     }
 
     /// Records a successful probe; true when the server looks replaced.
@@ -137,7 +154,13 @@ impl<W> Scheduler<W> {
             return false;
         };
         self.known.extend(backend_models(&report));
-        backend.apply_probe(report)
+        let ps = report.ps.clone();
+        let replaced = backend.apply_probe(report);
+        if replaced {
+            self.placement.forget(id);
+        }
+        self.placement.probed(id, &ps);
+        replaced
     }
 
     /// Marks a backend unhealthy; true when it was healthy.
@@ -178,7 +201,7 @@ impl<W> Scheduler<W> {
             return Decision::Rejected(rejection);
         }
         match self.pick(want) {
-            Some(id) => Decision::Granted(self.take_slot(&id)),
+            Some(id) => Decision::Granted(self.take_slot(&id, want)),
             None => Decision::Wait,
         }
     }
@@ -236,8 +259,9 @@ impl<W> Scheduler<W> {
             let Some(seq) = self.oldest_waiter_for(&target.id) else {
                 break;
             };
+            let want = self.queue[&seq].want.clone();
             let payload = self.dequeue(seq).expect("seq was just found in the queue");
-            out.push((payload, Outcome::Granted(self.take_slot(&target.id))));
+            out.push((payload, Outcome::Granted(self.take_slot(&target.id, &want))));
         }
         out
     }
@@ -261,10 +285,11 @@ impl<W> Scheduler<W> {
             if !self.backends.keys().any(|id| self.has_free_slot(id)) {
                 break;
             }
-            let Some(id) = self.pick(&self.queue[&seq].want) else {
+            let want = self.queue[&seq].want.clone();
+            let Some(id) = self.pick(&want) else {
                 continue;
             };
-            let target = self.take_slot(&id);
+            let target = self.take_slot(&id, &want);
             let payload = self.dequeue(seq).expect("seq was just found in the queue");
             out.push((payload, Outcome::Granted(target)));
         }
@@ -304,7 +329,48 @@ impl<W> Scheduler<W> {
             loaded = chosen.has_loaded(want.model.as_ref()),
             "picked"
         );
-        Some(chosen.target.id.clone())
+        // Placement hook (issue 12): among the eligible backends, cache-aware
+        // placement may prefer another free one than the least-busy choice,
+        // or wait for a busy one that holds the request's prefix or model.
+        // Without a signature (nothing worth keeping) the choice stands.
+        self.place(want, Some(&chosen.target.id))
+    }
+
+    /// The placement hook: `least_busy` is the least-busy choice among free
+    /// eligible backends; `None` means wait.
+    fn place(&self, want: &Want, least_busy: Option<&BackendId>) -> Option<BackendId> {
+        let Some(sig) = want.signature.as_deref() else {
+            return least_busy.cloned();
+        };
+        if self.placement.routing() == Routing::LeastBusy {
+            return least_busy.cloned();
+        }
+        let candidates: Vec<Candidate<'_>> = self
+            .backends
+            .values()
+            .filter(|b| self.is_eligible(b, want))
+            .map(|b| Candidate {
+                id: &b.target.id,
+                free: self.slot_free(b),
+                probed_loaded: b.has_loaded(want.model.as_ref()),
+            })
+            .collect();
+        let queued = self
+            .queue
+            .values()
+            .filter(|w| w.want.model == want.model)
+            .count();
+        let model = want.model.as_ref();
+        match self
+            .placement
+            .choose(Some(sig), model, &candidates, least_busy, queued)
+        {
+            Choice::Go(id, placed) => {
+                *sig.placed.lock().unwrap_or_else(|e| e.into_inner()) = Some(placed);
+                Some(id)
+            }
+            Choice::Wait => None,
+        }
     }
 
     fn is_eligible(&self, b: &Backend, want: &Want) -> bool {
@@ -328,11 +394,19 @@ impl<W> Scheduler<W> {
         let backend = self.backends.get(id)?;
         self.queue
             .iter()
-            .find(|(_, w)| self.is_eligible(backend, &w.want))
+            .find(|(_, w)| {
+                // Placement hook (issue 12): a waiter that would rather keep
+                // waiting for a busy backend holding its prefix or model
+                // lets this slot go to the next one.
+                self.is_eligible(backend, &w.want)
+                    && (w.want.signature.is_none() || self.pick(&w.want).is_some())
+            })
             .map(|(seq, _)| *seq)
     }
 
-    fn take_slot(&mut self, id: &BackendId) -> Arc<Target> {
+    fn take_slot(&mut self, id: &BackendId, want: &Want) -> Arc<Target> {
+        self.placement
+            .routed(id, want.signature.as_deref(), want.model.as_ref());
         let backend = self.backends.get_mut(id).expect("picked backend exists");
         backend.in_flight += 1;
         debug_assert!(self.limits.cap == 0 || backend.in_flight <= self.limits.cap);

@@ -29,6 +29,7 @@ use super::error::{Api, ProxyError};
 use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
+use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{AcquireError, Rejection, Slot, Want};
 use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
@@ -102,9 +103,14 @@ async fn route(
     let bytes = apply_stream_rule(app.args.reject_streaming, endpoint, peek.stream, bytes)?;
     let model = peek.model.as_deref().map(ModelName::parse);
     *model_out = model.clone();
+    let signature = (app.args.routing == Routing::CacheAware)
+        .then(|| Signature::of(&bytes, &parts.headers))
+        .flatten()
+        .map(Arc::new);
     let mut want = Want {
         model,
         tried: Vec::new(),
+        signature,
     };
     let mut attempts: u32 = 0;
     let mut queue_wait = std::time::Duration::ZERO;
@@ -141,6 +147,10 @@ async fn route(
                         backend: Arc::clone(&backend),
                         attempts,
                         queue_wait,
+                        placed: want.signature.as_deref().and_then(|s| {
+                            let estimated = (s.bytes / 4) as u64;
+                            s.placed().map(|p| (p, estimated))
+                        }),
                     },
                 );
                 app.metrics

@@ -64,7 +64,11 @@ impl App {
             max_queue_bytes: args.max_queue_bytes,
         };
         Self {
-            fleet: Fleet::new(limits, args.queue_timeout),
+            fleet: {
+                let fleet = Fleet::new(limits, args.queue_timeout);
+                fleet.update(|s| s.set_routing(args.routing));
+                fleet
+            },
             upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),

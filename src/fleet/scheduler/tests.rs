@@ -28,6 +28,7 @@ fn want(model: &str) -> Want {
     Want {
         model: Some(ModelName::parse(model)),
         tried: Vec::new(),
+        signature: None,
     }
 }
 
