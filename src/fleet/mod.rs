@@ -158,10 +158,8 @@ impl Fleet {
 
     /// A response ended: placement learns the backend's prompt speed and
     /// service time (see [`placement::Placement::observed`]).
-    pub fn observed(&self, id: &BackendId, prompt_tokens: u64, prompt_ns: u64, service: Duration) {
-        self.lock()
-            .placement_mut()
-            .observed(id, prompt_tokens, prompt_ns, service);
+    pub fn observed(&self, id: &BackendId, seen: &placement::Observed) {
+        self.lock().placement_mut().observed(id, seen);
     }
 
     /// Counts a request a backend served in full.

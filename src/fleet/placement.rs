@@ -11,8 +11,14 @@
 //! each backend has loaded (`/api/ps` at every probe, and every routing since).
 //! No tokenizer is needed: tokens are estimated from bytes.
 //!
-//! A request with nothing worth keeping at stake (short prompt, no session,
-//! no `num_ctx`) has no [`Signature`], and then the least-busy rule decides.
+//! The cost of a backend is the estimated time to the request's first token:
+//! the queue ahead of it (measured service time), the prompt tokens it lacks
+//! (at its measured prompt speed) and a model load where the model is not
+//! loaded with the request's context (at the measured load time, zero until
+//! a load was seen). Where no prefix worth keeping is at stake (under a
+//! block of prompt, no session, no `num_ctx`) and the least-busy choice has
+//! the model warm, the least-busy rule decides alone; so does a choice that
+//! would save less than [`WORTH`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -35,8 +41,6 @@ const SESSIONS: usize = 65_536;
 const TOKENS_PER_BYTE: f64 = 0.25;
 /// Prompt tokens per second assumed before a backend reported its speed.
 const DEFAULT_PROMPT_SPEED: f64 = 2000.0;
-/// Time a model load is assumed to take.
-const LOAD_COST: Duration = Duration::from_secs(5);
 /// Time a request is assumed to hold a slot before any was measured.
 const DEFAULT_SERVICE: Duration = Duration::from_secs(1);
 /// Estimated savings below this leave the choice to the least-busy rule.
@@ -72,6 +76,13 @@ pub struct Signature {
     pub num_ctx: Option<u64>,
     /// Why the request went where it went; written at each grant.
     pub placed: Mutex<Option<Placed>>,
+}
+
+impl Signature {
+    /// A prefix, a session or a runner context is at stake.
+    pub fn matters(&self) -> bool {
+        !self.blocks.is_empty() || self.session.is_some() || self.num_ctx.is_some()
+    }
 }
 
 /// Why a request went to its backend.
@@ -132,9 +143,8 @@ struct Options {
 }
 
 impl Signature {
-    /// The signature of a request body and its headers; `None` when nothing
-    /// worth keeping is at stake (less than a block of prompt, no session,
-    /// no `num_ctx`) or the body is not a JSON object.
+    /// The signature of a request body and its headers; `None` when the
+    /// body is not a JSON object.
     pub fn of(body: &[u8], headers: &http::HeaderMap) -> Option<Signature> {
         let b: Body = serde_json::from_slice(body).ok()?;
         let mut text: Vec<u8> = Vec::new();
@@ -166,9 +176,6 @@ impl Signature {
             .or_else(|| b.prompt_cache_key.as_ref().map(|v| hash_of(v.to_string())))
             .or_else(|| b.user.as_ref().map(|v| hash_of(v.to_string())));
         let num_ctx = b.options.and_then(|o| o.num_ctx);
-        if text.len() < BLOCK_BYTES && session.is_none() && num_ctx.is_none() {
-            return None;
-        }
         let mut blocks = Vec::with_capacity(text.len() / BLOCK_BYTES);
         let mut chain = 0u64;
         for block in text.chunks_exact(BLOCK_BYTES) {
@@ -285,12 +292,28 @@ impl Memory {
     }
 }
 
+/// What a response told about its backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observed {
+    /// `prompt_eval_count`.
+    pub prompt_tokens: u64,
+    /// `prompt_eval_duration`.
+    pub prompt_ns: u64,
+    /// Time the request held its slot.
+    pub service: Duration,
+    /// `load_duration` of a request placed where its model was cold.
+    pub load: Option<Duration>,
+}
+
 /// One candidate backend as the scheduler sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate<'a> {
     pub id: &'a BackendId,
     /// A slot is free now.
     pub free: bool,
+    /// Requests it is already working on that come before this one (its
+    /// in-flight count when there is no cap, so the backend queues them).
+    pub ahead: u32,
     /// The last probe listed the model as loaded.
     pub probed_loaded: bool,
 }
@@ -308,6 +331,8 @@ pub enum Choice {
 #[derive(Debug)]
 pub struct Placement {
     routing: Routing,
+    /// Measured model load time (zero until a load was seen).
+    load_cost: Duration,
     backends: HashMap<BackendId, Memory>,
     sessions: HashMap<u64, (BackendId, usize, u64)>,
     session_tick: u64,
@@ -318,6 +343,7 @@ impl Placement {
     pub fn new(routing: Routing) -> Self {
         Self {
             routing,
+            load_cost: Duration::ZERO,
             backends: HashMap::new(),
             sessions: HashMap::new(),
             session_tick: 0,
@@ -354,14 +380,22 @@ impl Placement {
         m.model_room = m.model_room.max(m.models.len());
     }
 
-    /// A response came back: learn the backend's prompt speed and service time.
-    pub fn observed(
-        &mut self,
-        id: &BackendId,
-        prompt_tokens: u64,
-        prompt_ns: u64,
-        service: Duration,
-    ) {
+    /// A response came back: learn the backend's prompt speed and service
+    /// time, and the load time when the model was expected cold there.
+    pub fn observed(&mut self, id: &BackendId, seen: &Observed) {
+        let Observed {
+            prompt_tokens,
+            prompt_ns,
+            service,
+            load,
+        } = *seen;
+        if let Some(load) = load {
+            self.load_cost = if self.load_cost.is_zero() {
+                load
+            } else {
+                self.load_cost.mul_f64(0.7) + load.mul_f64(0.3)
+            };
+        }
         let m = self.backends.entry(id.clone()).or_insert_with(Memory::new);
         if prompt_tokens >= 64 && prompt_ns > 0 {
             let speed = prompt_tokens as f64 / (prompt_ns as f64 / 1e9);
@@ -409,11 +443,13 @@ impl Placement {
         }) || (c.probed_loaded && sig.num_ctx.is_none());
         let mut t = Duration::from_secs_f64(miss as f64 / speed);
         if !warm {
-            t += LOAD_COST;
+            t += self.load_cost;
         }
-        if !c.free {
-            t += service.mul_f64(1.0 + queued as f64);
-        }
+        t += if c.free {
+            service * c.ahead
+        } else {
+            service.mul_f64(1.0 + queued as f64)
+        };
         let reason = if by_session {
             Reason::Session
         } else if hit > 0 {
@@ -455,6 +491,20 @@ impl Placement {
         let Some(sig) = sig.filter(|_| self.routing == Routing::CacheAware) else {
             return least_busy.map_or(Choice::Wait, plain);
         };
+        if !sig.matters() {
+            // Only the model's warmth is at stake: the least-busy choice
+            // stands unless it would load the model.
+            let cold = least_busy.and_then(|lb| candidates.iter().find(|c| c.id == lb));
+            let cold = cold.is_some_and(|c| {
+                let mem = self.memory(c.id);
+                !c.probed_loaded && !mem.is_some_and(|m| m.warm(model, None))
+            });
+            if !cold || self.load_cost < WORTH {
+                return least_busy.map_or(Choice::Wait, plain);
+            }
+        }
+        // The waiters for this model, spread over the backends that could serve them.
+        let queued = queued / candidates.len().max(1);
         let costs: Vec<(Duration, Placed, &Candidate<'_>)> = candidates
             .iter()
             .map(|c| {
@@ -554,19 +604,55 @@ mod tests {
         Candidate {
             id,
             free: true,
+            ahead: 0,
             probed_loaded: true,
         }
     }
 
     #[test]
-    fn short_prompts_without_session_have_no_signature() {
+    fn short_prompts_without_session_have_nothing_at_stake() {
         let body = br#"{"model":"m","prompt":"hello"}"#;
-        assert!(Signature::of(body, &http::HeaderMap::new()).is_none());
+        assert!(!sig(body).matters());
         let mut h = http::HeaderMap::new();
         h.insert("x-session-id", "abc".parse().unwrap());
-        assert!(Signature::of(body, &h).is_some());
+        assert!(Signature::of(body, &h).unwrap().matters());
         let keyed = br#"{"model":"m","prompt":"hi","prompt_cache_key":"k"}"#;
-        assert!(Signature::of(keyed, &http::HeaderMap::new()).is_some());
+        assert!(sig(keyed).matters());
+        assert!(Signature::of(b"[1]", &http::HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_cold_least_busy_choice_waits_for_a_warm_backend_once_loads_are_known_slow() {
+        let mut p = Placement::new(Routing::CacheAware);
+        let (a, b) = (BackendId::Port(1), BackendId::Port(2));
+        let model = ModelName::parse("m");
+        p.routed(&b, None, Some(&model));
+        let s = sig(br#"{"model":"m","prompt":"hi"}"#);
+        let busy_b = Candidate {
+            id: &b,
+            free: false,
+            ahead: 0,
+            probed_loaded: false,
+        };
+        let cold_a = Candidate {
+            probed_loaded: false,
+            ..free(&a)
+        };
+        let cands = [cold_a, busy_b];
+        let go_a = |c: Choice| matches!(c, Choice::Go(id, _) if id == a);
+        assert!(go_a(p.choose(Some(&s), Some(&model), &cands, Some(&a), 0)));
+        let slow_load = Observed {
+            service: Duration::from_millis(200),
+            load: Some(Duration::from_secs(3)),
+            ..Observed::default()
+        };
+        p.observed(&b, &slow_load);
+        assert_eq!(
+            p.choose(Some(&s), Some(&model), &cands, Some(&a), 0),
+            Choice::Wait
+        );
+        // A long queue for the model justifies loading it on another backend.
+        assert!(go_a(p.choose(Some(&s), Some(&model), &cands, Some(&a), 40)));
     }
 
     #[test]
@@ -647,12 +733,17 @@ mod tests {
         // 40 kB of shared prefix: about 10k tokens, 5 s to recompute.
         let s = sig(&chat(&"x".repeat(40_000), &["q"]));
         p.routed(&b, Some(&s), None);
-        p.observed(&b, 0, 0, Duration::from_millis(100));
+        let quick = Observed {
+            service: Duration::from_millis(100),
+            ..Observed::default()
+        };
+        p.observed(&b, &quick);
         let cands = [
             free(&a),
             Candidate {
                 id: &b,
                 free: false,
+                ahead: 0,
                 probed_loaded: true,
             },
         ];
@@ -674,6 +765,11 @@ mod tests {
         let ps = |ctx: u64| vec![serde_json::json!({"name": "m:latest", "context_length": ctx})];
         p.probed(&a, &ps(4096));
         p.probed(&b, &ps(8192));
+        let load = Observed {
+            load: Some(Duration::from_secs(2)),
+            ..Observed::default()
+        };
+        p.observed(&a, &load);
         let body = br#"{"model":"m","prompt":"hi","options":{"num_ctx":8192}}"#;
         let s = sig(body);
         let cands = [free(&a), free(&b)];

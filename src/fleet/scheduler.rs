@@ -7,7 +7,7 @@
 //! granted a free slot it is eligible for; a freed slot goes to the oldest
 //! waiter that can use it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::backend::{Backend, BackendId, ProbeReport, Target};
@@ -91,6 +91,8 @@ pub struct Scheduler<W> {
     closed: bool,
     /// What each backend holds (issue 12), beside the scheduler state.
     placement: Placement,
+    /// Waiters per model, for placement's queue estimate.
+    waiting_for: HashMap<Option<ModelName>, usize>,
 }
 
 impl<W> Scheduler<W> {
@@ -105,6 +107,7 @@ impl<W> Scheduler<W> {
             known: HashSet::new(),
             closed: false,
             placement: Placement::new(Routing::LeastBusy),
+            waiting_for: HashMap::new(),
         }
     }
 
@@ -218,6 +221,7 @@ impl<W> Scheduler<W> {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.queued_bytes += bytes;
+        *self.waiting_for.entry(want.model.clone()).or_default() += 1;
         self.queue.insert(
             seq,
             Waiter {
@@ -234,6 +238,12 @@ impl<W> Scheduler<W> {
     pub fn dequeue(&mut self, seq: u64) -> Option<W> {
         let waiter = self.queue.remove(&seq)?;
         self.queued_bytes -= waiter.bytes;
+        if let Some(n) = self.waiting_for.get_mut(&waiter.want.model) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting_for.remove(&waiter.want.model);
+            }
+        }
         Some(waiter.payload)
     }
 
@@ -352,14 +362,11 @@ impl<W> Scheduler<W> {
             .map(|b| Candidate {
                 id: &b.target.id,
                 free: self.slot_free(b),
+                ahead: if self.limits.cap == 0 { b.in_flight } else { 0 },
                 probed_loaded: b.has_loaded(want.model.as_ref()),
             })
             .collect();
-        let queued = self
-            .queue
-            .values()
-            .filter(|w| w.want.model == want.model)
-            .count();
+        let queued = self.waiting_for.get(&want.model).copied().unwrap_or(0);
         let model = want.model.as_ref();
         match self
             .placement

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::fleet::Slot;
-use crate::fleet::placement::Placed;
+use crate::fleet::placement::{Observed, Placed};
 use crate::metrics::{EndpointLabels, Metrics};
 
 /// How a response body is framed, from its `Content-Type`.
@@ -202,6 +202,8 @@ pub struct TokenCounts {
     pub eval_ns: Option<u64>,
     /// Prompt evaluation time in nanoseconds, where the backend said.
     pub prompt_ns: Option<u64>,
+    /// Model load time in nanoseconds, where the backend said.
+    pub load_ns: Option<u64>,
 }
 
 impl TokenCounts {
@@ -233,6 +235,7 @@ impl TokenCounts {
             generated,
             eval_ns: last(b"\"eval_duration\""),
             prompt_ns: last(b"\"prompt_eval_duration\""),
+            load_ns: last(b"\"load_duration\""),
         }
     }
 }
@@ -341,12 +344,14 @@ impl Relay {
                 .started
                 .elapsed()
                 .saturating_sub(self.ledger.info.queue_wait);
-            slot.fleet().observed(
-                &slot.target().id,
-                counts.prompt,
-                counts.prompt_ns.unwrap_or(0),
+            let cold = self.ledger.info.placed.is_some_and(|(p, _)| p.cold);
+            let seen = Observed {
+                prompt_tokens: counts.prompt,
+                prompt_ns: counts.prompt_ns.unwrap_or(0),
                 service,
-            );
+                load: counts.load_ns.filter(|_| cold).map(Duration::from_nanos),
+            };
+            slot.fleet().observed(&slot.target().id, &seen);
             slot.finish();
         }
     }
@@ -391,6 +396,7 @@ mod tests {
                 generated: 94,
                 eval_ns: Some(2_000_000_000),
                 prompt_ns: Some(5),
+                load_ns: None,
             }
         );
     }
@@ -409,6 +415,7 @@ data: [DONE]
                 generated: 3,
                 eval_ns: None,
                 prompt_ns: None,
+                load_ns: None,
             }
         );
     }
