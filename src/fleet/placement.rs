@@ -35,6 +35,8 @@ use crate::model::ModelName;
 pub const BLOCK_BYTES: usize = 256;
 /// Prefix blocks remembered per backend (about 256k tokens of prompts).
 pub const INDEX_BLOCKS: usize = 4096;
+/// Scans a routed model is believed loaded without a probe showing it.
+const PENDING_PROBES: u32 = 8;
 /// Sessions remembered.
 const SESSIONS: usize = 65_536;
 /// Estimated tokens per byte before any backend reported.
@@ -269,6 +271,9 @@ struct Memory {
     models: VecDeque<(ModelName, Option<u64>)>,
     /// Models it was seen holding at once (its OLLAMA_MAX_LOADED_MODELS, as far as known).
     model_room: usize,
+    /// Models routed there that no probe has shown loaded yet (a load takes
+    /// longer than a scan), with the probes passed since.
+    pending: Vec<(ModelName, Option<u64>, u32)>,
     prompt_speed: f64,
     service: Duration,
 }
@@ -278,6 +283,7 @@ impl Memory {
         Self {
             index: PrefixIndex::new(INDEX_BLOCKS),
             models: VecDeque::new(),
+            pending: Vec::new(),
             model_room: 1,
             prompt_speed: DEFAULT_PROMPT_SPEED,
             service: DEFAULT_SERVICE,
@@ -378,6 +384,19 @@ impl Placement {
             })
             .collect();
         m.model_room = m.model_room.max(m.models.len());
+        let shown = m.models.clone();
+        m.pending.retain_mut(|(name, ctx, probes)| {
+            *probes += 1;
+            let loaded = shown
+                .iter()
+                .any(|(n, c)| n == name && (ctx.is_none() || c == ctx));
+            !loaded && *probes <= PENDING_PROBES
+        });
+        for (name, ctx, _) in m.pending.iter().rev() {
+            m.models.retain(|(n, _)| n != name);
+            m.models.push_front((name.clone(), *ctx));
+        }
+        m.models.truncate(m.model_room);
     }
 
     /// A response came back: learn the backend's prompt speed and service
@@ -422,6 +441,23 @@ impl Placement {
         (tokens as u64, by_session)
     }
 
+    /// Loading another model on `id` would evict the only loaded copy of one.
+    fn evicts_last_copy(&self, id: &BackendId) -> bool {
+        let Some(m) = self.memory(id) else {
+            return false;
+        };
+        if m.models.len() < m.model_room {
+            return false;
+        }
+        let Some((victim, _)) = m.models.back() else {
+            return false;
+        };
+        !self
+            .backends
+            .iter()
+            .any(|(other, o)| other != id && o.models.iter().any(|(n, _)| n == victim))
+    }
+
     /// Estimated time for `c` to reach the request's first token.
     fn cost(
         &self,
@@ -444,6 +480,10 @@ impl Placement {
         let mut t = Duration::from_secs_f64(miss as f64 / speed);
         if !warm {
             t += self.load_cost;
+            if self.evicts_last_copy(c.id) {
+                // That model will need a load of its own when it is asked for again.
+                t += self.load_cost;
+            }
         }
         t += if c.free {
             service * c.ahead
@@ -478,15 +518,19 @@ impl Placement {
         least_busy: Option<&BackendId>,
         queued: usize,
     ) -> Choice {
+        let num_ctx = sig.and_then(|s| s.num_ctx);
+        let is_cold = |id: &BackendId| {
+            let c = candidates.iter().find(|c| c.id == id);
+            let probed = c.is_some_and(|c| c.probed_loaded) && num_ctx.is_none();
+            model.is_some() && !probed && !self.memory(id).is_some_and(|m| m.warm(model, num_ctx))
+        };
         let plain = |id: &BackendId| {
-            Choice::Go(
-                id.clone(),
-                Placed {
-                    reason: Reason::LeastBusy,
-                    expected_hit_tokens: 0,
-                    cold: false,
-                },
-            )
+            let placed = Placed {
+                reason: Reason::LeastBusy,
+                expected_hit_tokens: 0,
+                cold: is_cold(id),
+            };
+            Choice::Go(id.clone(), placed)
         };
         let Some(sig) = sig.filter(|_| self.routing == Routing::CacheAware) else {
             return least_busy.map_or(Choice::Wait, plain);
@@ -494,11 +538,7 @@ impl Placement {
         if !sig.matters() {
             // Only the model's warmth is at stake: the least-busy choice
             // stands unless it would load the model.
-            let cold = least_busy.and_then(|lb| candidates.iter().find(|c| c.id == lb));
-            let cold = cold.is_some_and(|c| {
-                let mem = self.memory(c.id);
-                !c.probed_loaded && !mem.is_some_and(|m| m.warm(model, None))
-            });
+            let cold = least_busy.is_some_and(is_cold);
             if !cold || self.load_cost < WORTH {
                 return least_busy.map_or(Choice::Wait, plain);
             }
@@ -564,6 +604,11 @@ impl Placement {
         if let Some(model) = model {
             let ctx = sig.and_then(|s| s.num_ctx);
             let known = m.models.iter().position(|(n, _)| n == model);
+            let warm = known.is_some_and(|i| ctx.is_none() || m.models[i].1 == ctx);
+            if !warm {
+                m.pending.retain(|(n, _, _)| n != model);
+                m.pending.push((model.clone(), ctx, 0));
+            }
             let old_ctx = known.and_then(|i| m.models.remove(i)).and_then(|(_, c)| c);
             m.models.push_front((model.clone(), ctx.or(old_ctx)));
             m.models.truncate(m.model_room.max(1));

@@ -339,11 +339,16 @@ impl Relay {
             // What placement learns: the backend's prompt speed and how
             // long a request holds its slot.
             let counts = TokenCounts::find(&self.ledger.tail);
-            let service = self
-                .ledger
-                .started
-                .elapsed()
-                .saturating_sub(self.ledger.info.queue_wait);
+            // The GPU's time where the backend said (without its own queue
+            // and load), else the time the request held the slot.
+            let service = match (counts.prompt_ns, counts.eval_ns) {
+                (Some(p), Some(e)) => Duration::from_nanos(p.saturating_add(e)),
+                _ => self
+                    .ledger
+                    .started
+                    .elapsed()
+                    .saturating_sub(self.ledger.info.queue_wait),
+            };
             let cold = self.ledger.info.placed.is_some_and(|(p, _)| p.cold);
             let seen = Observed {
                 prompt_tokens: counts.prompt,

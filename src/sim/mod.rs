@@ -33,7 +33,7 @@ mod sched;
 pub mod server;
 pub mod spec;
 pub mod stats;
-mod tokens;
+pub mod tokens;
 
 use std::future::Future;
 use std::io::Write;

@@ -6,7 +6,7 @@
 //! (its prompt followed by its answer).
 
 /// One token: a stable hash of its word.
-pub(crate) type Token = u32;
+pub type Token = u32;
 
 /// FNV-1a of `word`, stable across builds and runs.
 fn token_of(word: &str) -> Token {
@@ -19,7 +19,7 @@ fn token_of(word: &str) -> Token {
 }
 
 /// Appends the tokens of `text` to `out`.
-pub(crate) fn push_text(out: &mut Vec<Token>, text: &str) {
+pub fn push_text(out: &mut Vec<Token>, text: &str) {
     out.extend(text.split_whitespace().map(token_of));
 }
 
@@ -29,7 +29,7 @@ fn push_role(out: &mut Vec<Token>, role: &str) {
 }
 
 /// The prompt of `/api/generate` and `/v1/completions`.
-pub(crate) fn render_prompt(system: Option<&str>, prompt: &str) -> Vec<Token> {
+pub fn render_prompt(system: Option<&str>, prompt: &str) -> Vec<Token> {
     let mut out = Vec::new();
     if let Some(s) = system.filter(|s| !s.trim().is_empty()) {
         push_role(&mut out, "system");
@@ -43,9 +43,7 @@ pub(crate) fn render_prompt(system: Option<&str>, prompt: &str) -> Vec<Token> {
 
 /// The rendered conversation of `/api/chat` and `/v1/chat/completions`:
 /// `(role, content)` pairs, then the assistant marker.
-pub(crate) fn render_chat<'a>(
-    messages: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Vec<Token> {
+pub fn render_chat<'a>(messages: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Token> {
     let mut out = Vec::new();
     for (role, content) in messages {
         push_role(&mut out, role);
@@ -56,7 +54,7 @@ pub(crate) fn render_chat<'a>(
 }
 
 /// Length of the longest common prefix of `a` and `b`.
-pub(crate) fn common_prefix(a: &[Token], b: &[Token]) -> usize {
+pub fn common_prefix(a: &[Token], b: &[Token]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
