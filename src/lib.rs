@@ -16,11 +16,14 @@
 //! # The request path
 //!
 //! 1. `proxy::routes` matches the path; auth and body-size limits apply.
-//! 2. `proxy::body` reads the body once and peeks `model` and `stream`.
+//! 2. `proxy::body` reads the body once and peeks `model` and `stream`;
+//!    `fleet::placement::Signature` hashes its prompt into prefix blocks.
 //! 3. `fleet` admits the request: 404 for a model no backend ever listed,
 //!    503 when the queue is full.
-//! 4. The request takes a `Slot` on the best eligible backend, or waits in
-//!    the FIFO queue until a freed slot is handed to it.
+//! 4. The request takes a `Slot` on the best eligible backend (with
+//!    ROUTING=cache-aware, `fleet::placement` weighs which backend holds its
+//!    prompt prefix and model against their queues), or waits in the FIFO
+//!    queue until a freed slot is handed to it.
 //! 5. `proxy::forward` sends it; a failure before the first byte reached the
 //!    client marks the backend unhealthy and goes back to step 4 elsewhere.
 //! 6. The response streams back chunk by chunk; the `Slot` is released when

@@ -21,7 +21,8 @@ pub struct Want {
     pub model: Option<ModelName>,
     /// Backends it already failed on, not to be tried again.
     pub tried: Vec<BackendId>,
-    /// What cache-aware placement knows of it; `None`: nothing worth keeping.
+    /// What cache-aware placement knows of it; `None` under
+    /// ROUTING=least-busy or for a body that is not a JSON object.
     pub signature: Option<Arc<Signature>>,
 }
 
@@ -295,10 +296,10 @@ impl<W> Scheduler<W> {
             if !self.backends.keys().any(|id| self.has_free_slot(id)) {
                 break;
             }
-            let want = self.queue[&seq].want.clone();
-            let Some(id) = self.pick(&want) else {
+            let Some(id) = self.pick(&self.queue[&seq].want) else {
                 continue;
             };
+            let want = self.queue[&seq].want.clone();
             let target = self.take_slot(&id, &want);
             let payload = self.dequeue(seq).expect("seq was just found in the queue");
             out.push((payload, Outcome::Granted(target)));
