@@ -340,7 +340,10 @@ pub struct Placement {
     /// Measured model load time (zero until a load was seen).
     load_cost: Duration,
     backends: HashMap<BackendId, Memory>,
+    /// Session → (backend, blocks of its last request, tick).
     sessions: HashMap<u64, (BackendId, usize, u64)>,
+    /// Sessions by tick, oldest first, to drop beyond [`SESSIONS`].
+    session_age: BTreeMap<u64, u64>,
     session_tick: u64,
 }
 
@@ -352,6 +355,7 @@ impl Placement {
             load_cost: Duration::ZERO,
             backends: HashMap::new(),
             sessions: HashMap::new(),
+            session_age: BTreeMap::new(),
             session_tick: 0,
         }
     }
@@ -364,7 +368,13 @@ impl Placement {
     /// Forgets what a backend held (another server took its port, or it is gone).
     pub fn forget(&mut self, id: &BackendId) {
         self.backends.remove(id);
-        self.sessions.retain(|_, (b, _, _)| b != id);
+        let age = &mut self.session_age;
+        self.sessions.retain(|_, (b, _, tick)| {
+            if b == id {
+                age.remove(tick);
+            }
+            b != id
+        });
     }
 
     /// Blocks remembered for a backend.
@@ -617,13 +627,19 @@ impl Placement {
         m.index.insert(&sig.blocks);
         if let Some(s) = sig.session {
             self.session_tick += 1;
-            self.sessions
-                .insert(s, (id.clone(), sig.blocks.len(), self.session_tick));
-            if self.sessions.len() > SESSIONS {
-                let oldest = self.sessions.iter().min_by_key(|(_, (_, _, t))| *t);
-                if let Some(k) = oldest.map(|(k, _)| *k) {
-                    self.sessions.remove(&k);
-                }
+            let tick = self.session_tick;
+            if let Some((_, _, old)) = self
+                .sessions
+                .insert(s, (id.clone(), sig.blocks.len(), tick))
+            {
+                self.session_age.remove(&old);
+            }
+            self.session_age.insert(tick, s);
+            while self.sessions.len() > SESSIONS {
+                let Some((_, oldest)) = self.session_age.pop_first() else {
+                    break;
+                };
+                self.sessions.remove(&oldest);
             }
         }
     }
@@ -828,22 +844,39 @@ mod tests {
     }
 
     #[test]
-    fn sessions_stick_and_are_bounded_by_forget() {
+    fn sessions_stick_and_are_forgotten_with_their_backend() {
         let mut p = Placement::new(Routing::CacheAware);
         let (a, b) = (BackendId::Port(1), BackendId::Port(2));
         let mut h = http::HeaderMap::new();
         h.insert("x-session-id", "s1".parse().unwrap());
-        let body = chat(&"z".repeat(3000), &["q"]);
-        let s = Signature::of(&body, &h).unwrap();
-        p.sessions.insert(s.session.unwrap(), (b.clone(), 11, 1));
+        let first = Signature::of(&chat(&"z".repeat(3000), &["q"]), &h).unwrap();
+        p.routed(&b, Some(&first), None);
+        // Same session, a prompt whose bytes share no block (say, re-rendered).
+        let next = Signature::of(&chat(&"w".repeat(3000), &["q"]), &h).unwrap();
         let cands = [free(&a), free(&b)];
-        match p.choose(Some(&s), None, &cands, Some(&a), 0) {
+        match p.choose(Some(&next), None, &cands, Some(&a), 0) {
             Choice::Go(id, placed) => {
                 assert_eq!((id, placed.reason), (b.clone(), Reason::Session));
             }
             other => panic!("{other:?}"),
         }
         p.forget(&b);
-        assert!(p.sessions.is_empty());
+        assert!(p.sessions.is_empty() && p.session_age.is_empty());
+    }
+
+    #[test]
+    fn sessions_are_bounded_oldest_out() {
+        let mut p = Placement::new(Routing::CacheAware);
+        let b = BackendId::Port(2);
+        for n in 0..SESSIONS as u64 + 10 {
+            let s = Signature {
+                session: Some(n),
+                ..Signature::default()
+            };
+            p.routed(&b, Some(&s), None);
+        }
+        assert_eq!(p.sessions.len(), SESSIONS);
+        assert_eq!(p.session_age.len(), SESSIONS);
+        assert!(!p.sessions.contains_key(&0) && p.sessions.contains_key(&(SESSIONS as u64 + 9)));
     }
 }
