@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|all
+# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|all
 #
 # Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
 # release `corral`, Debian's nginx), measures with wrk or the loadgen example,
@@ -7,7 +7,8 @@
 # PID on exit. Needs: wrk, nginx, curl, jq, taskset; builds with
 #   cargo build --release --bin corral --examples
 # Knobs: RUNS (repetitions, default 5), DURATION (seconds per wrk run, 5),
-# BUILD=0 to skip the cargo build.
+# BUILD=0 to skip the cargo build; PLACEMENT_SEED and PLACEMENT_SCALE for
+# `placement`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -169,7 +170,8 @@ EOF
         sleep 0.1
     done
     [[ -n ${NGINX_WORKER:-} ]] || { log "nginx did not start"; cat "$TMP/nginx/error.log" >&2; return 1; }
-    wait_for "http://127.0.0.1:$NGINX_PORT/api/version" .version
+    # The placement runs start their fleet later, behind the running nginx.
+    [[ ${NGINX_NO_WAIT:-0} == 1 ]] || wait_for "http://127.0.0.1:$NGINX_PORT/api/version" .version
 }
 
 # cpu_ticks PID: utime + stime in clock ticks.
@@ -495,17 +497,40 @@ EOF
     stop "$sims"
 }
 
+placement() {
+    local first=31200 seed=${PLACEMENT_SEED:-1} scale=${PLACEMENT_SCALE:-1.0}
+    log "placement: 4 in-process sims per run on ports $first-$((first + 3)), corral in-process, nginx on CPU 0; seed $seed, scale $scale"
+    ports_free $first $((first + 3))
+    NGINX_NO_WAIT=1 start_nginx 0 $first $((first + 1)) $((first + 2)) $((first + 3))
+    "$ROOT/target/release/examples/placement" --seed "$seed" --scale "$scale" \
+        --port-start $first --nginx-url "http://127.0.0.1:$NGINX_PORT" >"$TMP/placement.out"
+    {
+        echo "## placement"
+        echo
+        echo "$(machine "one run") · PLACEMENT_SEED=$seed PLACEMENT_SCALE=$scale"
+        echo
+        echo "4 simulated backends per run (parallel 1, prompt speed 2,000 tokens/s, host prompt cache"
+        echo "8,192 tokens), MAX_CONCURRENT_PER_BACKEND=0 for corral; a fresh fleet for every row."
+        sed '$d' "$TMP/placement.out"
+        echo
+        echo "Ratios (above 1: cache-aware better): \`$(tail -1 "$TMP/placement.out")\`"
+    } >"$TMP/placement.md"
+    section placement "$TMP/placement.md" >&2
+    stop "$NGINX_PID"
+    tail -1 "$TMP/placement.out"
+}
+
 # ===== main =====
 
 case ${1:-} in
-overhead | fleet | queue | discovery | streaming | fairness | all) ;;
+overhead | fleet | queue | discovery | streaming | fairness | placement | all) ;;
 *)
-    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|all" >&2
+    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|all" >&2
     exit 2
     ;;
 esac
 tools="curl jq taskset"
-case $1 in overhead | all) tools+=" wrk nginx" ;; esac
+case $1 in overhead | all) tools+=" wrk nginx" ;; placement) tools+=" nginx" ;; esac
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done
@@ -520,6 +545,7 @@ if [[ $1 == all ]]; then
     discovery
     streaming
     fairness
+    placement
 else
     "$1"
 fi

@@ -55,6 +55,7 @@ fn want(m: usize) -> Want {
     Want {
         model: Some(model(m)),
         tried: Vec::new(),
+        signature: None,
     }
 }
 

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod tenancy;
 
+pub use crate::fleet::placement::Routing;
 use tenancy::TenantMap;
 
 /// corral: one stable Ollama address in front of a changing fleet of Ollama servers.
@@ -108,6 +109,11 @@ pub struct ServeArgs {
     /// Requests in flight per backend; 0 = no cap.
     #[arg(long, env = "MAX_CONCURRENT_PER_BACKEND", default_value_t = 1)]
     pub max_concurrent_per_backend: u32,
+
+    /// Placement: `cache-aware` (prefix, session and model warmth, bounded by
+    /// load) or `least-busy` (loaded model, fewest in flight, lowest port).
+    #[arg(long, env = "ROUTING", value_enum, default_value_t = Routing::CacheAware)]
+    pub routing: Routing,
 
     /// How long a request may wait for a free backend, in seconds.
     #[arg(long = "queue-timeout", env = "QUEUE_TIMEOUT_SECONDS", default_value = "3600", value_parser = parse_seconds)]
@@ -267,6 +273,18 @@ pub struct SimArgs {
     /// Seconds to load a model that is not loaded.
     #[arg(long, default_value = "0", value_parser = parse_seconds)]
     pub load_time: Duration,
+
+    /// Models in memory at most (like OLLAMA_MAX_LOADED_MODELS); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_loaded: usize,
+
+    /// Prompt tokens evaluated per second (the part not in the prompt cache); 0 = at once.
+    #[arg(long, default_value_t = 2000.0)]
+    pub prompt_speed: f64,
+
+    /// Size in tokens of the host-memory cache of earlier prompts.
+    #[arg(long, default_value_t = 65_536)]
+    pub prompt_cache: usize,
 
     /// Tokens generated per second; 0 answers at once.
     #[arg(long, default_value_t = 50.0)]

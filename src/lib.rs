@@ -21,14 +21,17 @@
 //! 1. `proxy::routes` matches the path; auth and body-size limits apply.
 //! 2. `proxy::tenant` names its tenant and priority; `proxy::body` reads the
 //!    body once and peeks `model` and `stream` (`proxy::inspect` for zstd
-//!    `/v1` bodies and multipart audio forms).
+//!    `/v1` bodies and multipart audio forms);
+//!    `fleet::placement::Signature` hashes its prompt into prefix blocks.
 //! 3. `fleet` admits the request: 404 for a model no backend ever listed,
 //!    503 when the queue (or its tenant's share of it) is full.
-//! 4. The request takes a `Slot` on the best eligible backend, or waits in
-//!    the fair queue (by tenant, priority and arrival) until a freed slot is
-//!    handed to it (`proxy::course`: a cloud model takes no slot, a continued
-//!    Responses answer goes to the backend that produced it, a backend that
-//!    answered `server busy` stays healthy and is tried again after a pause).
+//! 4. The request takes a `Slot` on the best eligible backend (with
+//!    ROUTING=cache-aware, `fleet::placement` weighs which backend holds its
+//!    prompt prefix and model against their queues), or waits in the fair
+//!    queue (by tenant, priority and arrival) until a freed slot is handed to
+//!    it (`proxy::course`: a cloud model takes no slot, a continued Responses
+//!    answer goes to the backend that produced it, a backend that answered
+//!    `server busy` stays healthy and is tried again after a pause).
 //! 5. `proxy::forward` sends it; a failure before the first byte reached the
 //!    client marks the backend unhealthy and goes back to step 4 elsewhere,
 //!    at its old place in the queue.

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::fleet::placement::{Placed, Reason};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -132,6 +134,15 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     /// Generation speed per request.
     pub tokens_per_second: HistogramFamily<ModelLabels>,
+    /// Placements by the rule that chose the backend (ROUTING=cache-aware).
+    pub placements: Family<ReasonLabels, Counter>,
+    /// Requests sent where their prompt prefix or session was expected.
+    pub prefix_hits: Counter,
+    /// Prompt tokens the backends did not evaluate, estimated from the
+    /// prompt's size and the `prompt_eval_count` they reported.
+    pub prompt_tokens_saved: Counter,
+    /// Requests placed where their model was not known to be loaded (with that `num_ctx`).
+    pub model_loads_caused: Counter,
     /// Plain running totals for the dashboard, which needs sums that the
     /// labelled families cannot give without walking every series.
     pub totals: Totals,
@@ -220,6 +231,10 @@ impl Metrics {
             stream_errors: Family::default(),
             tokens: Family::default(),
             tokens_per_second: Family::new_with_constructor(rate_histogram),
+            placements: Family::default(),
+            prefix_hits: Counter::default(),
+            prompt_tokens_saved: Counter::default(),
+            model_loads_caused: Counter::default(),
             totals: Totals::default(),
             backends_seen: Mutex::new(HashSet::new()),
             registry: Registry::default(),
@@ -239,6 +254,26 @@ impl Metrics {
             "corral_time_to_first_byte_seconds",
             "Time until the first response byte",
             m.time_to_first_byte.clone(),
+        );
+        r.register(
+            "corral_placements",
+            "Requests placed, by the rule that chose the backend",
+            m.placements.clone(),
+        );
+        r.register(
+            "corral_prefix_hits",
+            "Requests sent to the backend expected to hold their prompt prefix or session",
+            m.prefix_hits.clone(),
+        );
+        r.register(
+            "corral_prompt_tokens_saved",
+            "Prompt tokens not evaluated: the prompt's estimated size minus prompt_eval_count",
+            m.prompt_tokens_saved.clone(),
+        );
+        r.register(
+            "corral_model_loads_caused",
+            "Requests placed where their model was not known to be loaded",
+            m.model_loads_caused.clone(),
         );
         r.register(
             "corral_queue_depth",
@@ -462,6 +497,26 @@ impl Metrics {
         self.rejections
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Records why a request went where it went, and the prompt tokens its
+    /// backend reported evaluating against the `estimated` size of its prompt.
+    pub fn record_placement(&self, placed: &Placed, estimated: u64, evaluated: u64) {
+        self.placements
+            .get_or_create(&ReasonLabels {
+                reason: placed.reason.label(),
+            })
+            .inc();
+        if matches!(placed.reason, Reason::Prefix | Reason::Session) {
+            self.prefix_hits.inc();
+        }
+        if placed.cold {
+            self.model_loads_caused.inc();
+        }
+        if evaluated > 0 {
+            self.prompt_tokens_saved
+                .inc_by(estimated.saturating_sub(evaluated));
+        }
     }
 
     /// Records the tokens of a finished generation.

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod discovery;
 pub mod dns;
+pub mod placement;
 pub mod registry;
 pub mod scheduler;
 mod slot;
@@ -105,24 +106,30 @@ impl Fleet {
         ticket: &mut Ticket,
     ) -> Result<Slot, AcquireError> {
         let deadline = ticket.since + self.shared.queue_timeout;
-        let (seq, rx) = {
+        let (seq, rx, held) = {
             let mut state = self.lock();
-            match state.try_acquire(&want, ticket, Instant::now()) {
+            let held = match state.try_acquire(&want, ticket, Instant::now()) {
                 Decision::Granted(lease) => return Ok(Slot::new(self.clone(), lease)),
                 Decision::Rejected(r) => return Err(AcquireError::Rejected(r)),
-                Decision::Wait if Instant::now() >= deadline => {
+                Decision::Wait | Decision::Hold(_) if Instant::now() >= deadline => {
                     return Err(AcquireError::QueueTimeout);
                 }
-                Decision::Wait => {
-                    let (tx, rx) = oneshot::channel();
-                    let seq = state
-                        .enqueue(want, bytes, ticket, tx)
-                        .map_err(AcquireError::Rejected)?;
-                    ticket.arrival = Some(seq);
-                    (seq, rx)
-                }
+                Decision::Wait => None,
+                Decision::Hold(due) => Some(due),
+            };
+            let (tx, rx) = oneshot::channel();
+            let seq = state
+                .enqueue(want, bytes, ticket, tx)
+                .map_err(AcquireError::Rejected)?;
+            ticket.arrival = Some(seq);
+            if let Some(due) = held {
+                state.hold(seq, due);
             }
+            (seq, rx, held)
         };
+        if let Some(due) = held {
+            self.wake_at(due);
+        }
         let mut place = QueuePlace {
             fleet: self,
             seq: Some(seq),
@@ -180,7 +187,13 @@ impl Fleet {
         tracing::warn!(backend = %id, model = %model.display(), "backend no longer has the model");
     }
 
-    /// Counts a request a backend answered.
+    /// A response ended: placement learns the backend's prompt speed and
+    /// service time (see [`placement::Placement::observed`]).
+    pub fn observed(&self, id: &BackendId, seen: &placement::Observed) {
+        self.lock().placement_mut().observed(id, seen);
+    }
+
+    /// Counts a request a backend served in full.
     pub fn record_served(&self, target: &Arc<Target>) {
         self.lock().count_served(target);
     }
@@ -210,6 +223,16 @@ impl Fleet {
     /// deadline (or any earlier call that passes it) gives it back.
     fn abandon(&self, lease: Lease, runtime: &tokio::runtime::Handle) {
         let due = self.lock().abandon(lease, Instant::now());
+        self.wake_on(runtime, due);
+    }
+
+    /// Hands out what the scheduler keeps until `due` (settling slots, held
+    /// waiters) once it is due.
+    fn wake_at(&self, due: Instant) {
+        self.wake_on(&tokio::runtime::Handle::current(), due);
+    }
+
+    fn wake_on(&self, runtime: &tokio::runtime::Handle, due: Instant) {
         let fleet = self.clone();
         runtime.spawn(async move {
             tokio::time::sleep_until(due).await;

@@ -20,6 +20,7 @@
 //! it is eligible for.
 
 mod free;
+mod placing;
 mod request;
 mod waiters;
 
@@ -30,6 +31,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::backend::{Backend, BackendId, ProbeReport, Target};
+use super::placement::{Placement, Routing};
 use crate::model::ModelName;
 
 use free::FreeIndex;
@@ -122,6 +124,11 @@ pub struct Scheduler<W> {
     interactive_streak: u32,
     /// Abandoned slots and when they come back.
     settling: BTreeMap<(Instant, u64), Lease>,
+    /// Waiters that placement holds back for a busy backend, and when the
+    /// free backends are offered to them again.
+    held: BTreeSet<(Instant, u64)>,
+    /// What each backend holds (prefixes, sessions, models): ROUTING.
+    placement: Placement,
     next_settle_seq: u64,
     stats: HashMap<Option<ModelName>, ModelStats>,
     limits: Limits,
@@ -149,6 +156,8 @@ impl<W> Scheduler<W> {
             next_arrival: 0,
             interactive_streak: 0,
             settling: BTreeMap::new(),
+            held: BTreeSet::new(),
+            placement: Placement::new(Routing::LeastBusy),
             next_settle_seq: 0,
             stats: HashMap::new(),
             limits,
@@ -199,6 +208,7 @@ impl<W> Scheduler<W> {
     /// into nothing.
     pub fn remove_backend(&mut self, id: &BackendId) {
         self.backends.remove(id);
+        self.placement.forget(id);
         self.reindex(id);
     }
 
@@ -208,7 +218,12 @@ impl<W> Scheduler<W> {
             return false;
         };
         self.known.extend(backend_models(&report));
+        let ps = report.ps.clone();
         let replaced = backend.apply_probe(report);
+        if replaced {
+            self.placement.forget(id);
+        }
+        self.placement.probed(id, &ps);
         self.reindex(id);
         replaced
     }
@@ -253,10 +268,16 @@ impl<W> Scheduler<W> {
         if let Some(rejection) = self.rejection(want) {
             return Decision::Rejected(rejection);
         }
-        let Some(id) = self.pick(want) else {
+        let least_busy = self.least_busy(want);
+        let Some(id) = self.place(want, least_busy.as_ref()) else {
+            if least_busy.is_some() {
+                return Decision::Hold(now + self.usual_service(want.model.as_ref()));
+            }
             return Decision::Wait;
         };
         let tenant = self.tenant_id(&ticket.tenant);
+        self.placement
+            .routed(&id, want.signature.as_deref(), want.model.as_ref());
         Decision::Granted(self.take_slot(&id, tenant, want.model.clone(), now, false))
     }
 
@@ -340,9 +361,12 @@ impl<W> Scheduler<W> {
         due
     }
 
-    /// When the next abandoned slot comes back.
+    /// When the next abandoned slot comes back or the next held waiter is
+    /// offered the free backends again.
     pub fn next_settle(&self) -> Option<Instant> {
-        self.settling.keys().next().map(|(at, _)| *at)
+        let settle = self.settling.keys().next().map(|(at, _)| *at);
+        let held = self.held.first().map(|(at, _)| *at);
+        settle.into_iter().chain(held).min()
     }
 
     /// Gives back the abandoned slots whose settle time has passed.
@@ -358,6 +382,7 @@ impl<W> Scheduler<W> {
             self.give_back(lease, now);
             self.hand_out(&id, now, &mut out);
         }
+        self.release_held(now, &mut out);
         out
     }
 
@@ -392,6 +417,15 @@ impl<W> Scheduler<W> {
             self.hand_out(&id, now, &mut out);
         }
         out
+    }
+
+    /// How long a request for `model` usually holds a slot.
+    fn usual_service(&self, model: Option<&ModelName>) -> Duration {
+        self.stats
+            .get(&model.cloned())
+            .map_or(DEFAULT_SERVICE, |s| {
+                Duration::from_nanos(s.service_ns as u64)
+            })
     }
 
     /// An honest `Retry-After` for a request of `tenant` for `model` that
@@ -454,27 +488,17 @@ impl<W> Scheduler<W> {
 
     // ===== selection =====
 
-    /// Which of the eligible backends with a free slot gets a request: the
-    /// one place where placement is decided. `candidates` come in the
-    /// default preference order (with a cap: model loaded first, then fewest
-    /// in flight, then lowest id; without one: fewest in flight first, so
-    /// one warm backend does not take all), all eligible for `want`.
-    fn place<'a>(
-        _want: &Want,
-        mut candidates: impl Iterator<Item = &'a Backend>,
-    ) -> Option<&'a Backend> {
-        candidates.next()
-    }
-
-    /// The backend a request would get now, if any.
-    fn pick(&self, want: &Want) -> Option<BackendId> {
-        let candidates = self
-            .free
+    /// The eligible backend with a free slot that the default preference
+    /// order puts first (with a cap: model loaded first, then fewest in
+    /// flight, then lowest id; without one: fewest in flight first, so one
+    /// warm backend does not take all). Placement (`placing`) may choose
+    /// another.
+    fn least_busy(&self, want: &Want) -> Option<BackendId> {
+        self.free
             .candidates(want.model.as_ref())
             .filter_map(|id| self.backends.get(id))
-            .filter(|b| self.is_eligible(b, want));
-        let chosen = Self::place(want, candidates)?;
-        Some(chosen.target.id.clone())
+            .find(|b| self.is_eligible(b, want))
+            .map(|b| b.target.id.clone())
     }
 
     fn is_eligible(&self, b: &Backend, want: &Want) -> bool {
@@ -520,6 +544,7 @@ impl<W> Scheduler<W> {
             } else {
                 self.interactive_streak = self.interactive_streak.saturating_add(1);
             }
+            self.placed_from_queue(id, &waiter.want);
             let lease = self.take_slot(id, waiter.tenant, waiter.want.model, now, true);
             out.push((waiter.payload, Outcome::Granted(lease)));
         }

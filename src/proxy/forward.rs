@@ -40,6 +40,7 @@ use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
 use super::{cloud, inspect, responses};
+use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{AcquireError, Rejection, Target, Ticket, Want};
 use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
@@ -126,9 +127,14 @@ async fn route(
         Some(id) => pinned_backend(app, id)?,
         None => None,
     };
+    let signature = (app.args.routing == Routing::CacheAware)
+        .then(|| Signature::of(plain.as_deref().unwrap_or(&bytes), &parts.headers))
+        .flatten()
+        .map(Arc::new);
     let mut want = Want {
         model,
         tried: Vec::new(),
+        signature,
     };
     let mut course = Course {
         cloud,
@@ -197,6 +203,10 @@ async fn route(
                         backend: Arc::clone(&backend),
                         attempts,
                         queue_wait,
+                        placed: want.signature.as_deref().and_then(|s| {
+                            let estimated = (s.bytes / 4) as u64;
+                            s.placed().map(|p| (p, estimated))
+                        }),
                     },
                 );
                 app.metrics

@@ -78,7 +78,12 @@ impl App {
             max_queue_bytes: args.max_queue_bytes,
         };
         Self {
-            fleet: Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout),
+            fleet: {
+                let fleet =
+                    Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout);
+                fleet.update(|s| s.set_routing(args.routing));
+                fleet
+            },
             tenancy: tenant::Tenancy::new(&args),
             upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),

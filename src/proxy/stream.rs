@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::claim::Claim;
+use crate::fleet::placement::{Observed, Placed};
 use crate::metrics::{EndpointLabels, Metrics};
 
 /// How a response body is framed, from its `Content-Type`.
@@ -87,6 +88,9 @@ pub struct RequestInfo {
     pub attempts: u32,
     /// Time spent waiting for slots, over all attempts.
     pub queue_wait: Duration,
+    /// Why cache-aware placement chose the backend, and the prompt's
+    /// estimated size in tokens; `None` when the least-busy rule did alone.
+    pub placed: Option<(Placed, u64)>,
 }
 
 /// How a relayed response ended.
@@ -176,6 +180,11 @@ impl Drop for Ledger {
         let eval_seconds = counts.eval_ns.map(|ns| ns as f64 / 1e9);
         m.record_tokens(&self.model, counts.prompt, counts.generated, eval_seconds);
         let info = &self.info;
+        if let Some((placed, estimated)) = &info.placed {
+            m.record_placement(placed, *estimated, counts.prompt);
+        }
+        let placement = info.placed.map_or("least_busy", |(p, _)| p.reason.label());
+        let expected_hit = info.placed.map_or(0, |(p, _)| p.expected_hit_tokens);
         tracing::info!(
             request_id = info.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default(),
             method = %info.method,
@@ -188,6 +197,8 @@ impl Drop for Ledger {
             duration_ms = duration.as_millis() as u64,
             tokens_in = counts.prompt,
             tokens_out = counts.generated,
+            placement,
+            expected_hit_tokens = expected_hit,
             outcome = self.outcome.label(),
             "request done"
         );
@@ -203,6 +214,10 @@ pub struct TokenCounts {
     pub generated: u64,
     /// Generation time in nanoseconds, where the backend said.
     pub eval_ns: Option<u64>,
+    /// Prompt evaluation time in nanoseconds, where the backend said.
+    pub prompt_ns: Option<u64>,
+    /// Model load time in nanoseconds, where the backend said.
+    pub load_ns: Option<u64>,
 }
 
 impl TokenCounts {
@@ -236,6 +251,8 @@ impl TokenCounts {
             prompt,
             generated,
             eval_ns: last(b"\"eval_duration\""),
+            prompt_ns: last(b"\"prompt_eval_duration\""),
+            load_ns: last(b"\"load_duration\""),
         }
     }
 }
@@ -355,6 +372,29 @@ impl Relay {
         }
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
+            // What placement learns: the backend's prompt speed and how
+            // long a request holds its slot.
+            let counts = TokenCounts::find(&self.ledger.tail);
+            // The GPU's time where the backend said (without its own queue
+            // and load), else the time the request held the slot.
+            let service = match (counts.prompt_ns, counts.eval_ns) {
+                (Some(p), Some(e)) => Duration::from_nanos(p.saturating_add(e)),
+                _ => self
+                    .ledger
+                    .started
+                    .elapsed()
+                    .saturating_sub(self.ledger.info.queue_wait),
+            };
+            let cold = self.ledger.info.placed.is_some_and(|(p, _)| p.cold);
+            let seen = Observed {
+                prompt_tokens: counts.prompt,
+                prompt_ns: counts.prompt_ns.unwrap_or(0),
+                service,
+                load: counts.load_ns.filter(|_| cold).map(Duration::from_nanos),
+            };
+            if matches!(slot, Claim::Slot(_)) {
+                slot.fleet().observed(&slot.target().id, &seen);
+            }
             slot.finish();
         }
     }
@@ -471,7 +511,9 @@ mod tests {
             TokenCounts {
                 prompt: 26,
                 generated: 94,
-                eval_ns: Some(2_000_000_000)
+                eval_ns: Some(2_000_000_000),
+                prompt_ns: Some(5),
+                load_ns: None,
             }
         );
     }
@@ -488,7 +530,9 @@ data: [DONE]
             TokenCounts {
                 prompt: 26,
                 generated: 3,
-                eval_ns: None
+                eval_ns: None,
+                prompt_ns: None,
+                load_ns: None,
             }
         );
     }

@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::cache::Lease;
 use super::faults::Fault;
 use super::generate::{
     Message, Metrics, NativeChunk, SSE_DONE, Tokens, ndjson_line, now_rfc3339, sse_event,
@@ -48,7 +49,11 @@ pub(crate) struct Job {
     pub model: String,
     /// Text the output is derived from.
     pub input: String,
+    /// Tokens of the rendered prompt.
     pub prompt_tokens: u64,
+    /// Of those, evaluated (not found in the prompt cache), and how long that took.
+    pub prompt_eval_count: u64,
+    pub prompt_eval_ns: u64,
     pub tokens: usize,
     /// `num_predict` / `max_tokens` was given: `done_reason` is `length`.
     pub length_limited: bool,
@@ -70,6 +75,8 @@ pub(crate) struct Answer {
     load_ns: u64,
     fault: Option<Fault>,
     guard: Option<InferenceGuard>,
+    // Before `slot`: the slot's memory is stored before the slot is freed.
+    lease: Option<Lease>,
     slot: Option<Slot>,
     queue: VecDeque<Bytes>,
     finished: bool,
@@ -88,7 +95,7 @@ impl Answer {
         start: Instant,
         fault: Option<Fault>,
         guard: InferenceGuard,
-        slot: Slot,
+        (lease, slot): (Lease, Slot),
         seq: u64,
     ) -> Answer {
         let prefix = if job.api == Api::V1Completions {
@@ -96,16 +103,20 @@ impl Answer {
         } else {
             "chatcmpl"
         };
+        let load_ns = (start.elapsed().as_nanos() as u64)
+            .saturating_sub(job.prompt_eval_ns)
+            .max(1);
         Answer {
             tokens: Tokens::new(seed, &job.model, &job.input),
             job,
             emitted: 0,
             interval,
-            load_ns: (start.elapsed().as_nanos() as u64).max(1),
+            load_ns,
             start,
             gen_start: Instant::now(),
             fault,
             guard: Some(guard),
+            lease: Some(lease),
             slot: Some(slot),
             queue: VecDeque::new(),
             finished: false,
@@ -124,11 +135,21 @@ impl Answer {
         if !self.interval.is_zero() {
             tokio::time::sleep_until(self.gen_start + self.interval * self.emitted as u32).await;
         }
-        self.tokens.next_token()
+        let tok = self.tokens.next_token();
+        if let Some(l) = &mut self.lease {
+            l.output(&tok);
+        }
+        tok
+    }
+
+    /// Stores the slot's memory, then frees the slot.
+    fn free_slot(&mut self) {
+        self.lease.take();
+        self.slot.take();
     }
 
     fn abandon(&mut self) {
-        self.slot.take();
+        self.free_slot();
         if let Some(g) = self.guard.take() {
             g.abandon();
         }
@@ -147,15 +168,15 @@ impl Answer {
         Metrics {
             total_duration: ns(self.start.elapsed()),
             load_duration: self.load_ns,
-            prompt_eval_count: self.job.prompt_tokens,
-            prompt_eval_duration: self.job.prompt_tokens * 1000,
+            prompt_eval_count: self.job.prompt_eval_count,
+            prompt_eval_duration: self.job.prompt_eval_ns.max(1),
             eval_count: self.emitted as u64,
             eval_duration: ns(self.gen_start.elapsed()),
         }
     }
 
     fn usage(&self) -> Value {
-        let (p, c) = (self.job.prompt_tokens, self.emitted as u64);
+        let (p, c) = (self.job.prompt_eval_count, self.emitted as u64);
         json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
     }
 
@@ -252,7 +273,7 @@ impl Answer {
         loop {
             if let Some(b) = self.queue.pop_front() {
                 if self.queue.is_empty() && self.finished {
-                    self.slot.take();
+                    self.free_slot();
                     if let Some(g) = self.guard.take() {
                         g.complete();
                     }
@@ -372,7 +393,7 @@ impl Answer {
                 }),
             ),
         };
-        self.slot.take();
+        self.free_slot();
         if let Some(g) = self.guard.take() {
             g.complete();
         }

@@ -17,21 +17,26 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::answer::{Answer, Api, Job};
+use super::cache::Lease;
 use super::faults::{self, Fault};
 use super::generate::{
     Message, NativeChunk, count_tokens, expected_embedding, now_rfc3339, raw_embedding,
 };
 use super::name::Name;
 use super::reply::{self, BUSY, Shape, native_json, v1_json};
+use super::sched::Slot;
 use super::server::ServerState;
 use super::spec::parse_go_duration;
 use super::stats::InferenceGuard;
+use super::tokens::Token;
+use super::tokens::{render_chat, render_prompt};
 
 type St = State<Arc<ServerState>>;
 
 #[derive(Deserialize, Default)]
 struct Options {
     num_predict: Option<i64>,
+    num_ctx: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -257,7 +262,7 @@ async fn text_answer(
         Err(resp) => return resp,
     };
     let messages = req.messages.as_deref().unwrap_or_default();
-    let (input, all_text) = match api {
+    let (input, rendered) = match api {
         Api::Generate | Api::V1Completions => {
             let p = match &req.prompt {
                 Some(Value::String(s)) => s.clone(),
@@ -277,8 +282,8 @@ async fn text_answer(
                     );
                 }
             };
-            let all = format!("{} {p}", req.system.as_deref().unwrap_or(""));
-            (p, all)
+            let rendered = render_prompt(req.system.as_deref(), &p);
+            (p, rendered)
         }
         Api::Chat | Api::V1Chat => {
             let last_user = messages
@@ -287,8 +292,17 @@ async fn text_answer(
                 .find(|m| m.role.as_deref() == Some("user"))
                 .map(|m| content_text(&m.content))
                 .unwrap_or_default();
-            let all: Vec<String> = messages.iter().map(|m| content_text(&m.content)).collect();
-            (last_user, all.join(" "))
+            let all: Vec<(&str, String)> = messages
+                .iter()
+                .map(|m| {
+                    (
+                        m.role.as_deref().unwrap_or("user"),
+                        content_text(&m.content),
+                    )
+                })
+                .collect();
+            let rendered = render_chat(all.iter().map(|(r, c)| (*r, c.as_str())));
+            (last_user, rendered)
         }
     };
     if api == Api::V1Chat && messages.is_empty() {
@@ -307,18 +321,20 @@ async fn text_answer(
         return shortcut(&state, index, &model, ka, api == Api::Chat).await;
     }
     let limit = num_predict(&req);
-    let job = Job {
+    let mut job = Job {
         api,
         model,
         input,
-        prompt_tokens: count_tokens(&all_text),
+        prompt_tokens: rendered.len() as u64,
+        prompt_eval_count: 0,
+        prompt_eval_ns: 0,
         tokens: limit.unwrap_or(state.spec.tokens),
         length_limited: limit.is_some(),
         stream: match api {
             Api::Generate | Api::Chat => req.stream != Some(false),
             _ => req.stream == Some(true),
         },
-        include_usage: req.stream_options.and_then(|o| o.include_usage) == Some(true),
+        include_usage: req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true),
         raw: req.raw == Some(true),
         keep_alive: ka,
     };
@@ -331,7 +347,9 @@ async fn text_answer(
     };
     let acquired = match state
         .sched
-        .acquire(index, job.keep_alive, || state.counters.oversubscribed())
+        .acquire(index, job.keep_alive, num_ctx(&req), || {
+            state.counters.oversubscribed()
+        })
         .await
     {
         Ok(a) => a,
@@ -340,14 +358,49 @@ async fn text_answer(
             return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
+    let lease = evaluate_prompt(&state, index, &acquired, &rendered, &mut job).await;
     let stream = job.stream;
     let (seed, interval) = (state.spec.seed, state.spec.token_interval);
-    let answer = Answer::new(job, seed, interval, start, fault, guard, acquired, seq);
+    let held = (lease, acquired);
+    let answer = Answer::new(job, seed, interval, start, fault, guard, held, seq);
     if stream {
         answer.stream().await
     } else {
         answer.whole().await
     }
+}
+
+/// The request's `options.num_ctx`, raised to at least 4 as Ollama does.
+fn num_ctx(req: &Req) -> Option<u64> {
+    let n = req.options.as_ref()?.num_ctx?;
+    Some(u64::try_from(n.max(4)).unwrap_or(4))
+}
+
+/// Takes the slot's prompt memory and spends the time evaluating what it
+/// lacks, before the first output token.
+async fn evaluate_prompt(
+    state: &ServerState,
+    index: usize,
+    slot: &Slot,
+    prompt: &[Token],
+    job: &mut Job,
+) -> Lease {
+    let mut lease = state.prompt_cache.take(index, slot.runner(), prompt);
+    let evaluated = (prompt.len() - lease.reused) as u64;
+    state.counters.prompt(evaluated, lease.reused as u64);
+    let speed = state.spec.prompt_speed;
+    let eval = if speed > 0.0 && speed.is_finite() {
+        Duration::from_secs_f64(evaluated as f64 / speed)
+    } else {
+        Duration::ZERO
+    };
+    if !eval.is_zero() {
+        tokio::time::sleep(eval).await;
+    }
+    lease.evaluated(prompt);
+    job.prompt_eval_count = evaluated;
+    job.prompt_eval_ns = eval.as_nanos() as u64;
+    lease
 }
 
 /// Load (or, with `keep_alive: 0`, unload) shortcut: one JSON object.
@@ -483,7 +536,7 @@ async fn embed_answer(
     };
     let acquired = match state
         .sched
-        .acquire(index, ka, || state.counters.oversubscribed())
+        .acquire(index, ka, None, || state.counters.oversubscribed())
         .await
     {
         Ok(a) => a,

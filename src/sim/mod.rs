@@ -8,7 +8,9 @@
 //! - [`server`]: the accept loop and the [`SimServer`] handle (kill, restart).
 //! - `routes`: the router, Host check, listing endpoints; `inference`: the
 //!   generate/chat/embed handlers; `answer`: one answer in progress.
-//! - `sched`: slots, load queue, keep-alive. `name`: model-name matching.
+//! - `sched`: slots, load queue, keep-alive, `max_loaded` and reloads.
+//!   `cache`: the per-slot and host-memory prompt cache; `tokens`: the
+//!   deterministic tokenizer and prompt rendering. `name`: model-name matching.
 //! - [`generate`]: deterministic tokens and embeddings, wire shapes.
 //! - [`faults`]: the deterministic fault plan. [`stats`]: the counters.
 //! - `messages` (Anthropic), `responses` (OpenAI Responses, with per-server
@@ -18,12 +20,14 @@
 //!
 //! A request: count it and check `Host` → parse and validate (exact Ollama
 //! errors) → pick a fault → take a slot (loading the model through the load
-//! queue if needed) → generate paced tokens → send the first byte only with
+//! queue if needed) → evaluate the prompt tokens the cache lacks (at
+//! `prompt_speed`) → generate paced tokens → send the first byte only with
 //! the first token. Dropping the handler future or body (client gone) frees
 //! the slot and counts a cancel.
 
 mod answer;
 mod audio;
+mod cache;
 mod cloud;
 pub mod faults;
 pub mod generate;
@@ -37,6 +41,7 @@ mod sched;
 pub mod server;
 pub mod spec;
 pub mod stats;
+pub mod tokens;
 mod turn;
 
 use std::future::Future;
@@ -85,6 +90,9 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
         parallel: args.parallel,
         max_queue: args.max_queue,
         load_time: args.load_time,
+        max_loaded: args.max_loaded,
+        prompt_speed: args.prompt_speed,
+        prompt_cache: args.prompt_cache,
         keep_alive: if args.keep_alive < 0.0 {
             None
         } else {

@@ -193,7 +193,7 @@ async fn ps(State(state): St) -> Response {
                 "name": n.display(), "model": n.display(), "size": m.size,
                 "digest": digest(&n.key()), "details": details(m),
                 "expires_at": local_rfc3339(offset), "size_vram": m.size,
-                "context_length": m.context_length,
+                "context_length": l.context_length,
             })
         })
         .collect();

@@ -2,14 +2,21 @@
 //! scheduler behaves (OLLAMA_API.md §7): `parallel` slots per loaded model
 //! with an unbounded FIFO wait, a bounded load queue processed one entry at a
 //! time, and idle models unloaded when their keep-alive runs out (checked
-//! lazily, so no timer task is needed).
+//! lazily, so no timer task is needed). At most `max_loaded` models are in
+//! memory (OLLAMA_MAX_LOADED_MODELS): a load evicts the least recently used
+//! idle one, or waits for one to become idle. A request whose `num_ctx`
+//! differs from the runner's context waits for the runner to be idle and
+//! reloads it (addendum §9). Each load is a new runner number, which the
+//! prompt cache uses to forget what an old runner held.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+
+use super::stats::Counters;
 
 /// The load queue is full: answer 503.
 #[derive(Debug)]
@@ -19,8 +26,12 @@ pub(crate) struct QueueFull;
 pub(crate) struct Scheduler {
     parallel: usize,
     max_queue: usize,
-    load_time: Duration,
+    /// 0 = no limit.
+    max_loaded: usize,
     default_keep_alive: Option<Duration>,
+    counters: Counters,
+    /// Notified whenever a model becomes idle or is unloaded.
+    idle: Notify,
     // A std Mutex: short critical sections, never held across `.await`.
     state: Mutex<State>,
     // Fair (FIFO) async mutex: the load queue handles one entry at a time.
@@ -30,11 +41,29 @@ pub(crate) struct Scheduler {
 struct State {
     models: Vec<ModelState>,
     pending_loads: usize,
+    next_runner: u64,
+}
+
+/// What the scheduler knows of one model at start.
+pub(crate) struct ModelInit {
+    /// Slots at most (1 for embedding models).
+    pub cap: usize,
+    pub loaded: bool,
+    pub load_time: Duration,
+    /// Context length of a runner loaded without `num_ctx`.
+    pub default_ctx: u64,
 }
 
 struct ModelState {
     cap: usize,
     loaded: bool,
+    load_time: Duration,
+    default_ctx: u64,
+    /// Context length of the loaded runner.
+    ctx: u64,
+    /// Which load this runner is (0 = loaded at start).
+    runner: u64,
+    last_used: Instant,
     busy: usize,
     waiters: VecDeque<oneshot::Sender<Slot>>,
     /// `None` = forever.
@@ -47,6 +76,8 @@ struct ModelState {
 /// A model as `/api/ps` shows it.
 pub(crate) struct Loaded {
     pub index: usize,
+    /// The runner's context length.
+    pub context_length: u64,
     /// `None` = never expires.
     pub remaining: Option<Duration>,
 }
@@ -55,25 +86,30 @@ pub(crate) struct Loaded {
 pub(crate) struct Slot {
     sched: Arc<Scheduler>,
     index: usize,
+    runner: u64,
     armed: bool,
 }
 
 impl Scheduler {
     pub(crate) fn new(
-        caps: Vec<usize>,
-        loaded: Vec<bool>,
+        models: Vec<ModelInit>,
         parallel: usize,
         max_queue: usize,
-        load_time: Duration,
+        max_loaded: usize,
         keep_alive: Option<Duration>,
+        counters: Counters,
     ) -> Arc<Scheduler> {
         let now = Instant::now();
-        let models = caps
+        let models = models
             .into_iter()
-            .zip(loaded)
-            .map(|(cap, loaded)| ModelState {
-                cap,
-                loaded,
+            .map(|m| ModelState {
+                cap: m.cap,
+                loaded: m.loaded,
+                load_time: m.load_time,
+                default_ctx: m.default_ctx,
+                ctx: m.default_ctx,
+                runner: 0,
+                last_used: now,
                 busy: 0,
                 waiters: VecDeque::new(),
                 keep_alive,
@@ -84,11 +120,14 @@ impl Scheduler {
         Arc::new(Scheduler {
             parallel: parallel.max(1),
             max_queue,
-            load_time,
+            max_loaded,
             default_keep_alive: keep_alive,
+            counters,
+            idle: Notify::new(),
             state: Mutex::new(State {
                 models,
                 pending_loads: 0,
+                next_runner: 1,
             }),
             loader: tokio::sync::Mutex::new(()),
         })
@@ -108,36 +147,52 @@ impl Scheduler {
     /// Takes a slot on model `index`, loading it first if needed; `on_wait`
     /// runs if every slot is taken on arrival (oversubscription).
     /// `keep_alive`: `None` = not in the request; `Some(None)` = forever.
+    /// `ctx`: the request's `num_ctx`, `None` = the automatic default.
     pub(crate) async fn acquire(
         self: &Arc<Self>,
         index: usize,
         keep_alive: Option<Option<Duration>>,
+        ctx: Option<u64>,
         on_wait: impl FnOnce(),
     ) -> Result<Slot, QueueFull> {
         let mut on_wait = Some(on_wait);
         loop {
+            let idle = self.idle.notified();
             let rx = {
                 let mut s = self.lock();
                 let m = &mut s.models[index];
-                if m.loaded {
+                let draining = m.loaded && needs_reload(m, ctx) && m.busy > 0;
+                if m.loaded && needs_reload(m, ctx) && m.busy == 0 {
+                    m.loaded = false;
+                    self.counters.reload();
+                }
+                if draining {
+                    // The runner is reloaded once its requests end.
+                    Some(None)
+                } else if m.loaded {
                     if let Some(k) = keep_alive {
                         m.keep_alive = k;
                     }
                     if m.busy < m.cap.min(self.parallel) {
                         m.busy += 1;
-                        return Ok(self.slot(index));
+                        m.last_used = Instant::now();
+                        return Ok(self.slot(index, m.runner));
                     }
                     let (tx, rx) = oneshot::channel();
                     m.waiters.push_back(tx);
                     if let Some(f) = on_wait.take() {
                         f();
                     }
-                    Some(rx)
+                    Some(Some(rx))
                 } else {
                     None
                 }
             };
-            if let Some(rx) = rx {
+            if rx.as_ref().is_some_and(Option::is_none) {
+                idle.await;
+                continue;
+            }
+            if let Some(Some(rx)) = rx {
                 // A dropped sender cannot happen while a waiter is queued;
                 // treat it as a retry rather than panic.
                 if let Ok(slot) = rx.await {
@@ -145,7 +200,7 @@ impl Scheduler {
                 }
                 continue;
             }
-            if let Some(slot) = self.load(index, keep_alive, true).await? {
+            if let Some(slot) = self.load(index, keep_alive, ctx, true).await? {
                 return Ok(slot);
             }
         }
@@ -171,7 +226,7 @@ impl Scheduler {
                 return Ok(());
             }
         }
-        self.load(index, keep_alive, false).await.map(drop)
+        self.load(index, keep_alive, None, false).await.map(drop)
     }
 
     /// Through the load queue; with `take_slot` the loader takes the first
@@ -181,6 +236,7 @@ impl Scheduler {
         self: &Arc<Self>,
         index: usize,
         keep_alive: Option<Option<Duration>>,
+        ctx: Option<u64>,
         take_slot: bool,
     ) -> Result<Option<Slot>, QueueFull> {
         {
@@ -195,20 +251,58 @@ impl Scheduler {
         if self.lock().models[index].loaded {
             return Ok(None);
         }
-        if !self.load_time.is_zero() {
-            tokio::time::sleep(self.load_time).await;
+        self.make_room(index).await;
+        let load_time = self.lock().models[index].load_time;
+        if !load_time.is_zero() {
+            tokio::time::sleep(load_time).await;
         }
+        self.counters.load();
         let mut s = self.lock();
+        let runner = s.next_runner;
+        s.next_runner += 1;
         let m = &mut s.models[index];
         m.loaded = true;
+        m.runner = runner;
+        m.ctx = ctx.unwrap_or(m.default_ctx);
+        m.last_used = Instant::now();
         m.unload_when_idle = false;
         m.keep_alive = keep_alive.unwrap_or(self.default_keep_alive);
         m.expires_at = m.keep_alive.map(|k| Instant::now() + k);
         if take_slot {
             m.busy += 1;
-            return Ok(Some(self.slot(index)));
+            return Ok(Some(self.slot(index, runner)));
         }
         Ok(None)
+    }
+
+    /// With `max_loaded` models in memory, evicts the least recently used
+    /// idle one other than `index`, waiting for one to become idle if need be.
+    async fn make_room(&self, index: usize) {
+        if self.max_loaded == 0 {
+            return;
+        }
+        loop {
+            let idle = self.idle.notified();
+            {
+                let mut s = self.lock();
+                let loaded = s.models.iter().filter(|m| m.loaded).count();
+                if loaded < self.max_loaded {
+                    return;
+                }
+                let victim = s
+                    .models
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, m)| *i != index && m.loaded && m.busy == 0)
+                    .min_by_key(|(_, m)| m.last_used);
+                if let Some((_, m)) = victim {
+                    m.loaded = false;
+                    self.counters.eviction();
+                    continue;
+                }
+            }
+            idle.await;
+        }
     }
 
     /// The unload shortcut: now if idle, else when its requests end.
@@ -217,6 +311,7 @@ impl Scheduler {
         let m = &mut s.models[index];
         if m.busy == 0 {
             m.loaded = false;
+            self.idle.notify_waiters();
         } else {
             m.unload_when_idle = true;
         }
@@ -233,6 +328,7 @@ impl Scheduler {
             .filter(|(_, m)| m.loaded)
             .map(|(index, m)| Loaded {
                 index,
+                context_length: m.ctx,
                 remaining: m.expires_at.map(|t| t.saturating_duration_since(now)),
             })
             .collect();
@@ -240,10 +336,11 @@ impl Scheduler {
         out
     }
 
-    fn slot(self: &Arc<Self>, index: usize) -> Slot {
+    fn slot(self: &Arc<Self>, index: usize, runner: u64) -> Slot {
         Slot {
             sched: self.clone(),
             index,
+            runner,
             armed: true,
         }
     }
@@ -251,8 +348,9 @@ impl Scheduler {
     fn release(self: &Arc<Self>, index: usize) {
         let mut s = self.lock();
         let m = &mut s.models[index];
+        m.last_used = Instant::now();
         while let Some(tx) = m.waiters.pop_front() {
-            match tx.send(self.slot(index)) {
+            match tx.send(self.slot(index, m.runner)) {
                 Ok(()) => return,
                 // That waiter gave up: the slot comes back unused.
                 Err(mut slot) => slot.armed = false,
@@ -266,7 +364,21 @@ impl Scheduler {
                 m.loaded = false;
                 m.unload_when_idle = false;
             }
+            self.idle.notify_waiters();
         }
+    }
+}
+
+/// The request's `num_ctx` differs from the runner's. A request without one
+/// uses whatever is loaded (Ollama does not compare automatic defaults).
+fn needs_reload(m: &ModelState, ctx: Option<u64>) -> bool {
+    ctx.is_some_and(|c| c != m.ctx)
+}
+
+impl Slot {
+    /// The runner this slot belongs to (see the prompt cache).
+    pub(crate) fn runner(&self) -> u64 {
+        self.runner
     }
 }
 

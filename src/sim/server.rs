@@ -15,9 +15,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cache::PromptCache;
 use super::name::Name;
 use super::routes;
-use super::sched::Scheduler;
+use super::sched::{ModelInit, Scheduler};
 use super::spec::{FaultSpec, ModelSpec, ServerSpec};
 use super::stats::{Counters, Stats};
 
@@ -32,6 +33,7 @@ pub(crate) struct ServerState {
     /// Inference requests seen, the `n` of the fault plan.
     pub inference_seq: AtomicU64,
     pub sched: Arc<Scheduler>,
+    pub prompt_cache: Arc<PromptCache>,
     /// Host check applies (check_host and a loopback listener).
     pub check_host: bool,
     /// The Responses this server keeps for `previous_response_id`.
@@ -45,33 +47,36 @@ impl ServerState {
             .iter()
             .map(|m| Name::parse(&m.name).unwrap_or_else(|| Name::parse("invalid").expect("valid")))
             .collect();
-        let caps = spec
+        let models = spec
             .models
             .iter()
-            .map(|m| if m.embedding_only { 1 } else { usize::MAX })
-            .collect();
-        let loaded = names
-            .iter()
-            .map(|n| {
-                spec.loaded
+            .zip(&names)
+            .map(|(m, n)| ModelInit {
+                cap: if m.embedding_only { 1 } else { usize::MAX },
+                loaded: spec
+                    .loaded
                     .iter()
                     .filter_map(|l| Name::parse(l))
-                    .any(|l| l.matches(n))
+                    .any(|l| l.matches(n)),
+                load_time: m.load_time.unwrap_or(spec.load_time),
+                default_ctx: m.context_length,
             })
             .collect();
+        let counters = Counters::default();
         let sched = Scheduler::new(
-            caps,
-            loaded,
+            models,
             spec.parallel,
             spec.max_queue,
-            spec.load_time,
+            spec.max_loaded,
             spec.keep_alive,
+            counters.clone(),
         );
         ServerState {
             check_host: spec.check_host && addr.ip().is_loopback(),
             faults: Mutex::new(spec.faults.clone()),
             names,
-            counters: Counters::default(),
+            prompt_cache: PromptCache::new(spec.parallel, spec.prompt_cache),
+            counters,
             inference_seq: AtomicU64::new(0),
             sched,
             responses: Default::default(),

@@ -43,9 +43,17 @@ pub struct ServerSpec {
     pub parallel: usize,
     /// Requests waiting for a model load at most, like `OLLAMA_MAX_QUEUE`.
     pub max_queue: usize,
-    /// Time to load a model that is not loaded.
+    /// Time to load a model that is not loaded (a model's own `load_time`
+    /// overrides it).
     #[serde(deserialize_with = "de_duration")]
     pub load_time: Duration,
+    /// Models in memory at most, like `OLLAMA_MAX_LOADED_MODELS`; 0 = no limit.
+    pub max_loaded: usize,
+    /// Prompt tokens evaluated per second before the first output token;
+    /// 0 = at once.
+    pub prompt_speed: f64,
+    /// Size in tokens of the host-memory cache of earlier prompts.
+    pub prompt_cache: usize,
     /// Default keep-alive, like `OLLAMA_KEEP_ALIVE`; `None` keeps models forever.
     #[serde(deserialize_with = "de_keep_alive")]
     pub keep_alive: Option<Duration>,
@@ -94,6 +102,9 @@ impl Default for ServerSpec {
             parallel: 1,
             max_queue: 512,
             load_time: Duration::ZERO,
+            max_loaded: 0,
+            prompt_speed: 2000.0,
+            prompt_cache: 65_536,
             keep_alive: Some(Duration::from_secs(300)),
             token_interval: Duration::ZERO,
             tokens: 16,
@@ -123,8 +134,11 @@ pub struct ModelSpec {
     pub quantization: String,
     /// Bytes on disk and in memory.
     pub size: u64,
-    /// Context length reported by `/api/ps` and `/api/show`.
+    /// Context length reported by `/api/show`, and by `/api/ps` for a
+    /// runner loaded without `num_ctx`.
     pub context_length: u64,
+    /// Time to load this model; `None` = the server's `load_time`.
+    pub load_time: Option<Duration>,
 }
 
 impl ModelSpec {
@@ -142,6 +156,7 @@ impl ModelSpec {
                 quantization: "F16".into(),
                 size: 45_960_996,
                 context_length: 512,
+                load_time: None,
             }
         } else {
             ModelSpec {
@@ -152,6 +167,7 @@ impl ModelSpec {
                 quantization: "Q4_K_M".into(),
                 size: 2_019_393_189,
                 context_length: 4096,
+                load_time: None,
             }
         }
     }
@@ -169,6 +185,8 @@ impl<'de> Deserialize<'de> for ModelSpec {
             quantization: Option<String>,
             size: Option<u64>,
             context_length: Option<u64>,
+            #[serde(default, deserialize_with = "de_opt_duration")]
+            load_time: Option<Duration>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -191,6 +209,7 @@ impl<'de> Deserialize<'de> for ModelSpec {
                 m.quantization = t.quantization.unwrap_or(m.quantization);
                 m.size = t.size.unwrap_or(m.size);
                 m.context_length = t.context_length.unwrap_or(m.context_length);
+                m.load_time = t.load_time;
                 m
             }
         })
@@ -294,6 +313,9 @@ fn overlay(base: &ServerSpec, table: &toml::Table) -> Result<ServerSpec, String>
             "parallel" => spec.parallel = partial.parallel,
             "max_queue" => spec.max_queue = partial.max_queue,
             "load_time" => spec.load_time = partial.load_time,
+            "max_loaded" => spec.max_loaded = partial.max_loaded,
+            "prompt_speed" => spec.prompt_speed = partial.prompt_speed,
+            "prompt_cache" => spec.prompt_cache = partial.prompt_cache,
             "keep_alive" => spec.keep_alive = partial.keep_alive,
             "token_interval" => spec.token_interval = partial.token_interval,
             "tokens" => spec.tokens = partial.tokens,

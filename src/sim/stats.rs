@@ -1,5 +1,7 @@
 //! What a simulated server counted: requests per path, in-flight inference,
-//! completions, cancellations, oversubscription and injected faults.
+//! completions, cancellations, oversubscription, injected faults, and the
+//! cost model's work: prompt tokens evaluated and reused, model loads,
+//! reloads and evictions.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -8,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// A snapshot of a server's counters (also served at `GET /__sim/stats`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Stats {
     /// Requests received per path (`/api/generate`, …), probes included.
     pub requests: BTreeMap<String, u64>,
@@ -26,6 +29,16 @@ pub struct Stats {
     /// Injected faults by kind (`error`, `busy`, `reset`, `hang`, `garbage`,
     /// `mid-stream-error`).
     pub faults: BTreeMap<String, u64>,
+    /// Prompt tokens evaluated (not found in the prompt cache).
+    pub prompt_tokens_evaluated: u64,
+    /// Prompt tokens found in the prompt cache and not evaluated again.
+    pub prompt_tokens_reused: u64,
+    /// Model loads (runners started), reloads included.
+    pub loads: u64,
+    /// Loads of a loaded model because a request's `num_ctx` differed.
+    pub reloads: u64,
+    /// Idle models unloaded to make room for another (`max_loaded`).
+    pub evictions: u64,
 }
 
 /// The live counters of one server incarnation.
@@ -62,6 +75,24 @@ impl Counters {
 
     pub(crate) fn oversubscribed(&self) {
         self.lock().oversubscribed += 1;
+    }
+
+    pub(crate) fn prompt(&self, evaluated: u64, reused: u64) {
+        let mut s = self.lock();
+        s.prompt_tokens_evaluated += evaluated;
+        s.prompt_tokens_reused += reused;
+    }
+
+    pub(crate) fn load(&self) {
+        self.lock().loads += 1;
+    }
+
+    pub(crate) fn reload(&self) {
+        self.lock().reloads += 1;
+    }
+
+    pub(crate) fn eviction(&self) {
+        self.lock().evictions += 1;
     }
 
     /// Starts counting one inference request; the guard ends it.

@@ -206,7 +206,7 @@ impl Turn {
             None => None,
             Some(i) => match state
                 .sched
-                .acquire(i, None, || state.counters.oversubscribed())
+                .acquire(i, None, None, || state.counters.oversubscribed())
                 .await
             {
                 Ok(slot) => Some(slot),

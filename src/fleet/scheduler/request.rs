@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::TenantId;
 use crate::fleet::backend::{BackendId, Target};
+use crate::fleet::placement::Signature;
 use crate::model::ModelName;
 
 /// What a request needs from a backend.
@@ -17,6 +18,9 @@ pub struct Want {
     pub model: Option<ModelName>,
     /// Backends it already failed on, not to be tried again.
     pub tried: Vec<BackendId>,
+    /// What cache-aware placement knows of it; `None` under
+    /// ROUTING=least-busy or for a body that is not a JSON object.
+    pub signature: Option<Arc<Signature>>,
 }
 
 /// How urgent a request is (`X-Corral-Priority`).
@@ -121,6 +125,11 @@ pub enum Decision {
     Granted(Lease),
     /// No eligible backend has a free slot: the request should wait.
     Wait,
+    /// Placement would rather wait for a busy backend (it holds the
+    /// request's prompt or model) than take a free one: the request should
+    /// wait, and be offered the free backends again at this instant (see
+    /// [`Scheduler::hold`](super::Scheduler::hold)).
+    Hold(Instant),
     /// The request cannot be served.
     Rejected(Rejection),
 }

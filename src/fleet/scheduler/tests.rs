@@ -59,6 +59,7 @@ fn want(model: &str) -> Want {
     Want {
         model: Some(ModelName::parse(model)),
         tried: Vec::new(),
+        signature: None,
     }
 }
 
@@ -430,6 +431,7 @@ fn ask(
     let req = reqs.get_mut(&id).expect("request exists");
     match s.try_acquire(&req.want, &req.ticket, clock) {
         Decision::Granted(lease) => held.push((lease, id)),
+        Decision::Hold(_) => panic!("seed {seed}: held back without a signature"),
         Decision::Wait => {
             let before = req.ticket.arrival;
             match s.enqueue(req.want.clone(), 1, &req.ticket, id) {
@@ -483,7 +485,7 @@ fn check_invariants(
     for m in ["a", "b", "c"] {
         let w = want(m);
         assert_eq!(
-            s.pick(&w).is_some(),
+            s.least_busy(&w).is_some(),
             s.could_get(&w),
             "seed {seed} step {step}: the free index disagrees for {m}"
         );
