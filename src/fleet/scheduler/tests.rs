@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 mod fairness;
+mod placing;
 
 fn now() -> Instant {
     Instant::now()
