@@ -133,6 +133,12 @@ struct Body {
     prompt: Option<Value>,
     #[serde(default)]
     system: Option<Value>,
+    /// OpenAI Responses: the system prompt.
+    #[serde(default)]
+    instructions: Option<Value>,
+    /// OpenAI Responses: a string or a list of conversation items.
+    #[serde(default)]
+    input: Option<Value>,
     #[serde(default)]
     prompt_cache_key: Option<Value>,
     #[serde(default)]
@@ -157,11 +163,15 @@ impl Signature {
             Value::String(s) => text.extend_from_slice(s.as_bytes()),
             other => text.extend_from_slice(other.to_string().as_bytes()),
         };
-        if let Some(s) = &b.system {
+        for s in [&b.system, &b.instructions].into_iter().flatten() {
             push(s);
             push(&Value::String("\u{1f}".into()));
         }
-        for m in b.messages.iter().flatten() {
+        let items = match &b.input {
+            Some(Value::Array(items)) => items.as_slice(),
+            _ => &[],
+        };
+        for m in b.messages.iter().flatten().chain(items) {
             if let Some(role) = m.get("role") {
                 push(role);
             }
@@ -173,6 +183,9 @@ impl Signature {
         }
         if let Some(p) = &b.prompt {
             push(p);
+        }
+        if let Some(i @ Value::String(_)) = &b.input {
+            push(i);
         }
         let session = headers
             .iter()
@@ -682,6 +695,31 @@ mod tests {
             ahead: 0,
             probed_loaded: true,
         }
+    }
+
+    #[test]
+    fn a_responses_conversation_shares_its_prefix_from_turn_to_turn() {
+        let turn = |n: usize| {
+            let input: Vec<Value> = (0..n)
+                .map(|i| serde_json::json!({"role": "user", "content": format!("question {i}")}))
+                .collect();
+            let body = serde_json::json!({
+                "model": "m",
+                "instructions": "i".repeat(2_000),
+                "input": input,
+            });
+            sig(&serde_json::to_vec(&body).unwrap())
+        };
+        let (a, b) = (turn(1), turn(2));
+        assert!(
+            a.blocks.len() >= 7,
+            "instructions are hashed: {}",
+            a.blocks.len()
+        );
+        assert!(b.bytes > a.bytes, "input items are hashed");
+        assert_eq!(a.blocks[..], b.blocks[..a.blocks.len()]);
+        let plain = serde_json::json!({"model": "m", "input": "x".repeat(600)});
+        assert_eq!(sig(&serde_json::to_vec(&plain).unwrap()).bytes, 600);
     }
 
     #[test]
