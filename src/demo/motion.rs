@@ -85,12 +85,14 @@ pub async fn run(proxy: SocketAddr, stop: CancellationToken) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut started = 0usize;
     let mut ticker = tokio::time::interval(CHURN_EVERY);
-    loop {
+    for tick in 0u64.. {
         tokio::select! {
             () = stop.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let grow = jobs.is_empty() || (jobs.len() < MAX_JOBS && rand::random_bool(0.6));
+        // Two jobs, then one leaves and one joins in turn: the fleet is seen
+        // to move within the first few ticks, every time.
+        let grow = jobs.len() < 2 || (jobs.len() < MAX_JOBS && tick % 2 == 1);
         if grow {
             match Job::start(proxy, 100 + started).await {
                 Ok(job) => {
