@@ -21,15 +21,7 @@ fn ask(stream: bool) -> Value {
 /// `event: <name>\ndata: <json>\n\n`.
 fn events(body: &str) -> Vec<(String, Value)> {
     assert!(body.ends_with("\n\n"), "{body}");
-    body.trim_end()
-        .split("\n\n")
-        .map(|frame| {
-            let (event, data) = frame.split_once('\n').expect("two lines");
-            let name = event.strip_prefix("event: ").expect("event line");
-            let data = data.strip_prefix("data: ").expect("data line");
-            (name.to_string(), serde_json::from_str(data).unwrap())
-        })
-        .collect()
+    common::sse_events(body)
 }
 
 #[tokio::test]
@@ -233,15 +225,7 @@ async fn a_messages_stream_without_message_stop_is_counted_broken() {
         Duration::from_secs(5),
         "the broken answer is counted",
         || async {
-            let text = proxy
-                .client
-                .get(proxy.at("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = proxy.metrics().await;
             text.lines()
                 .any(|l| l == r#"corral_stream_errors_total{endpoint="/v1/messages"} 1"#)
         },

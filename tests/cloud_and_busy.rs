@@ -48,15 +48,7 @@ async fn a_burst_of_busy_503s_leaves_every_backend_healthy() {
     for b in backends["backends"].as_array().unwrap() {
         assert_eq!(b["healthy"], true, "{b}");
     }
-    let metrics = proxy
-        .client
-        .get(proxy.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     let busy: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("corral_backend_failures_total") && l.contains(r#"kind="busy""#))

@@ -8,24 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestFleet, backend_of, eventually, start_proxy};
+use common::{TestFleet, backend_of, eventually, sse_events, start_proxy};
 use corral::sim::{FaultSpec, ServerSpec};
 use serde_json::{Value, json};
 
 fn ask(input: &str, stream: bool) -> Value {
     json!({"model": "llama3.2", "input": input, "stream": stream})
-}
-
-fn events(body: &str) -> Vec<(String, Value)> {
-    body.trim_end()
-        .split("\n\n")
-        .map(|frame| {
-            let (event, data) = frame.split_once('\n').expect("two lines");
-            let name = event.strip_prefix("event: ").expect("event line");
-            let data = data.strip_prefix("data: ").expect("data line");
-            (name.to_string(), serde_json::from_str(data).unwrap())
-        })
-        .collect()
 }
 
 #[tokio::test]
@@ -67,7 +55,7 @@ async fn the_simulator_speaks_responses_and_keeps_them() {
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let body = r.text().await.unwrap();
     assert!(!body.contains("[DONE]"));
-    let evs = events(&body);
+    let evs = sse_events(&body);
     let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names[..4],
@@ -146,7 +134,7 @@ async fn continuations_follow_the_backend_that_answered() {
                 let first = backend_of(&r);
                 let body = r.text().await.unwrap();
                 let id = if stream {
-                    let evs = events(&body);
+                    let evs = sse_events(&body);
                     assert_eq!(evs.last().unwrap().0, "response.completed");
                     evs[0].1["response"]["id"].as_str().unwrap().to_string()
                 } else {
@@ -172,7 +160,7 @@ async fn continuations_follow_the_backend_that_answered() {
             assert_eq!(backend_of(&r), first);
             let body = r.text().await.unwrap();
             prev = if stream {
-                events(&body)[0].1["response"]["id"]
+                sse_events(&body)[0].1["response"]["id"]
                     .as_str()
                     .unwrap()
                     .to_string()
@@ -338,15 +326,7 @@ async fn a_responses_stream_cut_before_completed_is_counted_broken() {
         Duration::from_secs(5),
         "the broken answer is counted",
         || async {
-            let text = proxy
-                .client
-                .get(proxy.at("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = proxy.metrics().await;
             text.lines()
                 .any(|l| l == r#"corral_stream_errors_total{endpoint="/v1/responses"} 1"#)
                 && text.lines().any(|l| {

@@ -364,15 +364,7 @@ async fn a_stream_broken_after_its_first_byte_ends_with_an_error_line() {
         0,
         "the broken backend is marked unhealthy"
     );
-    let metrics = proxy
-        .client
-        .get(proxy.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(
         metrics.contains("corral_stream_errors_total{endpoint=\"/api/generate\"} 1"),
         "{metrics}"

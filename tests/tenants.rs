@@ -248,15 +248,7 @@ async fn the_tenant_label_is_bounded_to_configured_names() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let metrics = proxy
-        .client
-        .get(proxy.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     let labels: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("corral_tenant_queue_wait_seconds_count"))
@@ -325,15 +317,7 @@ async fn a_retried_request_waits_at_its_first_place_not_at_the_back() {
         Duration::from_secs(10),
         "the first request was retried",
         || async {
-            let text = proxy
-                .client
-                .get(proxy.at("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = proxy.metrics().await;
             text.lines()
                 .any(|l| l.starts_with("corral_retries_total ") && !l.ends_with(" 0"))
         },

@@ -124,6 +124,18 @@ impl TestProxy {
         self.post(path, body).await.json().await.unwrap()
     }
 
+    /// The `/metrics` page as text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.at("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// GETs a JSON document.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         self.client
@@ -306,4 +318,18 @@ pub async fn in_flight(proxy: &TestProxy) -> u64 {
         .iter()
         .map(|b| b["in_flight"].as_u64().unwrap())
         .sum()
+}
+
+/// The `(event, data)` pairs of a server-sent-events body, each frame
+/// exactly `event: <name>\ndata: <json>`.
+pub fn sse_events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.trim_end()
+        .split("\n\n")
+        .map(|frame| {
+            let (event, data) = frame.split_once('\n').expect("two lines");
+            let name = event.strip_prefix("event: ").expect("event line");
+            let data = data.strip_prefix("data: ").expect("data line");
+            (name.to_string(), serde_json::from_str(data).unwrap())
+        })
+        .collect()
 }
