@@ -265,21 +265,9 @@ pub(crate) async fn messages(
                     ));
                 }
                 Step::Lost => {}
-                Step::Reset => {
-                    let reset = std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "simulated connection reset",
-                    );
-                    let _ = tx.send(Err(reset)).await;
-                    return;
-                }
+                Step::Reset => return turn::reset(&tx).await,
             }
-            for frame in out {
-                if tx.send(Ok(frame)).await.is_err() {
-                    return;
-                }
-            }
-            if last {
+            if !turn::send_all(&tx, out).await || last {
                 return;
             }
         }

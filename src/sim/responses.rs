@@ -455,21 +455,9 @@ pub(crate) async fn responses(
                     out.push(frame("response.completed", json!({ "response": r })));
                 }
                 Step::Lost => {}
-                Step::Reset => {
-                    let reset = std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "simulated connection reset",
-                    );
-                    let _ = tx.send(Err(reset)).await;
-                    return;
-                }
+                Step::Reset => return turn::reset(&tx).await,
             }
-            for f in out {
-                if tx.send(Ok(f)).await.is_err() {
-                    return;
-                }
-            }
-            if last {
+            if !turn::send_all(&tx, out).await || last {
                 return;
             }
         }

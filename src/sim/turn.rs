@@ -296,6 +296,25 @@ impl Turn {
 /// Sender side of an event stream.
 pub(crate) type Events = mpsc::Sender<std::io::Result<Bytes>>;
 
+/// Ends an event stream the way a reset connection does.
+pub(crate) async fn reset(tx: &Events) {
+    let reset = std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "simulated connection reset",
+    );
+    let _ = tx.send(Err(reset)).await;
+}
+
+/// Sends a step's frames; false when the client has gone.
+pub(crate) async fn send_all(tx: &Events, frames: Vec<Bytes>) -> bool {
+    for frame in frames {
+        if tx.send(Ok(frame)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// An SSE answer fed by `produce`, which runs as its own task: the head is
 /// sent with the first event (nothing before the first token), and a client
 /// that goes away stops the task at its next event.
