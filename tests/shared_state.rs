@@ -2,7 +2,8 @@
 //! through a real `redis-server` on a loopback port. One instance is killed
 //! with SIGKILL mid-run and restarted; then Redis itself goes away for 5 s.
 //! Every request to a live instance is answered and no backend ever holds
-//! more than its one slot (the simulators' own counters say so).
+//! more than its one slot (the simulators' own counters say so). A drain
+//! made on one instance reaches the others.
 //!
 //! Needs Debian's `redis-server` on the PATH (`.ci/run` installs it). Under
 //! `CI` its absence fails the test; elsewhere the test says so and skips.
@@ -10,11 +11,11 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{eventually, generate, slow, wait_healthy_at, TestFleet};
+use common::{TestFleet, eventually, generate, slow, wait_healthy_at};
 use tokio::time::Instant;
 
 const INSTANCES: usize = 3;
@@ -85,6 +86,11 @@ async fn start_redis(port: u16) -> Proc {
 
 /// A corral binary on `port` over `fleet`, sharing state at `redis`.
 async fn start_instance(port: u16, fleet: &TestFleet, redis: u16) -> Proc {
+    start_instance_of(port, fleet, redis, BACKENDS).await
+}
+
+/// The same, waiting for `backends` healthy backends.
+async fn start_instance_of(port: u16, fleet: &TestFleet, redis: u16, backends: usize) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_corral"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -102,7 +108,7 @@ async fn start_instance(port: u16, fleet: &TestFleet, redis: u16) -> Proc {
         .spawn()
         .expect("corral starts");
     let proc = Proc(child);
-    wait_healthy_at(&format!("http://127.0.0.1:{port}"), BACKENDS as u64).await;
+    wait_healthy_at(&format!("http://127.0.0.1:{port}"), backends as u64).await;
     proc
 }
 
@@ -266,9 +272,11 @@ async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
     let tasks = load.run();
     load.wait_done(REQUESTS / 3).await;
     // Wait until the victim holds slots, so its death leaves leases behind.
-    eventually(Duration::from_secs(10), "the victim holds a slot", || async {
-        held_by(&client, ports[0], &victim_name).await > 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the victim holds a slot",
+        || async { held_by(&client, ports[0], &victim_name).await > 0 },
+    )
     .await;
     load.alive[victim].store(false, Ordering::SeqCst);
     load.epoch[victim].fetch_add(1, Ordering::SeqCst);
@@ -280,7 +288,10 @@ async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
         || async { held_by(&client, ports[0], &victim_name).await == 0 },
     )
     .await;
-    eprintln!("dead instance's slots freed {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "dead instance's slots freed {:?} after the kill",
+        killed.elapsed()
+    );
     procs[victim] = start_instance(ports[victim], &fleet, redis_port).await;
     load.alive[victim].store(true, Ordering::SeqCst);
 
@@ -294,7 +305,10 @@ async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
     );
     eprintln!("answered {answered}, lost with the killed instance {excused}, failed {failed}");
     assert_eq!(failed, 0, "requests to live instances went unanswered");
-    assert!(excused <= CLIENTS, "only requests in flight on the victim may be lost");
+    assert!(
+        excused <= CLIENTS,
+        "only requests in flight on the victim may be lost"
+    );
     assert_eq!(answered + excused, REQUESTS);
     assert_never_oversubscribed(&fleet);
 }
@@ -318,17 +332,21 @@ async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
     let tasks = load.run();
     load.wait_done(REQUESTS / 3).await;
     redis.kill();
-    eventually(Duration::from_secs(5), "health says Redis is gone", || async {
-        health(&client, ports[0]).await["shared_state"]["reachable"] == false
-    })
+    eventually(
+        Duration::from_secs(5),
+        "health says Redis is gone",
+        || async { health(&client, ports[0]).await["shared_state"]["reachable"] == false },
+    )
     .await;
     // The outage itself: five seconds without Redis.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let during = load.done.load(Ordering::Relaxed);
     redis = start_redis(redis_port).await;
-    eventually(Duration::from_secs(10), "health says Redis is back", || async {
-        health(&client, ports[0]).await["shared_state"]["reachable"] == true
-    })
+    eventually(
+        Duration::from_secs(10),
+        "health says Redis is back",
+        || async { health(&client, ports[0]).await["shared_state"]["reachable"] == true },
+    )
     .await;
     load.wait_done(during + 100).await;
 
@@ -347,4 +365,59 @@ async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
         assert!(p.0.try_wait().unwrap().is_none(), "an instance crashed");
     }
     assert_never_oversubscribed(&fleet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_on_one_instance_drains_the_backend_on_all() {
+    if !have_redis() {
+        return;
+    }
+    let fleet = TestFleet::uniform(2, slow(2, 3)).await;
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port).await;
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut procs = Vec::new();
+    for &p in &ports {
+        procs.push(start_instance_of(p, &fleet, redis_port, 2).await);
+    }
+    let client = reqwest::Client::new();
+    let id = fleet.servers[0].port();
+    let draining_on = |port: u16| {
+        let client = client.clone();
+        async move {
+            let v: serde_json::Value = client
+                .get(format!("http://127.0.0.1:{port}/__proxy/backends"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let rows = v
+                .as_array()
+                .or_else(|| v["backends"].as_array())
+                .unwrap()
+                .clone();
+            rows.iter()
+                .find(|b| b["port"] == id)
+                .is_some_and(|b| b["draining"] == true)
+        }
+    };
+    for (draining, action) in [(true, "drain"), (false, "undrain")] {
+        let r = client
+            .post(format!(
+                "http://127.0.0.1:{}/__proxy/backends/{id}/{action}",
+                ports[0]
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{action}: {}", r.status());
+        eventually(
+            RENEW_EVERY * 3,
+            &format!("the other instance sees the {action}"),
+            || async { draining_on(ports[1]).await == draining },
+        )
+        .await;
+    }
 }

@@ -234,6 +234,9 @@ impl Fleet {
         });
         if found {
             tracing::info!(backend = %id, draining, "drain state changed");
+            if let Some(remote) = self.shared.remote.get() {
+                remote.share_drain(id, draining);
+            }
         }
         found
     }
@@ -246,7 +249,12 @@ impl Fleet {
 
     /// Keeps an abandoned slot taken for the settle time; a wake-up at its
     /// deadline (or any earlier call that passes it) gives it back.
-    fn abandon(&self, lease: Lease, remote: Option<slot::Remote>, runtime: &tokio::runtime::Handle) {
+    fn abandon(
+        &self,
+        lease: Lease,
+        remote: Option<slot::Remote>,
+        runtime: &tokio::runtime::Handle,
+    ) {
         let due = self.lock().abandon(lease, Instant::now());
         let fleet = self.clone();
         runtime.spawn(async move {

@@ -491,9 +491,10 @@ impl<W> Scheduler<W> {
     /// Whether a backend's slots held here and elsewhere fit its cap.
     pub fn within_cap(&self, id: &BackendId) -> bool {
         self.limits.cap == 0
-            || self.backends.get(id).is_some_and(|b| {
-                b.in_flight.saturating_add(b.foreign) <= self.limits.cap
-            })
+            || self
+                .backends
+                .get(id)
+                .is_some_and(|b| b.in_flight.saturating_add(b.foreign) <= self.limits.cap)
     }
 
     /// Records the slots other instances hold on a backend (shared state);

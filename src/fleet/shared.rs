@@ -12,6 +12,9 @@
 //!   and publishes the backend's holders on `corral:released`, which every
 //!   instance answers by handing the slot to its own next waiter.
 //! - `corral:instances`: a sorted set of live instances, score its expiry.
+//! - `corral:drained`: the set of backends drained through
+//!   `/__proxy/backends/{id}/drain` on any instance; every instance applies
+//!   it at its next renewal.
 //!
 //! Every lease lives [`LEASE_TTL`] and is renewed every [`RENEW_EVERY`]
 //! while its request runs (`REFRESH`, which also reads back every
@@ -29,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::{BackendId, Fleet};
@@ -65,7 +68,8 @@ redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\n' .. m)
 return m";
 
 /// ARGV prefix, ttl ms, rewrite 0/1, instance, n backends, backends…,
-/// then (backend, member) pairs held -> {instances, holders per backend…}.
+/// then (backend, member) pairs held -> {instances, holders per backend…,
+/// drained backends}.
 const REFRESH: &str = "local p = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local rewrite = ARGV[3] == '1'
@@ -88,6 +92,7 @@ for k = 1, nb do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   out[k + 1] = table.concat(redis.call('ZRANGE', key, 0, -1), ',')
 end
+out[nb + 2] = table.concat(redis.call('SMEMBERS', p .. 'drained'), '\\n')
 return out";
 
 /// A slot's lease in Redis, given back when its slot is.
@@ -126,6 +131,10 @@ pub struct SharedState {
     /// Leases held by this instance: member -> backend.
     held: Mutex<HashMap<String, String>>,
     status: Mutex<Status>,
+    /// Drain changes made here and not yet written to Redis.
+    drain_pending: Mutex<HashMap<String, bool>>,
+    /// Backends this instance drained because Redis said so.
+    drained_by_others: Mutex<std::collections::HashSet<String>>,
     take: Script,
     give_back: Script,
     refresh: Script,
@@ -149,6 +158,8 @@ impl SharedState {
                 rewrite: false,
                 instances: 0,
             }),
+            drain_pending: Mutex::new(HashMap::new()),
+            drained_by_others: Mutex::new(std::collections::HashSet::new()),
             take: Script::new(&format!("{NOW}{TAKE}")),
             give_back: Script::new(&format!("{NOW}{GIVE_BACK}")),
             refresh: Script::new(&format!("{NOW}{REFRESH}")),
@@ -217,7 +228,9 @@ impl SharedState {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await
-        .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
         *conn = Some(c.clone());
         Ok(c)
     }
@@ -229,7 +242,9 @@ impl SharedState {
         let mut conn = self.connection().await?;
         tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut conn))
             .await
-            .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })?
     }
 
     /// Confirms a slot the local scheduler granted on `id`: the lease when
@@ -341,6 +356,9 @@ impl SharedState {
                 for (id, members) in ids.iter().zip(out.iter().skip(1)) {
                     self.apply(fleet, id, members);
                 }
+                if let Some(drained) = out.get(ids.len() + 1) {
+                    self.apply_drained(fleet, drained);
+                }
             }
             Err(e) => self.mark_down(fleet, &e),
         }
@@ -377,6 +395,82 @@ impl SharedState {
                 if self.status().reachable {
                     self.apply(fleet, &id, members);
                 }
+            }
+        }
+    }
+
+    /// Shares a drain (true) or undrain (false) made on this instance.
+    pub(super) fn share_drain(self: &Arc<Self>, id: &BackendId, draining: bool) {
+        let backend = id.to_string();
+        lock(&self.drain_pending).insert(backend.clone(), draining);
+        lock(&self.drained_by_others).remove(&backend);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = Arc::clone(self);
+        runtime.spawn(async move {
+            let key = format!("{PREFIX}drained");
+            let mut cmd = redis::cmd(if draining { "SADD" } else { "SREM" });
+            cmd.arg(&key).arg(&backend);
+            let result = match me.connection().await {
+                Ok(mut conn) => {
+                    tokio::time::timeout(CALL_TIMEOUT, cmd.query_async::<i64>(&mut conn)).await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            if !matches!(result, Ok(Ok(_))) {
+                tracing::warn!(
+                    backend,
+                    draining,
+                    "shared state: drain not shared (Redis unreachable)"
+                );
+            }
+            lock(&me.drain_pending).remove(&backend);
+        });
+    }
+
+    /// Applies the drained set from Redis: drains what others drained, and
+    /// undrains what it drained for them once they undrain it.
+    fn apply_drained(&self, fleet: &Fleet, drained: &str) {
+        let drained: std::collections::HashSet<&str> =
+            drained.split('\n').filter(|b| !b.is_empty()).collect();
+        let pending = lock(&self.drain_pending).clone();
+        let mut ours = lock(&self.drained_by_others);
+        let changes: Vec<(BackendId, bool)> = fleet.read(|s| {
+            s.backends()
+                .iter()
+                .filter_map(|(id, b)| {
+                    let name = id.to_string();
+                    if pending.contains_key(&name) {
+                        return None;
+                    }
+                    let wanted = drained.contains(name.as_str());
+                    if wanted && !b.draining {
+                        Some((id.clone(), true))
+                    } else if !wanted && b.draining && ours.contains(&name) {
+                        Some((id.clone(), false))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        });
+        if changes.is_empty() {
+            return;
+        }
+        fleet.update(|s| {
+            for (id, draining) in &changes {
+                if let Some(b) = s.backend_mut(id) {
+                    b.draining = *draining;
+                }
+            }
+        });
+        for (id, draining) in changes {
+            tracing::info!(backend = %id, draining, "drain state changed on another instance");
+            if draining {
+                ours.insert(id.to_string());
+            } else {
+                ours.remove(&id.to_string());
             }
         }
     }
@@ -425,6 +519,10 @@ impl SharedState {
             }
         });
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The slots of a backend this instance must count as taken by others
@@ -484,7 +582,10 @@ mod tests {
         // cap 3, 3 instances, b held 2 when last seen: b keeps up to 2, c up to 1.
         assert_eq!(degraded_foreign(3, 3, "a", &holders(&[("b", 2)])), 3);
         assert_eq!(degraded_foreign(3, 3, "c", &holders(&[("b", 2)])), 3);
-        assert_eq!(degraded_foreign(6, 3, "a", &holders(&[("b", 3), ("a", 1)])), 4);
+        assert_eq!(
+            degraded_foreign(6, 3, "a", &holders(&[("b", 3), ("a", 1)])),
+            4
+        );
     }
 
     #[test]

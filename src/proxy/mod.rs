@@ -119,9 +119,12 @@ pub fn start(listener: TcpListener, args: ServeArgs) -> std::io::Result<ProxyHan
     let addr = listener.local_addr()?;
     let app = Arc::new(App::new(args));
     if let Some(url) = &app.args.shared_state {
-        let state =
-            SharedState::new(url, app.args.max_concurrent_per_backend).map_err(std::io::Error::other)?;
-        tracing::info!(instance = state.instance(), "sharing slots through SHARED_STATE");
+        let state = SharedState::new(url, app.args.max_concurrent_per_backend)
+            .map_err(std::io::Error::other)?;
+        tracing::info!(
+            instance = state.instance(),
+            "sharing slots through SHARED_STATE"
+        );
         app.fleet.attach_shared(state);
     }
     let discovery = Discovery::try_new(app.fleet.clone(), &app.args, Arc::clone(&app.registry))
