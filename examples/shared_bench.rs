@@ -192,8 +192,9 @@ async fn sequential(proxy: &ProxyHandle, n: u64) -> f64 {
     let started = Instant::now();
     for _ in 0..n {
         let r = client.post(&url).json(&body()).send().await.unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-        r.bytes().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{status}: {text}");
     }
     started.elapsed().as_secs_f64() / n as f64
 }
