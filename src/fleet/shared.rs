@@ -579,12 +579,14 @@ mod tests {
 
     #[test]
     fn others_over_their_share_shrink_ours() {
-        // cap 3, 3 instances, b held 2 when last seen: b keeps up to 2, c up to 1.
+        // cap 3, 3 instances, b held 2 when last seen: b keeps its 2 and the
+        // one left is c's (or a's) share: a and c may each use none.
         assert_eq!(degraded_foreign(3, 3, "a", &holders(&[("b", 2)])), 3);
         assert_eq!(degraded_foreign(3, 3, "c", &holders(&[("b", 2)])), 3);
         assert_eq!(
+            // b keeps its 3, c its share of 2: a may use 1.
             degraded_foreign(6, 3, "a", &holders(&[("b", 3), ("a", 1)])),
-            4
+            5
         );
     }
 
