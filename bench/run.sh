@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|all
+# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|all
 #
 # Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
 # release `corral`, Debian's nginx), measures with wrk or the loadgen example,
@@ -520,12 +520,34 @@ placement() {
     tail -1 "$TMP/placement.out"
 }
 
+shared() {
+    log "shared: SHARED_STATE through redis-server; 10 one-slot sims, 1 instance against 3"
+    command -v redis-server >/dev/null || { echo "bench/run.sh shared needs redis-server (apt-get install -y redis-server)" >&2; exit 2; }
+    local table
+    table=$("$ROOT/target/release/examples/shared_bench" --backends 10 --requests 2000 --clients 60)
+    cat >"$TMP/shared.md" <<EOF
+
+## Shared state: three instances sharing one fleet through Redis (\`examples/shared_bench.rs\`)
+
+$(machine "one run")
+
+Ten one-slot simulated backends (20 ms a request) and one \`redis-server\`,
+all in one run: one client sending one request at a time through one
+instance without and with SHARED_STATE (the added latency per request),
+then 2,000 requests from 60 clients through one plain instance and through
+three instances sharing Redis (efficiency = ideal busy time / wall time).
+
+$table
+EOF
+    section shared "$TMP/shared.md"
+}
+
 # ===== main =====
 
 case ${1:-} in
-overhead | fleet | queue | discovery | streaming | fairness | placement | all) ;;
+overhead | fleet | queue | discovery | streaming | fairness | placement | shared | all) ;;
 *)
-    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|all" >&2
+    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|all" >&2
     exit 2
     ;;
 esac
@@ -546,6 +568,7 @@ if [[ $1 == all ]]; then
     streaming
     fairness
     placement
+    shared
 else
     "$1"
 fi

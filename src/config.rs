@@ -194,6 +194,17 @@ pub struct ServeArgs {
     /// Longest time a client may take to send its request headers, in seconds.
     #[arg(long = "client-header-timeout", env = "CLIENT_HEADER_TIMEOUT_SECONDS", default_value = "30", value_parser = parse_seconds)]
     pub client_header_timeout: Duration,
+
+    /// `redis://host:port/db`: several instances share slots through Redis.
+    #[arg(long = "shared-state", env = "SHARED_STATE", value_parser = parse_shared_state)]
+    pub shared_state: Option<String>,
+}
+
+/// A SHARED_STATE URL: checked for form here, connected later.
+fn parse_shared_state(s: &str) -> Result<String, String> {
+    redis::Client::open(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("SHARED_STATE must be redis://host:port/db: {e}"))
 }
 
 impl ServeArgs {

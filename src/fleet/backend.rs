@@ -149,6 +149,12 @@ pub struct Backend {
     pub report: ProbeReport,
     /// Requests holding a slot on it now.
     pub in_flight: u32,
+    /// Slots other corral instances hold on it, as the shared state last
+    /// said (SHARED_STATE; always 0 without it).
+    pub foreign: u32,
+    /// Who holds its slots, instance by instance, as the shared state last
+    /// said (empty without SHARED_STATE).
+    pub holders: std::collections::BTreeMap<String, u32>,
     /// Why it was last marked unhealthy.
     pub last_error: Option<String>,
     /// Requests it answered (any status) since it (re)appeared.
@@ -170,6 +176,8 @@ impl Backend {
             loaded: HashSet::new(),
             report: ProbeReport::default(),
             in_flight: 0,
+            foreign: 0,
+            holders: std::collections::BTreeMap::new(),
             last_error: None,
             served: 0,
             failures: 0,

@@ -11,9 +11,10 @@ pub mod dns;
 pub mod placement;
 pub mod registry;
 pub mod scheduler;
+pub mod shared;
 mod slot;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -53,6 +54,8 @@ struct Shared {
     /// thread is cheaper than an async lock.
     state: Mutex<Scheduler<oneshot::Sender<Grant>>>,
     queue_timeout: Duration,
+    /// SHARED_STATE, once attached; unset costs one atomic load per request.
+    remote: OnceLock<Arc<shared::SharedState>>,
 }
 
 impl Fleet {
@@ -67,6 +70,7 @@ impl Fleet {
             shared: Arc::new(Shared {
                 state: Mutex::new(Scheduler::with_policy(limits, policy)),
                 queue_timeout,
+                remote: OnceLock::new(),
             }),
         }
     }
@@ -94,12 +98,46 @@ impl Fleet {
         value
     }
 
-    /// Gets a slot for the request: at once when an eligible backend is free,
+    /// Shares this fleet's slots with other instances through `state`
+    /// (once; a second call is ignored).
+    pub fn attach_shared(&self, state: Arc<shared::SharedState>) {
+        let _ = self.shared.remote.set(state);
+    }
+
+    /// The shared state, when SHARED_STATE is set.
+    pub fn shared_state(&self) -> Option<&Arc<shared::SharedState>> {
+        self.shared.remote.get()
+    }
+
+    /// Gets a slot for the request (see [`Fleet::acquire_local`]); with a
+    /// shared state, each local grant is confirmed there, and a backend full
+    /// fleet-wide sends the request back to wait at its place.
+    pub async fn acquire(
+        &self,
+        want: Want,
+        bytes: usize,
+        ticket: &mut Ticket,
+    ) -> Result<Slot, AcquireError> {
+        let Some(remote) = self.shared.remote.get() else {
+            return self.acquire_local(want, bytes, ticket).await;
+        };
+        loop {
+            let mut slot = self.acquire_local(want.clone(), bytes, ticket).await?;
+            let id = slot.target().id.clone();
+            if let Some(lease) = remote.take(self, &id).await {
+                slot.set_remote(Arc::clone(remote), lease);
+                return Ok(slot);
+            }
+            slot.finish();
+        }
+    }
+
+    /// Gets a slot for the request from this instance's scheduler: at once when an eligible backend is free,
     /// else after waiting in the queue, until `ticket.since` plus the queue
     /// timeout (one deadline for all attempts of a request). The ticket
     /// keeps the request's arrival number, so a retry waits at its old place.
     /// Dropping the future (the client went away) leaves the queue at once.
-    pub async fn acquire(
+    async fn acquire_local(
         &self,
         want: Want,
         bytes: usize,
@@ -209,6 +247,9 @@ impl Fleet {
         });
         if found {
             tracing::info!(backend = %id, draining, "drain state changed");
+            if let Some(remote) = self.shared.remote.get() {
+                remote.share_drain(id, draining);
+            }
         }
         found
     }
@@ -221,22 +262,37 @@ impl Fleet {
 
     /// Keeps an abandoned slot taken for the settle time; a wake-up at its
     /// deadline (or any earlier call that passes it) gives it back.
-    fn abandon(&self, lease: Lease, runtime: &tokio::runtime::Handle) {
+    fn abandon(
+        &self,
+        lease: Lease,
+        remote: Option<slot::Remote>,
+        runtime: &tokio::runtime::Handle,
+    ) {
         let due = self.lock().abandon(lease, Instant::now());
-        self.wake_on(runtime, due);
+        self.wake_on(runtime, due, remote);
     }
 
     /// Hands out what the scheduler keeps until `due` (settling slots, held
     /// waiters) once it is due.
     fn wake_at(&self, due: Instant) {
-        self.wake_on(&tokio::runtime::Handle::current(), due);
+        self.wake_on(&tokio::runtime::Handle::current(), due, None);
     }
 
-    fn wake_on(&self, runtime: &tokio::runtime::Handle, due: Instant) {
+    /// The same on `runtime`; an abandoned slot's shared lease (`remote`)
+    /// goes back to the shared state at the same time.
+    fn wake_on(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        due: Instant,
+        remote: Option<slot::Remote>,
+    ) {
         let fleet = self.clone();
         runtime.spawn(async move {
             tokio::time::sleep_until(due).await;
             let out = fleet.lock().expire(Instant::now());
+            if let Some((state, lease)) = remote {
+                state.give_back(lease);
+            }
             fleet.deliver(out);
         });
     }

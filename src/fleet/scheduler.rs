@@ -509,7 +509,34 @@ impl<W> Scheduler<W> {
     }
 
     fn slot_free(&self, b: &Backend) -> bool {
-        self.limits.cap == 0 || b.in_flight < self.limits.cap
+        self.limits.cap == 0 || b.in_flight.saturating_add(b.foreign) < self.limits.cap
+    }
+
+    /// Whether a backend's slots held here and elsewhere fit its cap.
+    pub fn within_cap(&self, id: &BackendId) -> bool {
+        self.limits.cap == 0
+            || self
+                .backends
+                .get(id)
+                .is_some_and(|b| b.in_flight.saturating_add(b.foreign) <= self.limits.cap)
+    }
+
+    /// Records the slots other instances hold on a backend (shared state);
+    /// a backend that this frees is handed out at the next dispatch.
+    pub fn set_foreign(
+        &mut self,
+        id: &BackendId,
+        foreign: u32,
+        holders: std::collections::BTreeMap<String, u32>,
+    ) {
+        let Some(b) = self.backends.get_mut(id) else {
+            return;
+        };
+        b.holders = holders;
+        if b.foreign != foreign {
+            b.foreign = foreign;
+            self.reindex(id);
+        }
     }
 
     /// Grants the free slots of one backend to the waiters next in line.
@@ -575,7 +602,9 @@ impl<W> Scheduler<W> {
     ) -> Lease {
         let backend = self.backends.get_mut(id).expect("picked backend exists");
         backend.in_flight += 1;
-        debug_assert!(self.limits.cap == 0 || backend.in_flight <= self.limits.cap);
+        debug_assert!(
+            self.limits.cap == 0 || backend.in_flight + backend.foreign <= self.limits.cap
+        );
         let target = Arc::clone(&backend.target);
         self.reindex(id);
         let charged = self

@@ -15,7 +15,11 @@
 use std::sync::Arc;
 
 use super::scheduler::Lease;
+use super::shared::{RemoteLease, SharedState};
 use super::{Fleet, Target};
+
+/// A slot's lease in the shared state, and where to give it back.
+pub(super) type Remote = (Arc<SharedState>, RemoteLease);
 
 /// A slot on one backend. Dropping it gives the slot back (after the settle
 /// time unless it was [finished](Slot::finish)).
@@ -23,6 +27,8 @@ pub struct Slot {
     fleet: Fleet,
     /// Always `Some` until the drop.
     lease: Option<Lease>,
+    /// Its lease in the shared state (SHARED_STATE only).
+    remote: Option<Remote>,
     finished: bool,
 }
 
@@ -31,8 +37,14 @@ impl Slot {
         Self {
             fleet,
             lease: Some(lease),
+            remote: None,
             finished: false,
         }
+    }
+
+    /// Ties the slot to its lease in the shared state.
+    pub(super) fn set_remote(&mut self, state: Arc<SharedState>, lease: RemoteLease) {
+        self.remote = Some((state, lease));
     }
 
     /// The backend answered in full: the slot goes back now.
@@ -60,9 +72,15 @@ impl Drop for Slot {
         let Some(lease) = self.lease.take() else {
             return;
         };
+        let remote = self.remote.take();
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if !self.finished => self.fleet.abandon(lease, &runtime),
-            _ => self.fleet.release(lease),
+            Ok(runtime) if !self.finished => self.fleet.abandon(lease, remote, &runtime),
+            _ => {
+                self.fleet.release(lease);
+                if let Some((state, lease)) = remote {
+                    state.give_back(lease);
+                }
+            }
         }
     }
 }

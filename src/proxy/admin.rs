@@ -28,7 +28,15 @@ const MAX_LEASE_SECONDS: f64 = 86_400.0;
 /// `GET /__proxy/health`.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
     let healthy = app.fleet.read(|s| s.healthy_count());
-    Json(json!({ "status": "ok", "healthy_backends": healthy })).into_response()
+    match app.fleet.shared_state() {
+        None => Json(json!({ "status": "ok", "healthy_backends": healthy })).into_response(),
+        Some(shared) => Json(json!({
+            "status": "ok",
+            "healthy_backends": healthy,
+            "shared_state": shared.view(),
+        }))
+        .into_response(),
+    }
 }
 
 /// One row of `/__proxy/backends`.
@@ -60,6 +68,8 @@ pub struct BackendView {
     pub failures: u64,
     /// How long its last successful probe took, in milliseconds.
     pub probe_ms: Option<f64>,
+    /// SHARED_STATE: slots held on it, by instance (empty without it).
+    pub holders: std::collections::BTreeMap<String, u32>,
 }
 
 impl BackendView {
@@ -78,6 +88,7 @@ impl BackendView {
             requests_served: b.served,
             failures: b.failures,
             probe_ms: b.report.latency.map(|d| d.as_secs_f64() * 1000.0),
+            holders: b.holders.clone(),
         }
     }
 }

@@ -42,6 +42,7 @@ use tower::ServiceExt;
 use crate::config::ServeArgs;
 use crate::fleet::discovery::Discovery;
 use crate::fleet::registry::Registry;
+use crate::fleet::shared::SharedState;
 use crate::fleet::{Fleet, Limits};
 use crate::metrics::Metrics;
 use history::{History, Sampler};
@@ -122,6 +123,15 @@ impl ProxyHandle {
 pub fn start(listener: TcpListener, args: ServeArgs) -> std::io::Result<ProxyHandle> {
     let addr = listener.local_addr()?;
     let app = Arc::new(App::new(args));
+    if let Some(url) = &app.args.shared_state {
+        let state = SharedState::new(url, app.args.max_concurrent_per_backend)
+            .map_err(std::io::Error::other)?;
+        tracing::info!(
+            instance = state.instance(),
+            "sharing slots through SHARED_STATE"
+        );
+        app.fleet.attach_shared(state);
+    }
     let discovery = Discovery::try_new(app.fleet.clone(), &app.args, Arc::clone(&app.registry))
         .map_err(std::io::Error::other)?;
     let stop = CancellationToken::new();
@@ -167,6 +177,9 @@ async fn run(
     // Stops the loops that run beside the connections: discovery and the sampler.
     let background = CancellationToken::new();
     tasks.spawn(discovery.run(background.clone(), ready));
+    if let Some(shared) = app.fleet.shared_state() {
+        shared.start(app.fleet.clone(), background.clone());
+    }
     let sampler = Sampler::new(
         app.fleet.clone(),
         Arc::clone(&app.metrics),

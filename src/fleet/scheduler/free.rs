@@ -76,9 +76,9 @@ impl FreeIndex {
         let rank = |loaded: bool| {
             let not_loaded = u32::from(!loaded);
             if uncapped {
-                (b.in_flight, not_loaded, id.clone())
+                (b.in_flight + b.foreign, not_loaded, id.clone())
             } else {
-                (not_loaded, b.in_flight, id.clone())
+                (not_loaded, b.in_flight + b.foreign, id.clone())
             }
         };
         entry.healthy = b.healthy;

@@ -1,0 +1,611 @@
+//! Shared state (SHARED_STATE=redis://…): several corral instances share
+//! one fleet's slots through Redis. The scheduler stays per instance and
+//! sans-io; this module only tells it how many slots *other* instances hold
+//! on each backend (`Backend::foreign`) and confirms every local grant with
+//! an atomic check-and-take in Redis before the request may use it.
+//!
+//! What Redis holds, under the `corral:` prefix:
+//! - `corral:slots:<backend>`: a sorted set of leases, member
+//!   `<instance>/<n>`, score the lease's expiry (Redis server time, ms).
+//!   Taking (`TAKE`) drops expired leases, counts, and adds one only below
+//!   the cap, all in one Lua script; giving back (`GIVE_BACK`) removes it
+//!   and publishes the backend's holders on `corral:released`, which every
+//!   instance answers by handing the slot to its own next waiter.
+//! - `corral:instances`: a sorted set of live instances, score its expiry.
+//! - `corral:drained`: the set of backends drained through
+//!   `/__proxy/backends/{id}/drain` on any instance; every instance applies
+//!   it at its next renewal.
+//!
+//! Every lease lives [`LEASE_TTL`] and is renewed every [`RENEW_EVERY`]
+//! while its request runs (`REFRESH`, which also reads back every
+//! backend's holders), so a dead instance's slots free within one TTL.
+//!
+//! Redis unreachable: logged once, `/__proxy/health` says so, and the
+//! instance serves within [`degraded_foreign`]'s local cap (at most
+//! `floor(cap / instances last seen)`), so an outage degrades capacity and
+//! never oversubscribes. When Redis is back, the leases held are written
+//! again before anything new is taken.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::{BackendId, Fleet};
+
+/// How long a slot lease lives without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often leases are renewed and holders read back.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// The longest any one Redis call may take before Redis counts as gone.
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+const PREFIX: &str = "corral:";
+const CHANNEL: &str = "corral:released";
+
+const NOW: &str = "local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// KEYS[1] slots; ARGV cap, ttl ms, member -> {taken 0/1, holders}.
+const TAKE: &str = "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local ok = 0
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  ok = 1
+end
+return {tostring(ok), table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')}";
+
+/// KEYS[1] slots; ARGV member, channel, backend -> holders.
+const GIVE_BACK: &str = "redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local m = table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\n' .. m)
+return m";
+
+/// ARGV prefix, ttl ms, rewrite 0/1, instance, n backends, backends…,
+/// then (backend, member) pairs held -> {instances, holders per backend…,
+/// drained backends}.
+const REFRESH: &str = "local p = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local rewrite = ARGV[3] == '1'
+redis.call('ZADD', p .. 'instances', now + ttl, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', p .. 'instances', '-inf', now)
+local out = {tostring(redis.call('ZCARD', p .. 'instances'))}
+local nb = tonumber(ARGV[5])
+local i = 6 + nb
+while i < #ARGV do
+  local key = p .. 'slots:' .. ARGV[i]
+  if rewrite then
+    redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  else
+    redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  end
+  i = i + 2
+end
+for k = 1, nb do
+  local key = p .. 'slots:' .. ARGV[5 + k]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  out[k + 1] = table.concat(redis.call('ZRANGE', key, 0, -1), ',')
+end
+out[nb + 2] = table.concat(redis.call('SMEMBERS', p .. 'drained'), '\\n')
+return out";
+
+/// A slot's lease in Redis, given back when its slot is.
+#[derive(Debug)]
+pub struct RemoteLease {
+    member: String,
+    backend: String,
+}
+
+/// What `/__proxy/health` says about the shared state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SharedView {
+    /// This instance's name in the shared state.
+    pub instance: String,
+    /// Redis answered the last call.
+    pub reachable: bool,
+    /// Live instances when Redis last answered.
+    pub instances: usize,
+}
+
+#[derive(Debug)]
+struct Status {
+    reachable: bool,
+    /// Leases must be written again (Redis was gone, maybe emptied).
+    rewrite: bool,
+    instances: usize,
+}
+
+/// The connection to the shared state and what this instance holds there.
+pub struct SharedState {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    instance: String,
+    cap: u32,
+    next_lease: AtomicU64,
+    /// Leases held by this instance: member -> backend.
+    held: Mutex<HashMap<String, String>>,
+    status: Mutex<Status>,
+    /// Drain changes made here and not yet written to Redis.
+    drain_pending: Mutex<HashMap<String, bool>>,
+    /// Backends this instance drained because Redis said so.
+    drained_by_others: Mutex<std::collections::HashSet<String>>,
+    take: Script,
+    give_back: Script,
+    refresh: Script,
+}
+
+impl SharedState {
+    /// A shared state at `url` (`redis://host:port/db`) for backends capped
+    /// at `cap`; nothing is connected until [`SharedState::start`].
+    pub fn new(url: &str, cap: u32) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let instance = format!("{}-{:04x}", std::process::id(), rand::random::<u16>());
+        Ok(Arc::new(Self {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            instance,
+            cap,
+            next_lease: AtomicU64::new(0),
+            held: Mutex::new(HashMap::new()),
+            status: Mutex::new(Status {
+                reachable: true,
+                rewrite: false,
+                instances: 0,
+            }),
+            drain_pending: Mutex::new(HashMap::new()),
+            drained_by_others: Mutex::new(std::collections::HashSet::new()),
+            take: Script::new(&format!("{NOW}{TAKE}")),
+            give_back: Script::new(&format!("{NOW}{GIVE_BACK}")),
+            refresh: Script::new(&format!("{NOW}{REFRESH}")),
+        }))
+    }
+
+    /// This instance's name in the shared state.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Reachability and instance count, for `/__proxy/health`.
+    pub fn view(&self) -> SharedView {
+        let s = self.status();
+        SharedView {
+            instance: self.instance.clone(),
+            reachable: s.reachable,
+            instances: s.instances,
+        }
+    }
+
+    /// Runs the lease renewal and the release listener until `stop`.
+    pub fn start(self: &Arc<Self>, fleet: Fleet, stop: CancellationToken) {
+        let me = Arc::clone(self);
+        let (f, s) = (fleet.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                me.renew(&f).await;
+                tokio::select! {
+                    () = tokio::time::sleep(RENEW_EVERY) => {}
+                    () = s.cancelled() => return,
+                }
+            }
+        });
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                me.listen(&fleet, &stop).await;
+                tokio::select! {
+                    () = tokio::time::sleep(RENEW_EVERY) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CALL_TIMEOUT)
+            .set_response_timeout(CALL_TIMEOUT)
+            .set_number_of_retries(1);
+        let c = tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
+        *conn = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        let mut conn = self.connection().await?;
+        tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })?
+    }
+
+    /// Confirms a slot the local scheduler granted on `id`: the lease when
+    /// the backend has room fleet-wide, `None` when it has not (the fleet's
+    /// view of the other instances' slots is updated, so the caller gives
+    /// the slot back and waits).
+    pub(super) async fn take(&self, fleet: &Fleet, id: &BackendId) -> Option<RemoteLease> {
+        let backend = id.to_string();
+        let member = format!(
+            "{}/{}",
+            self.instance,
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        );
+        let lease = RemoteLease {
+            member: member.clone(),
+            backend: backend.clone(),
+        };
+        if self.status().reachable && !self.status().rewrite {
+            let key = format!("{PREFIX}slots:{backend}");
+            let mut inv = self.take.key(&key);
+            inv.arg(self.cap)
+                .arg(LEASE_TTL.as_millis() as u64)
+                .arg(&member);
+            match self.call::<(String, String)>(inv).await {
+                Ok((taken, members)) => {
+                    if taken == "1" {
+                        self.held().insert(member, backend);
+                    }
+                    self.apply(fleet, id, &members);
+                    return (taken == "1").then_some(lease);
+                }
+                Err(e) => self.mark_down(fleet, &e),
+            }
+        }
+        // Degraded: only within the local cap, checked against a grant made
+        // before the mode changed too.
+        let instances = self.status().instances;
+        let me = self.instance.clone();
+        let cap = self.cap;
+        let fits = fleet.update(|s| {
+            let holders = s.backends().get(id).map(|b| b.holders.clone())?;
+            let foreign = degraded_foreign(cap, instances, &me, &holders);
+            s.set_foreign(id, foreign, holders);
+            Some(s.within_cap(id))
+        });
+        if fits == Some(true) {
+            self.held().insert(member, backend);
+            Some(lease)
+        } else {
+            None
+        }
+    }
+
+    /// Gives a lease back (in the background; a failure leaves it to expire).
+    pub(super) fn give_back(self: &Arc<Self>, lease: RemoteLease) {
+        self.held().remove(&lease.member);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = Arc::clone(self);
+        runtime.spawn(async move {
+            if !me.status().reachable {
+                return;
+            }
+            let key = format!("{PREFIX}slots:{}", lease.backend);
+            let mut inv = me.give_back.key(&key);
+            inv.arg(&lease.member).arg(CHANNEL).arg(&lease.backend);
+            if let Err(e) = me.call::<String>(inv).await {
+                tracing::debug!(error = %e, "shared state: give-back failed; the lease expires");
+            }
+        });
+    }
+
+    /// Renews this instance's leases and reads every backend's holders.
+    async fn renew(&self, fleet: &Fleet) {
+        let ids: Vec<BackendId> = fleet.read(|s| s.backends().keys().cloned().collect());
+        let held: Vec<(String, String)> = self
+            .held()
+            .iter()
+            .map(|(m, b)| (b.clone(), m.clone()))
+            .collect();
+        let rewrite = {
+            let s = self.status();
+            !s.reachable || s.rewrite
+        };
+        let mut inv = self.refresh.prepare_invoke();
+        inv.arg(PREFIX)
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(u8::from(rewrite))
+            .arg(&self.instance)
+            .arg(ids.len());
+        for id in &ids {
+            inv.arg(id.to_string());
+        }
+        for (b, m) in &held {
+            inv.arg(b).arg(m);
+        }
+        match self.call::<Vec<String>>(inv).await {
+            Ok(out) => {
+                {
+                    let mut s = self.status();
+                    if !s.reachable {
+                        tracing::info!("shared state reachable again");
+                    }
+                    s.reachable = true;
+                    s.rewrite = false;
+                    s.instances = out.first().and_then(|n| n.parse().ok()).unwrap_or(1);
+                }
+                for (id, members) in ids.iter().zip(out.iter().skip(1)) {
+                    self.apply(fleet, id, members);
+                }
+                if let Some(drained) = out.get(ids.len() + 1) {
+                    self.apply_drained(fleet, drained);
+                }
+            }
+            Err(e) => self.mark_down(fleet, &e),
+        }
+    }
+
+    /// Listens for released slots until the subscription breaks.
+    async fn listen(&self, fleet: &Fleet, stop: &CancellationToken) {
+        let Ok(Ok(mut pubsub)) =
+            tokio::time::timeout(CALL_TIMEOUT * 2, self.client.get_async_pubsub()).await
+        else {
+            return;
+        };
+        if pubsub.subscribe(CHANNEL).await.is_err() {
+            return;
+        }
+        let mut messages = pubsub.on_message();
+        loop {
+            let msg = tokio::select! {
+                m = messages.next() => m,
+                () = stop.cancelled() => return,
+            };
+            let Some(msg) = msg else { return };
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let (backend, members) = payload.split_once('\n').unwrap_or((&payload, ""));
+            let id = fleet.read(|s| {
+                s.backends()
+                    .keys()
+                    .find(|id| id.to_string() == backend)
+                    .cloned()
+            });
+            if let Some(id) = id {
+                if self.status().reachable {
+                    self.apply(fleet, &id, members);
+                }
+            }
+        }
+    }
+
+    /// Shares a drain (true) or undrain (false) made on this instance.
+    pub(super) fn share_drain(self: &Arc<Self>, id: &BackendId, draining: bool) {
+        let backend = id.to_string();
+        lock(&self.drain_pending).insert(backend.clone(), draining);
+        lock(&self.drained_by_others).remove(&backend);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = Arc::clone(self);
+        runtime.spawn(async move {
+            let key = format!("{PREFIX}drained");
+            let mut cmd = redis::cmd(if draining { "SADD" } else { "SREM" });
+            cmd.arg(&key).arg(&backend);
+            let result = match me.connection().await {
+                Ok(mut conn) => {
+                    tokio::time::timeout(CALL_TIMEOUT, cmd.query_async::<i64>(&mut conn)).await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            if !matches!(result, Ok(Ok(_))) {
+                tracing::warn!(
+                    backend,
+                    draining,
+                    "shared state: drain not shared (Redis unreachable)"
+                );
+            }
+            lock(&me.drain_pending).remove(&backend);
+        });
+    }
+
+    /// Applies the drained set from Redis: drains what others drained, and
+    /// undrains what it drained for them once they undrain it.
+    fn apply_drained(&self, fleet: &Fleet, drained: &str) {
+        let drained: std::collections::HashSet<&str> =
+            drained.split('\n').filter(|b| !b.is_empty()).collect();
+        let pending = lock(&self.drain_pending).clone();
+        let mut ours = lock(&self.drained_by_others);
+        let changes: Vec<(BackendId, bool)> = fleet.read(|s| {
+            s.backends()
+                .iter()
+                .filter_map(|(id, b)| {
+                    let name = id.to_string();
+                    if pending.contains_key(&name) {
+                        return None;
+                    }
+                    let wanted = drained.contains(name.as_str());
+                    if wanted && !b.draining {
+                        Some((id.clone(), true))
+                    } else if !wanted && b.draining && ours.contains(&name) {
+                        Some((id.clone(), false))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        });
+        if changes.is_empty() {
+            return;
+        }
+        fleet.update(|s| {
+            for (id, draining) in &changes {
+                if let Some(b) = s.backend_mut(id) {
+                    b.draining = *draining;
+                }
+            }
+        });
+        for (id, draining) in changes {
+            tracing::info!(backend = %id, draining, "drain state changed on another instance");
+            if draining {
+                ours.insert(id.to_string());
+            } else {
+                ours.remove(&id.to_string());
+            }
+        }
+    }
+
+    /// Records a backend's holders as Redis listed them.
+    fn apply(&self, fleet: &Fleet, id: &BackendId, members: &str) {
+        let (foreign, holders) = {
+            let held = self.held();
+            let mut holders = BTreeMap::new();
+            let mut foreign = 0u32;
+            for m in members.split(',').filter(|m| !m.is_empty()) {
+                let instance = m.rsplit_once('/').map_or(m, |(i, _)| i);
+                *holders.entry(instance.to_string()).or_insert(0) += 1;
+                if !held.contains_key(m) {
+                    foreign += 1;
+                }
+            }
+            (foreign, holders)
+        };
+        fleet.update(|s| s.set_foreign(id, foreign, holders));
+    }
+
+    /// Redis failed: log once, and hold every backend to the local cap.
+    fn mark_down(&self, fleet: &Fleet, error: &redis::RedisError) {
+        let instances = {
+            let mut s = self.status();
+            if s.reachable {
+                tracing::warn!(
+                    error = %error,
+                    instances = s.instances,
+                    "shared state unreachable; serving within floor(cap / instances) per backend"
+                );
+            }
+            s.reachable = false;
+            s.rewrite = true;
+            s.instances
+        };
+        let me = self.instance.clone();
+        let cap = self.cap;
+        fleet.update(|s| {
+            let ids: Vec<BackendId> = s.backends().keys().cloned().collect();
+            for id in ids {
+                let holders = s.backends()[&id].holders.clone();
+                let foreign = degraded_foreign(cap, instances, &me, &holders);
+                s.set_foreign(&id, foreign, holders);
+            }
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The slots of a backend this instance must count as taken by others
+/// while Redis is gone: its local cap is `floor(cap / instances)` (0 when it
+/// never saw any), and less when other instances held more than their share
+/// when last seen, so that the instances together never exceed `cap`
+/// whatever each of them does meanwhile.
+pub fn degraded_foreign(
+    cap: u32,
+    instances: usize,
+    me: &str,
+    holders: &BTreeMap<String, u32>,
+) -> u32 {
+    if cap == 0 {
+        return 0;
+    }
+    let share = if instances == 0 {
+        0
+    } else {
+        cap / u32::try_from(instances).unwrap_or(u32::MAX)
+    };
+    let others: Vec<u32> = holders
+        .iter()
+        .filter(|(i, _)| i.as_str() != me)
+        .map(|(_, n)| *n)
+        .collect();
+    let silent = instances.saturating_sub(1).saturating_sub(others.len());
+    let reserved: u32 = others.iter().map(|n| (*n).max(share)).sum::<u32>()
+        + share * u32::try_from(silent).unwrap_or(u32::MAX);
+    let local = share.min(cap.saturating_sub(reserved));
+    cap - local
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holders(list: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        list.iter().map(|(i, n)| (i.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn local_cap_is_the_floor_of_the_share() {
+        assert_eq!(degraded_foreign(4, 3, "a", &holders(&[])), 3);
+        assert_eq!(degraded_foreign(6, 3, "a", &holders(&[])), 4);
+        assert_eq!(degraded_foreign(1, 3, "a", &holders(&[])), 1);
+        assert_eq!(degraded_foreign(2, 1, "a", &holders(&[])), 0);
+    }
+
+    #[test]
+    fn never_seen_means_wait() {
+        assert_eq!(degraded_foreign(4, 0, "a", &holders(&[])), 4);
+    }
+
+    #[test]
+    fn others_over_their_share_shrink_ours() {
+        // cap 3, 3 instances, b held 2 when last seen: b keeps its 2 and the
+        // one left is c's (or a's) share: a and c may each use none.
+        assert_eq!(degraded_foreign(3, 3, "a", &holders(&[("b", 2)])), 3);
+        assert_eq!(degraded_foreign(3, 3, "c", &holders(&[("b", 2)])), 3);
+        assert_eq!(
+            // b keeps its 3, c its share of 2: a may use 1.
+            degraded_foreign(6, 3, "a", &holders(&[("b", 3), ("a", 1)])),
+            5
+        );
+    }
+
+    #[test]
+    fn the_local_caps_never_sum_above_cap() {
+        for cap in 1..8u32 {
+            for n in 1..5usize {
+                for b_held in 0..=cap {
+                    let h = holders(&[("i1", b_held)]);
+                    let total: u32 = (0..n)
+                        .map(|k| {
+                            let me = format!("i{k}");
+                            let held = if k == 1 { b_held } else { 0 };
+                            held.max(cap - degraded_foreign(cap, n, &me, &h))
+                        })
+                        .sum();
+                    assert!(total <= cap, "cap {cap} n {n} held {b_held}: {total}");
+                }
+            }
+        }
+    }
+}

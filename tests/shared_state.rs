@@ -1,0 +1,423 @@
+//! SHARED_STATE: three corral binaries share ten one-slot simulated backends
+//! through a real `redis-server` on a loopback port. One instance is killed
+//! with SIGKILL mid-run and restarted; then Redis itself goes away for 5 s.
+//! Every request to a live instance is answered and no backend ever holds
+//! more than its one slot (the simulators' own counters say so). A drain
+//! made on one instance reaches the others.
+//!
+//! Needs Debian's `redis-server` on the PATH (`.ci/run` installs it). Under
+//! `CI` its absence fails the test; elsewhere the test says so and skips.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{TestFleet, eventually, generate, slow, wait_healthy_at};
+use tokio::time::Instant;
+
+const INSTANCES: usize = 3;
+const BACKENDS: usize = 10;
+const REQUESTS: u64 = 3_000;
+const CLIENTS: u64 = 30;
+/// The lease TTL of `corral::fleet::shared`, and how often instances read
+/// the holders back (a freed lease is seen at most that much later).
+const LEASE_TTL: Duration = corral::fleet::shared::LEASE_TTL;
+const RENEW_EVERY: Duration = corral::fleet::shared::RENEW_EVERY;
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether `redis-server` can run here; absent under CI is a failure.
+fn have_redis() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server is not installed: `apt-get install -y redis-server` (the CI script does)"
+        );
+        eprintln!("skipped: redis-server is not installed (apt-get install -y redis-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A throw-away redis-server on `port`: no persistence, so a restart is empty.
+async fn start_redis(port: u16) -> Proc {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let proc = Proc(child);
+    eventually(Duration::from_secs(10), "redis-server listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    proc
+}
+
+/// A corral binary on `port` over `fleet`, sharing state at `redis`.
+async fn start_instance(port: u16, fleet: &TestFleet, redis: u16) -> Proc {
+    start_instance_of(port, fleet, redis, BACKENDS).await
+}
+
+/// The same, waiting for `backends` healthy backends.
+async fn start_instance_of(port: u16, fleet: &TestFleet, redis: u16, backends: usize) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_LEVEL", "warn")
+        .env("PROXY_HOST", "127.0.0.1")
+        .env("PROXY_PORT", port.to_string())
+        .env("BACKEND_PORT_START", fleet.port_start.to_string())
+        .env("BACKEND_PORT_END", fleet.port_end.to_string())
+        .env("SCAN_INTERVAL_SECONDS", "0.2")
+        .env("MAX_CONCURRENT_PER_BACKEND", "1")
+        .env("QUEUE_TIMEOUT_SECONDS", "60")
+        .env("SHARED_STATE", format!("redis://127.0.0.1:{redis}/0"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("corral starts");
+    let proc = Proc(child);
+    wait_healthy_at(&format!("http://127.0.0.1:{port}"), backends as u64).await;
+    proc
+}
+
+async fn health(client: &reqwest::Client, port: u16) -> serde_json::Value {
+    client
+        .get(format!("http://127.0.0.1:{port}/__proxy/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Slots held by `instance` on any backend, as instance `port` sees them.
+async fn held_by(client: &reqwest::Client, port: u16, instance: &str) -> u64 {
+    let backends: serde_json::Value = client
+        .get(format!("http://127.0.0.1:{port}/__proxy/backends"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = backends
+        .as_array()
+        .or_else(|| backends["backends"].as_array())
+        .expect("a list of backends")
+        .clone();
+    rows.iter()
+        .map(|b| b["holders"][instance].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The load: `REQUESTS` spread over the live instances by `CLIENTS` tasks.
+/// A request fails only excused when its instance was killed while it ran.
+struct Load {
+    ports: Vec<u16>,
+    alive: Vec<AtomicBool>,
+    /// Bumped on every kill of that instance.
+    epoch: Vec<AtomicU64>,
+    done: AtomicU64,
+    answered: AtomicU64,
+    excused: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Load {
+    fn new(ports: Vec<u16>) -> Arc<Self> {
+        Arc::new(Self {
+            alive: ports.iter().map(|_| AtomicBool::new(true)).collect(),
+            epoch: ports.iter().map(|_| AtomicU64::new(0)).collect(),
+            ports,
+            done: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            excused: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    fn run(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let next = Arc::new(AtomicU64::new(0));
+        (0..CLIENTS)
+            .map(|_| {
+                let (load, next) = (Arc::clone(self), Arc::clone(&next));
+                tokio::spawn(async move {
+                    let client = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(90))
+                        .build()
+                        .unwrap();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= REQUESTS {
+                            return;
+                        }
+                        load.one(&client, n).await;
+                        load.done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect()
+    }
+
+    async fn one(&self, client: &reqwest::Client, n: u64) {
+        let k = self.ports.len();
+        let i = (0..k)
+            .map(|d| (n as usize + d) % k)
+            .find(|&i| self.alive[i].load(Ordering::SeqCst))
+            .expect("a live instance");
+        let epoch = self.epoch[i].load(Ordering::SeqCst);
+        let result = client
+            .post(format!("http://127.0.0.1:{}/api/generate", self.ports[i]))
+            .json(&generate("llama3.2", "shared", false))
+            .send()
+            .await;
+        let ok = match result {
+            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+            Ok(r) => {
+                eprintln!("instance {i}: {}", r.status());
+                false
+            }
+            Err(_) => false,
+        };
+        if ok {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+        } else if self.epoch[i].load(Ordering::SeqCst) != epoch
+            || !self.alive[i].load(Ordering::SeqCst)
+        {
+            self.excused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn wait_done(&self, n: u64) {
+        eventually(Duration::from_secs(60), "requests progress", || async {
+            self.done.load(Ordering::Relaxed) >= n
+        })
+        .await;
+    }
+}
+
+async fn fleet() -> TestFleet {
+    TestFleet::uniform(BACKENDS, slow(2, 3)).await
+}
+
+fn assert_never_oversubscribed(fleet: &TestFleet) {
+    for s in &fleet.servers {
+        let st = s.stats();
+        assert!(
+            st.concurrent_peak <= 1 && st.oversubscribed == 0,
+            "backend {} above its one slot: peak {}, oversubscribed {}",
+            s.port(),
+            st.concurrent_peak,
+            st.oversubscribed
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
+    if !have_redis() {
+        return;
+    }
+    let fleet = fleet().await;
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port).await;
+    let ports: Vec<u16> = (0..INSTANCES).map(|_| free_port()).collect();
+    let mut procs = Vec::new();
+    for &p in &ports {
+        procs.push(start_instance(p, &fleet, redis_port).await);
+    }
+    let client = reqwest::Client::new();
+    let victim = 2;
+    let victim_name = health(&client, ports[victim]).await["shared_state"]["instance"]
+        .as_str()
+        .expect("health names the instance")
+        .to_string();
+
+    let load = Load::new(ports.clone());
+    let tasks = load.run();
+    load.wait_done(REQUESTS / 3).await;
+    // Wait until the victim holds slots, so its death leaves leases behind.
+    eventually(
+        Duration::from_secs(10),
+        "the victim holds a slot",
+        || async { held_by(&client, ports[0], &victim_name).await > 0 },
+    )
+    .await;
+    load.alive[victim].store(false, Ordering::SeqCst);
+    load.epoch[victim].fetch_add(1, Ordering::SeqCst);
+    procs[victim].kill();
+    let killed = Instant::now();
+    eventually(
+        LEASE_TTL + RENEW_EVERY + Duration::from_millis(500),
+        "the dead instance's slots free within one lease TTL",
+        || async { held_by(&client, ports[0], &victim_name).await == 0 },
+    )
+    .await;
+    eprintln!(
+        "dead instance's slots freed {:?} after the kill",
+        killed.elapsed()
+    );
+    procs[victim] = start_instance(ports[victim], &fleet, redis_port).await;
+    load.alive[victim].store(true, Ordering::SeqCst);
+
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (answered, excused, failed) = (
+        load.answered.load(Ordering::Relaxed),
+        load.excused.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+    );
+    eprintln!("answered {answered}, lost with the killed instance {excused}, failed {failed}");
+    assert_eq!(failed, 0, "requests to live instances went unanswered");
+    assert!(
+        excused <= CLIENTS,
+        "only requests in flight on the victim may be lost"
+    );
+    assert_eq!(answered + excused, REQUESTS);
+    assert_never_oversubscribed(&fleet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
+    if !have_redis() {
+        return;
+    }
+    let fleet = fleet().await;
+    let redis_port = free_port();
+    let mut redis = start_redis(redis_port).await;
+    let ports: Vec<u16> = (0..INSTANCES).map(|_| free_port()).collect();
+    let mut procs = Vec::new();
+    for &p in &ports {
+        procs.push(start_instance(p, &fleet, redis_port).await);
+    }
+    let client = reqwest::Client::new();
+
+    let load = Load::new(ports.clone());
+    let tasks = load.run();
+    load.wait_done(REQUESTS / 3).await;
+    redis.kill();
+    eventually(
+        Duration::from_secs(5),
+        "health says Redis is gone",
+        || async { health(&client, ports[0]).await["shared_state"]["reachable"] == false },
+    )
+    .await;
+    // The outage itself: five seconds without Redis.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = load.done.load(Ordering::Relaxed);
+    redis = start_redis(redis_port).await;
+    eventually(
+        Duration::from_secs(10),
+        "health says Redis is back",
+        || async { health(&client, ports[0]).await["shared_state"]["reachable"] == true },
+    )
+    .await;
+    load.wait_done(during + 100).await;
+
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(redis);
+    let (answered, failed) = (
+        load.answered.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+    );
+    eprintln!("answered {answered}, failed {failed}");
+    assert_eq!(failed, 0, "requests went unanswered");
+    assert_eq!(answered, REQUESTS);
+    for p in &mut procs {
+        assert!(p.0.try_wait().unwrap().is_none(), "an instance crashed");
+    }
+    assert_never_oversubscribed(&fleet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_on_one_instance_drains_the_backend_on_all() {
+    if !have_redis() {
+        return;
+    }
+    let fleet = TestFleet::uniform(2, slow(2, 3)).await;
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port).await;
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut procs = Vec::new();
+    for &p in &ports {
+        procs.push(start_instance_of(p, &fleet, redis_port, 2).await);
+    }
+    let client = reqwest::Client::new();
+    let id = fleet.servers[0].port();
+    let draining_on = |port: u16| {
+        let client = client.clone();
+        async move {
+            let v: serde_json::Value = client
+                .get(format!("http://127.0.0.1:{port}/__proxy/backends"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let rows = v
+                .as_array()
+                .or_else(|| v["backends"].as_array())
+                .unwrap()
+                .clone();
+            rows.iter()
+                .find(|b| b["port"] == id)
+                .is_some_and(|b| b["draining"] == true)
+        }
+    };
+    for (draining, action) in [(true, "drain"), (false, "undrain")] {
+        let r = client
+            .post(format!(
+                "http://127.0.0.1:{}/__proxy/backends/{id}/{action}",
+                ports[0]
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{action}: {}", r.status());
+        eventually(
+            RENEW_EVERY * 3,
+            &format!("the other instance sees the {action}"),
+            || async { draining_on(ports[1]).await == draining },
+        )
+        .await;
+    }
+}
