@@ -27,17 +27,25 @@ async fn both(kind: Kind, seed: u64, scale: f64) -> (Measured, Measured) {
     (ca, lb)
 }
 
+/// Cache-aware must save at least half of what could be saved over
+/// least-busy (down to the oracle, every shared prefix evaluated once). A
+/// plain ratio to least-busy is not a test: on some seeds least-busy itself
+/// comes within 2× of the oracle, and then even a perfect placement fails
+/// it. The 2× target of the issue is the benchmark's, at full scale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_prefixes_are_evaluated_at_least_twice_less_often() {
+async fn shared_prefixes_save_most_of_what_the_oracle_saves() {
     let (ca, lb) = both(Kind::Batch, seed(), 0.25).await;
-    let ratio = lb.prompt_tokens as f64 / ca.prompt_tokens as f64;
-    assert!(
-        ratio >= 2.0,
-        "least-busy / cache-aware prompt tokens {ratio:.2}"
-    );
     assert!(
         ca.prompt_tokens >= ca.oracle_tokens,
         "no better than the oracle"
+    );
+    let possible = lb.prompt_tokens.saturating_sub(lb.oracle_tokens) as f64;
+    let saved = lb.prompt_tokens as f64 - ca.prompt_tokens as f64;
+    assert!(
+        possible > 0.0 && saved >= 0.5 * possible,
+        "cache-aware saved {saved} of the {possible} prompt tokens least-busy could have saved \
+         (least-busy / cache-aware {:.2})",
+        lb.prompt_tokens as f64 / ca.prompt_tokens as f64
     );
 }
 
