@@ -204,16 +204,7 @@ async fn corral_refuses_in_anthropic_shape_and_takes_x_api_key() {
 
 #[tokio::test]
 async fn a_messages_stream_without_message_stop_is_counted_broken() {
-    let faults = FaultSpec {
-        mid_stream_error_rate: 1.0,
-        ..FaultSpec::default()
-    };
-    let spec = ServerSpec {
-        faults,
-        token_interval: Duration::from_millis(2),
-        ..ServerSpec::default()
-    };
-    let fleet = TestFleet::uniform(1, spec).await;
+    let fleet = TestFleet::uniform(1, common::breaking_midway()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy.post("/v1/messages", ask(true)).await;
     assert_eq!(r.status(), 200);

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use common::{TestFleet, TestProxy, eventually, generate, slow, start_proxy};
 use corral::sim::{ServerSpec, SimServer};
-use serde_json::Value;
 use tokio::net::TcpListener;
 
 fn corral() -> Command {
@@ -40,16 +39,6 @@ async fn wait_exit(mut child: Child, deadline: Duration) -> std::process::Output
     })
     .await
     .unwrap()
-}
-
-async fn row(proxy: &TestProxy, id: &str) -> Option<Value> {
-    let v = proxy.get_json("/__proxy/backends").await;
-    v["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["id"] == id)
-        .cloned()
 }
 
 #[tokio::test]
@@ -79,7 +68,7 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
     // Renewed: still registered and in service well past three lease periods.
     let registered_at = tokio::time::Instant::now();
     eventually(Duration::from_secs(10), "three lease periods", || async {
-        let r = row(&proxy, &id).await.expect("still registered");
+        let r = proxy.backend_row(&id).await.expect("still registered");
         assert_eq!(r["draining"], false, "{r}");
         assert_eq!(r["healthy"], true, "{r}");
         registered_at.elapsed() > Duration::from_secs_f64(lease * 3.0)
@@ -126,7 +115,7 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {log}", out.status);
     assert!(
-        row(&proxy, &id).await.is_none(),
+        proxy.backend_row(&id).await.is_none(),
         "deregistered on exit: {log}"
     );
     // The job's Ollama finished all it was given before the helper left.
@@ -203,7 +192,8 @@ async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
         Duration::from_secs(5),
         "relearned from a renewal",
         || async {
-            row(&second, &id)
+            second
+                .backend_row(&id)
                 .await
                 .is_some_and(|r| r["healthy"] == true)
         },

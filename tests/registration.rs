@@ -37,17 +37,6 @@ async fn register(proxy: &TestProxy, body: Value, key: Option<&str>) -> reqwest:
     r.send().await.unwrap()
 }
 
-/// The row of `id` in `/__proxy/backends`, if it is there.
-async fn row(proxy: &TestProxy, id: &str) -> Option<Value> {
-    let v = proxy.get_json("/__proxy/backends").await;
-    v["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["id"] == id)
-        .cloned()
-}
-
 #[tokio::test]
 async fn a_registered_backend_serves_within_one_probe_under_its_id() {
     let backend = outside(ServerSpec::default()).await;
@@ -120,7 +109,8 @@ async fn an_expired_lease_drains_the_backend_lets_its_request_finish_then_forget
         Duration::from_secs(5),
         "drained with the request in flight",
         || async {
-            row(&proxy, &id)
+            proxy
+                .backend_row(&id)
                 .await
                 .is_some_and(|b| b["draining"] == true && b["in_flight"] == 1)
         },
@@ -132,7 +122,7 @@ async fn an_expired_lease_drains_the_backend_lets_its_request_finish_then_forget
     assert_eq!(r.headers()["x-corral-backend"], id.as_str());
     assert!(!r.text().await.unwrap().is_empty());
     eventually(Duration::from_secs(5), "forgotten", || async {
-        row(&proxy, &id).await.is_none()
+        proxy.backend_row(&id).await.is_none()
     })
     .await;
     assert_eq!(backend.stats().completed, 1);
@@ -161,7 +151,7 @@ async fn delete_drains_and_removes_when_idle_and_a_renewal_brings_it_back() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["removed"], true);
-    assert!(row(&proxy, &idle_id).await.is_none());
+    assert!(proxy.backend_row(&idle_id).await.is_none());
 
     // Busy: drained, its request finishes, then removed.
     let request = spawn_post(
@@ -181,12 +171,12 @@ async fn delete_drains_and_removes_when_idle_and_a_renewal_brings_it_back() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    assert_eq!(row(&proxy, &busy_id).await.unwrap()["draining"], true);
+    assert_eq!(proxy.backend_row(&busy_id).await.unwrap()["draining"], true);
     let r = request.response().await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-corral-backend"], busy_id.as_str());
     eventually(Duration::from_secs(5), "removed once idle", || async {
-        row(&proxy, &busy_id).await.is_none()
+        proxy.backend_row(&busy_id).await.is_none()
     })
     .await;
 

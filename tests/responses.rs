@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestFleet, backend_of, eventually, sse_events, start_proxy};
-use corral::sim::{FaultSpec, ServerSpec};
+use corral::sim::ServerSpec;
 use serde_json::{Value, json};
 
 fn ask(input: &str, stream: bool) -> Value {
@@ -303,16 +303,7 @@ async fn corral_refuses_responses_in_openai_shape() {
 
 #[tokio::test]
 async fn a_responses_stream_cut_before_completed_is_counted_broken() {
-    let faults = FaultSpec {
-        mid_stream_error_rate: 1.0,
-        ..FaultSpec::default()
-    };
-    let spec = ServerSpec {
-        faults,
-        token_interval: Duration::from_millis(2),
-        ..ServerSpec::default()
-    };
-    let fleet = TestFleet::uniform(1, spec).await;
+    let fleet = TestFleet::uniform(1, common::breaking_midway()).await;
     let proxy = start_proxy(&fleet, |_| {}).await;
     let r = proxy.post("/v1/responses", ask("cut", true)).await;
     assert_eq!(r.status(), 200);

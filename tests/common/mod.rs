@@ -124,6 +124,17 @@ impl TestProxy {
         self.post(path, body).await.json().await.unwrap()
     }
 
+    /// The row of backend `id` in `/__proxy/backends`, if it is there.
+    pub async fn backend_row(&self, id: &str) -> Option<serde_json::Value> {
+        let v = self.get_json("/__proxy/backends").await;
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .cloned()
+    }
+
     /// The `/metrics` page as text.
     pub async fn metrics(&self) -> String {
         self.client
@@ -232,6 +243,20 @@ pub fn failing() -> ServerSpec {
     };
     ServerSpec {
         faults,
+        ..ServerSpec::default()
+    }
+}
+
+/// A simulated backend whose every stream breaks after its first tokens
+/// (a mid-stream error), two milliseconds a token.
+pub fn breaking_midway() -> ServerSpec {
+    let faults = corral::sim::FaultSpec {
+        mid_stream_error_rate: 1.0,
+        ..Default::default()
+    };
+    ServerSpec {
+        faults,
+        token_interval: Duration::from_millis(2),
         ..ServerSpec::default()
     }
 }
