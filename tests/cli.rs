@@ -79,41 +79,11 @@ fn unparsable_settings_exit_2_never_panic() {
 
 #[tokio::test]
 async fn demo_serves_a_fleet_and_stops_on_sigterm() {
-    let mut child = corral()
-        .args([
-            "demo",
-            "--port",
-            "0",
-            "--backend-port-start",
-            "0",
-            "--quiet",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Reads every line, so the demo's stdout stays open while it runs.
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next().unwrap().unwrap());
-        for _ in lines {}
-    });
-    let banner = tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut child, banner, url) = start_demo(&["--quiet"]).await;
     assert!(
         banner.starts_with("corral demo: 4 simulated Ollama backends"),
         "{banner}"
     );
-    let url = banner
-        .rsplit("proxy on ")
-        .next()
-        .unwrap()
-        .trim()
-        .to_string();
     let client = reqwest::Client::new();
     common::wait_healthy_at(&url, 4).await;
     let r = client
@@ -180,8 +150,10 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert!(status.success(), "{status}");
 }
 
-/// Starts `corral demo` with `extra` flags; returns the child and the proxy's URL.
-async fn start_demo(extra: &[&str]) -> (Child, String) {
+/// Starts `corral demo` with `extra` flags; returns the child, its first
+/// line (the banner) and the proxy's URL. Every later line is read, so the
+/// demo's stdout stays open while it runs.
+async fn start_demo(extra: &[&str]) -> (Child, String, String) {
     let mut child = corral()
         .args(["demo", "--port", "0", "--backend-port-start", "0"])
         .args(extra)
@@ -206,12 +178,12 @@ async fn start_demo(extra: &[&str]) -> (Child, String) {
         .unwrap()
         .trim()
         .to_string();
-    (child, url)
+    (child, banner, url)
 }
 
 #[tokio::test]
 async fn the_demo_moves_traffic_runs_and_jobs_come_and_go() {
-    let (child, url) = start_demo(&[]).await;
+    let (child, _, url) = start_demo(&[]).await;
     let client = reqwest::Client::new();
     let stats = |client: reqwest::Client, url: String| async move {
         client

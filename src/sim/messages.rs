@@ -72,17 +72,7 @@ fn tool_to_call(req: &Value) -> Option<(String, Option<String>)> {
         return None;
     }
     let name = tool["name"].as_str()?.to_string();
-    let schema = &tool["input_schema"];
-    let param = schema["required"][0]
-        .as_str()
-        .or_else(|| {
-            schema["properties"]
-                .as_object()?
-                .keys()
-                .next()
-                .map(String::as_str)
-        })
-        .map(str::to_string);
+    let param = turn::first_param(&tool["input_schema"]);
     Some((name, param))
 }
 

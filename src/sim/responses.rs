@@ -237,17 +237,7 @@ fn tool_to_call(req: &Value, answered: bool) -> Option<(String, Option<String>)>
         .iter()
         .find(|t| t["type"] == "function")?;
     let name = tool["name"].as_str()?.to_string();
-    let params = &tool["parameters"];
-    let param = params["required"][0]
-        .as_str()
-        .or_else(|| {
-            params["properties"]
-                .as_object()?
-                .keys()
-                .next()
-                .map(String::as_str)
-        })
-        .map(str::to_string);
+    let param = turn::first_param(&tool["parameters"]);
     Some((name, param))
 }
 

@@ -296,6 +296,21 @@ impl Turn {
 /// Sender side of an event stream.
 pub(crate) type Events = mpsc::Sender<std::io::Result<Bytes>>;
 
+/// The parameter a simulated tool call fills: the first required one of a
+/// JSON schema, else its first property.
+pub(crate) fn first_param(schema: &Value) -> Option<String> {
+    schema["required"][0]
+        .as_str()
+        .or_else(|| {
+            schema["properties"]
+                .as_object()?
+                .keys()
+                .next()
+                .map(String::as_str)
+        })
+        .map(str::to_string)
+}
+
 /// Ends an event stream the way a reset connection does.
 pub(crate) async fn reset(tx: &Events) {
     let reset = std::io::Error::new(
