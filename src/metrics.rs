@@ -1,11 +1,14 @@
 //! Prometheus metrics (`GET /metrics`): the registry and every metric family,
 //! named `corral_*` in base units. Labels are bounded: endpoints are the fixed
 //! route set, models only those some backend listed, backends only those in
-//! the fleet table (a forgotten backend's series are removed).
+//! the fleet table (a forgotten backend's series are removed). The request
+//! path counts through handles resolved once ([`series`]).
+
+mod series;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -18,6 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+pub use series::{BackendCounters, RequestSeries, SeriesCache};
 
 /// Labels of per-request series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,8 +151,11 @@ pub struct Metrics {
     /// Plain running totals for the dashboard, which needs sums that the
     /// labelled families cannot give without walking every series.
     pub totals: Totals,
-    /// Backends with series now, to retire those that leave the fleet.
-    backends_seen: Mutex<HashSet<Arc<str>>>,
+    /// The handles of each (endpoint, model) pair, resolved once.
+    series: SeriesCache,
+    /// Backends with series now and their attempt counters, to retire
+    /// those that leave the fleet.
+    backends: BackendCounters,
 }
 
 /// Running totals since start, cheap to read: the dashboard's sampler
@@ -236,7 +244,8 @@ impl Metrics {
             prompt_tokens_saved: Counter::default(),
             model_loads_caused: Counter::default(),
             totals: Totals::default(),
-            backends_seen: Mutex::new(HashSet::new()),
+            series: SeriesCache::default(),
+            backends: BackendCounters::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -395,7 +404,6 @@ impl Metrics {
         &self,
         backends: impl Iterator<Item = (Arc<str>, bool, u32, Option<Duration>)> + 'a,
     ) {
-        let mut seen = self.backends_seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = HashSet::new();
         for (backend, healthy, in_flight, probe) in backends {
             let labels = BackendLabels {
@@ -414,7 +422,7 @@ impl Metrics {
             }
             now.insert(backend);
         }
-        for gone in seen.difference(&now) {
+        for gone in &self.backends.retain(&now) {
             let labels = BackendLabels {
                 backend: Arc::clone(gone),
             };
@@ -429,47 +437,17 @@ impl Metrics {
                 });
             }
         }
-        *seen = now;
     }
 
-    /// Remembers that `backend` has series, so that they are retired when it
-    /// leaves the fleet even if no scrape saw it in the table.
-    fn touch_backend(&self, backend: &Arc<str>) {
-        let mut seen = self.backends_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if !seen.contains(backend) {
-            seen.insert(Arc::clone(backend));
-        }
+    /// The handles of `(endpoint, model)`: one look-up, then atomics.
+    pub fn series(&self, endpoint: &'static str, model: &str) -> Arc<RequestSeries> {
+        self.series.get(endpoint, model)
     }
 
-    /// Counts an attempt sent to `backend`.
+    /// Counts an attempt sent to `backend` (its handle is kept until it
+    /// leaves the fleet).
     pub fn backend_attempted(&self, backend: &Arc<str>) {
-        self.touch_backend(backend);
-        self.backend_requests
-            .get_or_create(&BackendLabels {
-                backend: Arc::clone(backend),
-            })
-            .inc();
-    }
-
-    /// Counts a request answered (by a backend or refused by corral) and its duration.
-    pub fn request_done(
-        &self,
-        endpoint: &'static str,
-        model: &Arc<str>,
-        status: u16,
-        duration: Duration,
-    ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint,
-                model: Arc::clone(model),
-                status,
-            })
-            .inc();
-        self.totals.request(status);
-        self.request_duration
-            .get_or_create(&EndpointLabels { endpoint })
-            .observe(duration.as_secs_f64());
+        self.backends.attempted(self, backend);
     }
 
     /// Records the time a request waited for a slot it got.
@@ -483,7 +461,7 @@ impl Metrics {
 
     /// Counts a failed attempt.
     pub fn backend_failed(&self, backend: &Arc<str>, kind: &'static str) {
-        self.touch_backend(backend);
+        self.backends.touch(backend);
         self.backend_failures
             .get_or_create(&FailureLabels {
                 backend: Arc::clone(backend),
@@ -516,42 +494,6 @@ impl Metrics {
         if evaluated > 0 {
             self.prompt_tokens_saved
                 .inc_by(estimated.saturating_sub(evaluated));
-        }
-    }
-
-    /// Records the tokens of a finished generation.
-    pub fn record_tokens(
-        &self,
-        model: &Arc<str>,
-        prompt: u64,
-        generated: u64,
-        eval_seconds: Option<f64>,
-    ) {
-        if prompt > 0 {
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    model: Arc::clone(model),
-                    direction: "in",
-                })
-                .inc_by(prompt);
-        }
-        if generated > 0 {
-            self.totals
-                .tokens_out
-                .fetch_add(generated, Ordering::Relaxed);
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    model: Arc::clone(model),
-                    direction: "out",
-                })
-                .inc_by(generated);
-            if let Some(secs) = eval_seconds.filter(|s| *s > 0.0) {
-                self.tokens_per_second
-                    .get_or_create(&ModelLabels {
-                        model: Arc::clone(model),
-                    })
-                    .observe(generated as f64 / secs);
-            }
         }
     }
 }

@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
@@ -34,15 +35,15 @@ use tokio::time::Instant;
 use super::App;
 use super::body;
 use super::claim::Claim;
+use super::context::{Failure, RequestContext};
 use super::course::{Course, Refused, pinned_backend};
 use super::error::{Api, ProxyError};
-use super::routes::REQUEST_ID;
-use super::stream::{Framing, Ledger, Relay, RequestInfo};
+use super::ledger::Ledger;
+use super::relay::{Framing, Relay};
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
 use super::{cloud, inspect, responses};
 use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{AcquireError, Rejection, Target, Ticket, Want};
-use crate::metrics::EndpointLabels;
 use crate::model::ModelName;
 
 /// Endpoints that stream when `stream` is absent.
@@ -63,196 +64,222 @@ pub async fn forward(
     endpoint: &'static str,
     request: Request,
 ) -> Response {
-    let started = Instant::now();
-    let api = Api::of(endpoint);
-    let mut model: Option<ModelName> = None;
-    // The request-id middleware has set it; kept for the refusal line.
-    let request_id = request.headers().get(REQUEST_ID).cloned();
-    match route(&app, endpoint, request, started, &mut model).await {
-        Ok(response) => response,
-        Err(error) => {
-            // A model no backend ever listed is labelled `unknown`, so that
-            // made-up names cannot grow the series without bound.
-            let model_label = match &model {
-                None => Arc::from("none"),
-                Some(m) if app.fleet.read(|s| s.is_known(m)) => Arc::from(m.display()),
-                Some(_) => Arc::from("unknown"),
-            };
-            let response = error.render(api);
-            let status = response.status().as_u16();
-            let duration = started.elapsed();
-            tracing::info!(
-                request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default(),
-                endpoint,
-                model = %model_label,
-                status,
-                duration_ms = duration.as_millis() as u64,
-                error = %error,
-                "request refused"
-            );
-            app.metrics
-                .request_done(endpoint, &model_label, status, duration);
-            response
+    let (head, body) = request.into_parts();
+    let mut ctx = RequestContext::new(endpoint, &head, Instant::now());
+    match route(&app, &mut ctx, head, body).await {
+        Ok((claim, answer)) => respond(&app, ctx, claim, answer),
+        Err(error) => refuse(&app, &ctx, &error),
+    }
+}
+
+/// What a request sends and where it may still go, once its body is read.
+struct Outbound {
+    head: Parts,
+    bytes: Bytes,
+    want: Want,
+    course: Course,
+    /// One ticket for every attempt: its arrival place and queue deadline.
+    ticket: Ticket,
+    /// The tenant's metric label.
+    tenant_label: Arc<str>,
+    /// The model as the client spelled it, for a 404's message.
+    asked: Option<String>,
+    /// Whether a backend's 404 means its model list is stale: not for
+    /// cloud models or continued responses, where it is the backend's own
+    /// answer (known to corral or not).
+    listed: bool,
+}
+
+/// A backend's answer: its head and the first chunk of its body, read.
+struct Answer {
+    head: http::response::Parts,
+    rest: Incoming,
+    first: Option<Bytes>,
+}
+
+/// Claims backends and sends the request until one answers.
+async fn route(
+    app: &App,
+    ctx: &mut RequestContext,
+    head: Parts,
+    body: Body,
+) -> Result<(Claim, Answer), ProxyError> {
+    let mut out = prepare(app, ctx, head, body).await?;
+    let mut last: Option<BackendError> = None;
+    loop {
+        let claim = claim(app, ctx, &mut out, last.as_ref()).await?;
+        let model = out.want.model.as_ref().filter(|_| out.listed);
+        match attempt(app, claim.target(), &out.head, out.bytes.clone(), model).await {
+            Ok(answer) => {
+                ctx.placed = out.want.signature.as_deref().and_then(|s| {
+                    let estimated = (s.bytes / 4) as u64;
+                    s.placed().map(|p| (p, estimated))
+                });
+                return Ok((claim, answer));
+            }
+            Err(error) => {
+                let again = failed(app, ctx, &mut out, claim, &error);
+                if !again {
+                    return Err(ProxyError::AllAttemptsFailed(format!(
+                        "{} attempt(s), last: {error}",
+                        ctx.attempts
+                    )));
+                }
+                last = Some(error);
+            }
         }
     }
 }
 
-async fn route(
+/// Reads the body and decides what the request wants: tenant and priority,
+/// the REJECT_STREAMING rule, its model, the backend a continued response
+/// is pinned to, and its prompt's signature for cache-aware placement.
+async fn prepare(
     app: &App,
-    endpoint: &'static str,
-    request: Request,
-    started: Instant,
-    model_out: &mut Option<ModelName>,
-) -> Result<Response, ProxyError> {
-    let (parts, body) = request.into_parts();
-    let (tenant, priority) = app.tenancy.of(&parts)?;
+    ctx: &mut RequestContext,
+    head: Parts,
+    body: Body,
+) -> Result<Outbound, ProxyError> {
+    let (tenant, priority) = app.tenancy.of(&head)?;
+    ctx.tenant = Some(Arc::clone(&tenant));
+    ctx.priority = priority;
+    let args = &app.args;
     let bytes = body::read(
-        &parts.headers,
+        &head.headers,
         body,
-        app.args.max_body_bytes,
-        app.args.client_header_timeout,
+        args.max_body_bytes,
+        args.client_header_timeout,
     )
     .await?;
     let (peek, plain) =
-        inspect::peek(endpoint, &parts.headers, &bytes, app.args.max_body_bytes).await?;
-    let bytes = apply_stream_rule(app.args.reject_streaming, endpoint, peek.stream, bytes)?;
+        inspect::peek(ctx.endpoint, &head.headers, &bytes, args.max_body_bytes).await?;
+    ctx.stream = peek.stream;
+    let bytes = apply_stream_rule(args.reject_streaming, ctx.endpoint, peek.stream, bytes)?;
     let model = peek.model.as_deref().map(ModelName::parse);
-    *model_out = model.clone();
+    ctx.model = model.clone();
+    let text = plain.as_deref().unwrap_or(&bytes);
     let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
-    let previous = match endpoint {
-        responses::ENDPOINT => responses::previous_id(plain.as_deref().unwrap_or(&bytes)),
+    let previous = match ctx.endpoint {
+        responses::ENDPOINT => responses::previous_id(text),
         _ => None,
     };
     let pin = match &previous {
         Some(id) => pinned_backend(app, id)?,
         None => None,
     };
-    let signature = (app.args.routing == Routing::CacheAware)
-        .then(|| Signature::of(plain.as_deref().unwrap_or(&bytes), &parts.headers))
+    let signature = (args.routing == Routing::CacheAware)
+        .then(|| Signature::of(text, &head.headers))
         .flatten()
         .map(Arc::new);
-    let mut want = Want {
-        model,
-        tried: Vec::new(),
-        signature,
-    };
-    let mut course = Course {
+    let course = Course {
         cloud,
         pin,
         busy: Vec::new(),
         busy_rounds: 0,
-        deadline: started + app.args.queue_timeout,
+        deadline: ctx.arrived + args.queue_timeout,
     };
-    let mut attempts: u32 = 0;
-    let mut failures: u32 = 0;
-    let mut queue_wait = std::time::Duration::ZERO;
-    let mut last_error: Option<BackendError> = None;
-    // One ticket for every attempt: its arrival place and queue deadline.
-    let mut ticket = Ticket::new(Arc::clone(&tenant), priority, started);
-    let tenant_label = app.tenancy.label(&tenant);
-    loop {
-        let waited = Instant::now();
-        let claim = course
-            .claim(
-                app,
-                &mut want,
-                bytes.len(),
-                &mut ticket,
-                attempts,
-                last_error.as_ref(),
-            )
-            .await
-            .map_err(|e| match e {
-                Refused::Now(error) => error,
-                Refused::Acquire(e) => {
-                    let asked = Asked {
-                        model: want.model.as_ref(),
-                        name: peek.model.as_deref(),
-                        tenant: &tenant,
-                    };
-                    refusal(app, e, asked, last_error.as_ref())
-                }
-            })?;
-        let wait = waited.elapsed();
-        queue_wait += wait;
-        app.metrics.queue_waited(wait);
-        app.metrics.tenant_waited(&tenant_label, wait);
-        attempts += 1;
-        if attempts > 1 {
-            app.metrics.retries.inc();
-        }
-        let backend = Arc::clone(&claim.target().label);
-        app.metrics.backend_attempted(&backend);
-        // A 404 is the backend's own answer, not a stale model list, for
-        // cloud models and for continued responses (known to corral or not).
-        let listed = want.model.as_ref().filter(|_| !cloud && previous.is_none());
-        match attempt(app, claim.target(), &parts, bytes.clone(), listed).await {
-            Ok((head, rest, first)) => {
-                // A backend that listed the model took it: it is known.
-                let model_label = want.model.as_ref().map_or("none", ModelName::display);
-                let ledger = Ledger::new(
-                    Arc::clone(&app.metrics),
-                    endpoint,
-                    Arc::from(model_label),
-                    head.status.as_u16(),
-                    started,
-                    RequestInfo {
-                        request_id: parts.headers.get(REQUEST_ID).cloned(),
-                        method: parts.method.clone(),
-                        path: endpoint,
-                        backend: Arc::clone(&backend),
-                        attempts,
-                        queue_wait,
-                        placed: want.signature.as_deref().and_then(|s| {
-                            let estimated = (s.bytes / 4) as u64;
-                            s.placed().map(|p| (p, estimated))
-                        }),
-                    },
-                );
-                app.metrics
-                    .time_to_first_byte
-                    .get_or_create(&EndpointLabels { endpoint })
-                    .observe(started.elapsed().as_secs_f64());
-                tracing::debug!(endpoint, %backend, attempts, queue_wait_ms = queue_wait.as_millis() as u64, status = head.status.as_u16(), "answering");
-                if endpoint == responses::ENDPOINT && head.status.is_success() {
-                    if let Some(id) = first.as_deref().and_then(responses::response_id) {
-                        app.responses.remember(id, claim.target().id.clone());
-                    }
-                }
-                return Ok(respond(
-                    app, head, rest, first, claim, ledger, attempts, queue_wait,
-                ));
-            }
-            Err(error) => {
-                tracing::warn!(endpoint, %backend, attempt = attempts, error = %error, "attempt failed");
-                app.metrics.backend_failed(&backend, error.kind().label());
-                let id = claim.target().id.clone();
-                match (error.kind(), &want.model) {
-                    // Its own queue is full: it stays healthy, and this
-                    // attempt does not count against MAX_RETRIES.
-                    (FailureKind::Busy, _) => course.busy.push(id.clone()),
-                    (FailureKind::ModelMissing, Some(model)) => {
-                        app.fleet.forget_model(&id, model);
-                    }
-                    _ if claim.owns_failures() => app.fleet.mark_failed(&id, error.to_string()),
-                    _ => {}
-                }
-                want.tried.push(id);
-                drop(claim);
-                if error.kind() != FailureKind::Busy {
-                    failures += 1;
-                }
-                let retryable = error.is_retryable();
-                last_error = Some(error);
-                if !retryable || failures > app.args.max_retries {
-                    let detail = last_error.map(|e| e.to_string()).unwrap_or_default();
-                    return Err(ProxyError::AllAttemptsFailed(format!(
-                        "{attempts} attempt(s), last: {detail}"
-                    )));
-                }
-            }
-        }
+    Ok(Outbound {
+        want: Want {
+            model,
+            tried: Vec::new(),
+            signature,
+        },
+        course,
+        ticket: Ticket::new(Arc::clone(&tenant), priority, ctx.arrived),
+        tenant_label: app.tenancy.label(&tenant),
+        asked: peek.model,
+        listed: !cloud && previous.is_none(),
+        head,
+        bytes,
+    })
+}
+
+/// The next backend, held: counts the wait and the attempt.
+async fn claim(
+    app: &App,
+    ctx: &mut RequestContext,
+    out: &mut Outbound,
+    last: Option<&BackendError>,
+) -> Result<Claim, ProxyError> {
+    let waited = Instant::now();
+    let claimed = out
+        .course
+        .claim(
+            app,
+            &mut out.want,
+            out.bytes.len(),
+            &mut out.ticket,
+            ctx.attempts,
+            last,
+        )
+        .await;
+    let claim = match claimed {
+        Ok(claim) => claim,
+        Err(Refused::Now(error)) => return Err(error),
+        Err(Refused::Acquire(e)) => return Err(refusal(app, e, ctx, out, last)),
+    };
+    let wait = waited.elapsed();
+    ctx.queue_wait += wait;
+    app.metrics.queue_waited(wait);
+    app.metrics.tenant_waited(&out.tenant_label, wait);
+    ctx.attempts += 1;
+    if ctx.attempts > 1 {
+        app.metrics.retries.inc();
     }
+    let backend = &claim.target().label;
+    app.metrics.backend_attempted(backend);
+    ctx.backend = Some(Arc::clone(backend));
+    Ok(claim)
+}
+
+/// Counts a failed attempt and lets its backend go (marked failed, busy or
+/// without the model); whether another attempt may be made.
+fn failed(
+    app: &App,
+    ctx: &mut RequestContext,
+    out: &mut Outbound,
+    claim: Claim,
+    error: &BackendError,
+) -> bool {
+    let backend = Arc::clone(&claim.target().label);
+    tracing::warn!(endpoint = ctx.endpoint, %backend, attempt = ctx.attempts, error = %error, "attempt failed");
+    app.metrics.backend_failed(&backend, error.kind().label());
+    let id = claim.target().id.clone();
+    match (error.kind(), &out.want.model) {
+        // Its own queue is full: it stays healthy, and this attempt does
+        // not count against MAX_RETRIES.
+        (FailureKind::Busy, _) => out.course.busy.push(id.clone()),
+        (FailureKind::ModelMissing, Some(model)) => app.fleet.forget_model(&id, model),
+        _ if claim.owns_failures() => app.fleet.mark_failed(&id, error.to_string()),
+        _ => {}
+    }
+    out.want.tried.push(id);
+    drop(claim);
+    ctx.backend = None;
+    ctx.failures.push(Failure {
+        backend,
+        kind: error.kind(),
+    });
+    error.is_retryable() && ctx.retries_spent() <= app.args.max_retries
+}
+
+/// The client's answer to a request turned away, its log line and count. A
+/// model no backend ever listed is labelled `unknown`, so that made-up
+/// names cannot grow the series without bound.
+fn refuse(app: &App, ctx: &RequestContext, error: &ProxyError) -> Response {
+    let model = match &ctx.model {
+        None => "none",
+        Some(m) if app.fleet.read(|s| s.is_known(m)) => m.display(),
+        Some(_) => "unknown",
+    };
+    let response = error.render(Api::of(ctx.endpoint));
+    let status = response.status().as_u16();
+    let duration = ctx.arrived.elapsed();
+    ctx.log_refused(model, status, duration, error);
+    app.metrics
+        .series(ctx.endpoint, model)
+        .request_done(&app.metrics, status, duration);
+    response
 }
 
 /// REJECT_STREAMING=true: `"stream": true` is refused, and a missing `stream`
@@ -273,24 +300,20 @@ fn apply_stream_rule(
     }
 }
 
-/// What a refused request asked for, for its error and `Retry-After`.
-struct Asked<'a> {
-    model: Option<&'a ModelName>,
-    /// The model as the client spelled it.
-    name: Option<&'a str>,
-    tenant: &'a str,
-}
-
 /// The client's answer when no slot was had.
 fn refusal(
     app: &App,
     error: AcquireError,
-    asked: Asked<'_>,
+    ctx: &RequestContext,
+    out: &Outbound,
     last: Option<&BackendError>,
 ) -> ProxyError {
-    let model = asked.name;
+    let model = out.asked.as_deref();
     let retry_after = || {
-        let secs = app.fleet.retry_after(asked.model, asked.tenant).as_secs();
+        let secs = app
+            .fleet
+            .retry_after(out.want.model.as_ref(), ctx.tenant_name())
+            .as_secs();
         u32::try_from(secs).unwrap_or(u32::MAX)
     };
     let (reason, error) = match error {
@@ -349,7 +372,7 @@ async fn attempt(
     parts: &Parts,
     body: Bytes,
     model: Option<&ModelName>,
-) -> Result<(http::response::Parts, Incoming, Option<Bytes>), BackendError> {
+) -> Result<Answer, BackendError> {
     let root = http::uri::PathAndQuery::from_static("/");
     let path = parts.uri.path_and_query().unwrap_or(&root);
     let response = app
@@ -373,11 +396,21 @@ async fn attempt(
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     if !data.is_empty() {
-                        return Ok((head, rest, Some(data)));
+                        return Ok(Answer {
+                            head,
+                            rest,
+                            first: Some(data),
+                        });
                     }
                 }
             }
-            Ok(None) => return Ok((head, rest, None)),
+            Ok(None) => {
+                return Ok(Answer {
+                    head,
+                    rest,
+                    first: None,
+                });
+            }
             Ok(Some(Err(e))) => {
                 return Err(BackendError::new(
                     FailureKind::Reset,
@@ -396,37 +429,39 @@ async fn attempt(
     }
 }
 
-/// The client's response: the backend's status and end-to-end headers, ours,
-/// and the relayed body.
-#[allow(clippy::too_many_arguments)]
-fn respond(
-    app: &App,
-    mut head: http::response::Parts,
-    rest: Incoming,
-    first: Option<Bytes>,
-    slot: Claim,
-    ledger: Ledger,
-    attempts: u32,
-    queue_wait: std::time::Duration,
-) -> Response {
+/// The client's response: the backend's status and end-to-end headers,
+/// ours, and the relayed body, which takes the claim and the context along.
+fn respond(app: &App, mut ctx: RequestContext, claim: Claim, answer: Answer) -> Response {
+    let Answer {
+        mut head,
+        rest,
+        first,
+    } = answer;
+    let status = head.status.as_u16();
+    // A backend that listed the model took it: it is known.
+    let model = ctx.model.as_ref().map_or("none", ModelName::display);
+    let series = app.metrics.series(ctx.endpoint, model);
+    let first_byte = ctx.arrived.elapsed();
+    ctx.first_byte = Some(first_byte);
+    series.first_byte(&app.metrics, first_byte);
+    tracing::debug!(endpoint = ctx.endpoint, backend = %claim.target().label, attempts = ctx.attempts, queue_wait_ms = ctx.queue_wait.as_millis() as u64, status, "answering");
+    if ctx.endpoint == responses::ENDPOINT && head.status.is_success() {
+        if let Some(id) = first.as_deref().and_then(responses::response_id) {
+            app.responses.remember(id, claim.target().id.clone());
+        }
+    }
     strip_hop_by_hop(&mut head.headers);
     let framing = Framing::of(head.headers.get(http::header::CONTENT_TYPE));
     let headers = &mut head.headers;
-    headers.insert("x-corral-backend", slot.target().header.clone());
-    headers.insert("x-corral-attempts", HeaderValue::from(attempts));
+    headers.insert("x-corral-backend", claim.target().header.clone());
+    headers.insert("x-corral-attempts", HeaderValue::from(ctx.attempts));
     headers.insert(
         "x-corral-queue-ms",
-        HeaderValue::from(queue_wait.as_millis() as u64),
+        HeaderValue::from(ctx.queue_wait.as_millis() as u64),
     );
-    let body = Relay::new(
-        rest,
-        first,
-        slot,
-        framing,
-        app.upstream.read_timeout(),
-        ledger,
-    )
-    .into_body();
+    let read_timeout = app.upstream.read_timeout();
+    let ledger = Ledger::new(Arc::clone(&app.metrics), series, ctx, status);
+    let body = Relay::new(rest, first, claim, framing, read_timeout, ledger).into_body();
     Response::from_parts(head, body)
 }
 
