@@ -591,6 +591,7 @@ async fn the_binary_logs_one_json_line_per_request() {
         let r = client
             .post(format!("{url}/api/generate"))
             .header("x-request-id", id)
+            .header("x-corral-tenant", "team-log")
             .json(&generate(model, "log me", false))
             .send()
             .await
@@ -643,6 +644,8 @@ async fn the_binary_logs_one_json_line_per_request() {
     assert_eq!(done["model"], "llama3.2:latest");
     assert_eq!(done["backend"], fleet.port_start.to_string().as_str());
     assert_eq!(done["attempts"], 1);
+    assert_eq!(done["tenant"], "team-log", "{done}");
+    assert_eq!(done["failed"], "", "{done}");
     assert_eq!(done["status"], 200);
     assert_eq!(done["outcome"], "complete");
     assert!(done["tokens_out"].as_u64().unwrap() > 0, "{done}");
@@ -654,8 +657,11 @@ async fn the_binary_logs_one_json_line_per_request() {
     let refused = find("refused-1").unwrap();
     assert_eq!(refused["message"], "request refused", "{refused}");
     assert_eq!(refused["status"], 404);
+    assert_eq!(refused["tenant"], "team-log", "{refused}");
     let messages = find("messages-1").unwrap();
     assert_eq!(messages["path"], "/v1/messages");
+    // Without a tenant header, the tenant is the client's address.
+    assert_eq!(messages["tenant"], "127.0.0.1", "{messages}");
     assert_eq!(messages["outcome"], "complete", "{messages}");
     assert_eq!(messages["tokens_out"], 8, "{messages}");
     assert!(messages["tokens_in"].as_u64().unwrap() > 0, "{messages}");

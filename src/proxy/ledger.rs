@@ -40,6 +40,8 @@ pub struct Ledger {
     outcome: Outcome,
     /// The last bytes of the body, where the final chunk's counts are.
     tail: Vec<u8>,
+    /// The counts found in `tail`, until it changes.
+    counts: Option<TokenCounts>,
 }
 
 /// Bytes of the body's end kept for the token counts.
@@ -61,6 +63,7 @@ impl Ledger {
             status,
             outcome: Outcome::ClientGone,
             tail: Vec::new(),
+            counts: None,
         }
     }
 
@@ -74,8 +77,17 @@ impl Ledger {
         &self.tail
     }
 
+    /// The token counts at the end of the body seen so far (searched once
+    /// however often asked).
+    pub fn counts(&mut self) -> TokenCounts {
+        *self
+            .counts
+            .get_or_insert_with(|| TokenCounts::find(&self.tail))
+    }
+
     /// Keeps the end of a chunk that went to the client.
     pub fn observe(&mut self, chunk: &[u8]) {
+        self.counts = None;
         if chunk.len() >= TAIL {
             self.tail.clear();
             self.tail.extend_from_slice(&chunk[chunk.len() - TAIL..]);
@@ -108,11 +120,11 @@ impl Ledger {
 
 impl Drop for Ledger {
     fn drop(&mut self) {
+        let counts = self.counts();
         let m = &*self.metrics;
         let ctx = &self.context;
         let duration = ctx.arrived.elapsed();
         self.series.request_done(m, self.status, duration);
-        let counts = TokenCounts::find(&self.tail);
         let eval_seconds = counts.eval_ns.map(|ns| ns as f64 / 1e9);
         self.series
             .tokens(m, counts.prompt, counts.generated, eval_seconds);
@@ -131,7 +143,7 @@ impl Drop for Ledger {
 }
 
 /// Token counts of a finished generation, native or OpenAI-style.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct TokenCounts {
     /// Prompt tokens.
     pub prompt: u64,
@@ -249,7 +261,10 @@ data: [DONE]
     fn a_dropped_ledger_records_the_request_once() {
         let metrics = Arc::new(Metrics::new());
         let mut l = ledger(&metrics);
+        l.observe(br#"{"done":true,"prompt_eval_count":3,"eval_count":4}"#);
+        assert_eq!(l.counts().generated, 4);
         l.observe(br#"{"done":true,"prompt_eval_count":3,"eval_count":5}"#);
+        assert_eq!(l.counts().generated, 5, "a new chunk is searched again");
         l.broken();
         l.count_break(Some(&Arc::from("24001")), "mid_stream");
         drop(l);

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::claim::Claim;
+use super::context::RequestContext;
 use super::ledger::{Ledger, TokenCounts};
 use crate::fleet::placement::Observed;
 
@@ -180,10 +181,9 @@ impl Relay {
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
             if matches!(slot, Claim::Slot(_)) {
-                slot.fleet().observed(
-                    &slot.target().id,
-                    &observed(self.ledger.context(), self.ledger.tail()),
-                );
+                let counts = self.ledger.counts();
+                let seen = observed(self.ledger.context(), &counts);
+                slot.fleet().observed(&slot.target().id, &seen);
             }
             slot.finish();
         }
@@ -212,8 +212,7 @@ impl Relay {
 /// What placement learns from a finished answer: the backend's prompt speed
 /// and how long a request holds its slot (the GPU's time where the backend
 /// said, without its own queue and load; else the time the slot was held).
-fn observed(ctx: &super::context::RequestContext, tail: &[u8]) -> Observed {
-    let counts = TokenCounts::find(tail);
+fn observed(ctx: &RequestContext, counts: &TokenCounts) -> Observed {
     let service = match (counts.prompt_ns, counts.eval_ns) {
         (Some(p), Some(e)) => Duration::from_nanos(p.saturating_add(e)),
         _ => ctx.arrived.elapsed().saturating_sub(ctx.queue_wait),

@@ -5,6 +5,7 @@
 //! header is ignored, so no client can pass for another key's tenant.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -34,6 +35,8 @@ pub struct Tenancy {
     priorities: HashMap<Arc<str>, Priority>,
     /// Tenants named in the settings: the only `tenant` metric labels.
     labels: HashSet<Arc<str>>,
+    /// The label [`OTHER`], made once.
+    other: Arc<str>,
 }
 
 impl Tenancy {
@@ -50,6 +53,7 @@ impl Tenancy {
             keys,
             priorities: args.tenant_priorities.0.iter().cloned().collect(),
             labels,
+            other: Arc::from(OTHER),
         }
     }
 
@@ -93,11 +97,19 @@ impl Tenancy {
                 ))
             });
         }
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string());
-        Ok(Arc::from(peer.as_deref().unwrap_or("unknown")))
+        // Written on the stack: one allocation (the `Arc`) per request.
+        let mut buf = [0u8; 64];
+        let peer =
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .and_then(|ConnectInfo(addr)| {
+                    let mut out = std::io::Cursor::new(&mut buf[..]);
+                    write!(out, "{}", addr.ip()).ok()?;
+                    let len = usize::try_from(out.position()).ok()?;
+                    std::str::from_utf8(&buf[..len]).ok()
+                });
+        Ok(Arc::from(peer.unwrap_or("unknown")))
     }
 
     /// The metric label of a tenant: its name when the settings name it,
@@ -105,7 +117,7 @@ impl Tenancy {
     pub fn label(&self, tenant: &Arc<str>) -> Arc<str> {
         match self.labels.get(tenant) {
             Some(name) => Arc::clone(name),
-            None => Arc::from(OTHER),
+            None => Arc::clone(&self.other),
         }
     }
 }
