@@ -2,7 +2,7 @@
 //! named `corral_*` in base units. Labels are bounded: endpoints are the fixed
 //! route set, models only those some backend listed, backends only those in
 //! the fleet table (a forgotten backend's series are removed). The request
-//! path counts through handles resolved once ([`series`]).
+//! path counts through handles resolved once ([`RequestSeries`]).
 
 mod series;
 

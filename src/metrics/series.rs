@@ -155,7 +155,7 @@ pub struct SeriesCache {
 
 impl SeriesCache {
     /// The series of `(endpoint, model)`, kept for the next request while
-    /// fewer than [`CAPACITY`] pairs are.
+    /// fewer than `CAPACITY` pairs are.
     pub fn get(&self, endpoint: &'static str, model: &str) -> Arc<RequestSeries> {
         let find = |list: &[Arc<RequestSeries>]| {
             list.iter().find(|s| s.endpoint == endpoint).map(Arc::clone)

@@ -17,8 +17,15 @@
 //! Variations: Ollama's 503 `server busy` leaves the backend healthy and
 //! does not count as a retry (when every backend left is busy, they are
 //! tried again after a short doubling pause, within QUEUE_TIMEOUT_SECONDS);
-//! cloud models take no slot ([`cloud`]); a Responses request that continues
-//! an earlier response goes to the backend that produced it ([`responses`]).
+//! cloud models take no slot ([`super::cloud`]); a Responses request that
+//! continues an earlier response goes to the backend that produced it
+//! ([`responses`]).
+//!
+//! Each step takes the request's [`RequestContext`]: [`prepare`] reads the
+//! body into an [`Outbound`], `claim` and `attempt` run the attempts, and
+//! `respond` hands the context to the relay's [`Ledger`], which writes the
+//! log line when the answer ends; `refuse` writes it for a request turned
+//! away.
 
 use std::sync::Arc;
 
@@ -33,30 +40,17 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::App;
-use super::body;
 use super::claim::Claim;
 use super::context::{Failure, RequestContext};
-use super::course::{Course, Refused, pinned_backend};
+use super::course::Refused;
 use super::error::{Api, ProxyError};
 use super::ledger::Ledger;
+use super::outbound::{Outbound, prepare};
 use super::relay::{Framing, Relay};
+use super::responses;
 use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
-use super::{cloud, inspect, responses};
-use crate::fleet::placement::{Routing, Signature};
-use crate::fleet::{AcquireError, Rejection, Target, Ticket, Want};
+use crate::fleet::{AcquireError, Rejection, Target};
 use crate::model::ModelName;
-
-/// Endpoints that stream when `stream` is absent.
-const STREAM_BY_DEFAULT: [&str; 2] = ["/api/generate", "/api/chat"];
-/// Endpoints that can stream at all.
-const CAN_STREAM: [&str; 6] = [
-    "/api/generate",
-    "/api/chat",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/messages",
-    "/v1/responses",
-];
 
 /// Handles one routed request on `endpoint`.
 pub async fn forward(
@@ -70,24 +64,6 @@ pub async fn forward(
         Ok((claim, answer)) => respond(&app, ctx, claim, answer),
         Err(error) => refuse(&app, &ctx, &error),
     }
-}
-
-/// What a request sends and where it may still go, once its body is read.
-struct Outbound {
-    head: Parts,
-    bytes: Bytes,
-    want: Want,
-    course: Course,
-    /// One ticket for every attempt: its arrival place and queue deadline.
-    ticket: Ticket,
-    /// The tenant's metric label.
-    tenant_label: Arc<str>,
-    /// The model as the client spelled it, for a 404's message.
-    asked: Option<String>,
-    /// Whether a backend's 404 means its model list is stale: not for
-    /// cloud models or continued responses, where it is the backend's own
-    /// answer (known to corral or not).
-    listed: bool,
 }
 
 /// A backend's answer: its head and the first chunk of its body, read.
@@ -129,69 +105,6 @@ async fn route(
             }
         }
     }
-}
-
-/// Reads the body and decides what the request wants: tenant and priority,
-/// the REJECT_STREAMING rule, its model, the backend a continued response
-/// is pinned to, and its prompt's signature for cache-aware placement.
-async fn prepare(
-    app: &App,
-    ctx: &mut RequestContext,
-    head: Parts,
-    body: Body,
-) -> Result<Outbound, ProxyError> {
-    let (tenant, priority) = app.tenancy.of(&head)?;
-    ctx.tenant = Some(Arc::clone(&tenant));
-    ctx.priority = priority;
-    let args = &app.args;
-    let bytes = body::read(
-        &head.headers,
-        body,
-        args.max_body_bytes,
-        args.client_header_timeout,
-    )
-    .await?;
-    let (peek, plain) =
-        inspect::peek(ctx.endpoint, &head.headers, &bytes, args.max_body_bytes).await?;
-    ctx.stream = peek.stream;
-    let bytes = apply_stream_rule(args.reject_streaming, ctx.endpoint, peek.stream, bytes)?;
-    let model = peek.model.as_deref().map(ModelName::parse);
-    ctx.model = model.clone();
-    let text = plain.as_deref().unwrap_or(&bytes);
-    let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
-    let previous = match ctx.endpoint {
-        responses::ENDPOINT => responses::previous_id(text),
-        _ => None,
-    };
-    let pin = match &previous {
-        Some(id) => pinned_backend(app, id)?,
-        None => None,
-    };
-    let signature = (args.routing == Routing::CacheAware)
-        .then(|| Signature::of(text, &head.headers))
-        .flatten()
-        .map(Arc::new);
-    let course = Course {
-        cloud,
-        pin,
-        busy: Vec::new(),
-        busy_rounds: 0,
-        deadline: ctx.arrived + args.queue_timeout,
-    };
-    Ok(Outbound {
-        want: Want {
-            model,
-            tried: Vec::new(),
-            signature,
-        },
-        course,
-        ticket: Ticket::new(Arc::clone(&tenant), priority, ctx.arrived),
-        tenant_label: app.tenancy.label(&tenant),
-        asked: peek.model,
-        listed: !cloud && previous.is_none(),
-        head,
-        bytes,
-    })
 }
 
 /// The next backend, held: counts the wait and the attempt.
@@ -280,24 +193,6 @@ fn refuse(app: &App, ctx: &RequestContext, error: &ProxyError) -> Response {
         .series(ctx.endpoint, model)
         .request_done(&app.metrics, status, duration);
     response
-}
-
-/// REJECT_STREAMING=true: `"stream": true` is refused, and a missing `stream`
-/// on an endpoint that would stream becomes `false`.
-fn apply_stream_rule(
-    reject: bool,
-    endpoint: &str,
-    stream: Option<bool>,
-    bytes: Bytes,
-) -> Result<Bytes, ProxyError> {
-    if !reject || !CAN_STREAM.contains(&endpoint) {
-        return Ok(bytes);
-    }
-    match stream {
-        Some(true) => Err(ProxyError::StreamingRefused),
-        None if STREAM_BY_DEFAULT.contains(&endpoint) => Ok(body::with_stream_false(&bytes)),
-        _ => Ok(bytes),
-    }
 }
 
 /// The client's answer when no slot was had.
@@ -463,38 +358,4 @@ fn respond(app: &App, mut ctx: RequestContext, claim: Claim, answer: Answer) -> 
     let ledger = Ledger::new(Arc::clone(&app.metrics), series, ctx, status);
     let body = Relay::new(rest, first, claim, framing, read_timeout, ledger).into_body();
     Response::from_parts(head, body)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reject_streaming_refuses_true_and_defaults_missing_to_false() {
-        let b = || Bytes::from_static(br#"{"model":"m"}"#);
-        assert!(matches!(
-            apply_stream_rule(true, "/api/chat", Some(true), b()),
-            Err(ProxyError::StreamingRefused)
-        ));
-        assert!(matches!(
-            apply_stream_rule(true, "/v1/chat/completions", Some(true), b()),
-            Err(ProxyError::StreamingRefused)
-        ));
-        let out = apply_stream_rule(true, "/api/generate", None, b()).unwrap();
-        assert_eq!(&out[..], br#"{"stream":false,"model":"m"}"#);
-        // /v1 does not stream by default; embeddings never stream.
-        assert_eq!(
-            apply_stream_rule(true, "/v1/completions", None, b()).unwrap(),
-            b()
-        );
-        assert_eq!(
-            apply_stream_rule(true, "/api/embed", Some(true), b()).unwrap(),
-            b()
-        );
-        // Off: everything passes unchanged.
-        assert_eq!(
-            apply_stream_rule(false, "/api/chat", Some(true), b()).unwrap(),
-            b()
-        );
-    }
 }

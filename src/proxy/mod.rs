@@ -19,6 +19,7 @@ mod forward;
 pub mod history;
 mod inspect;
 mod ledger;
+mod outbound;
 mod passthrough;
 mod relay;
 pub mod responses;

@@ -1,0 +1,171 @@
+//! What a routed request sends and where it may go, decided once its body
+//! is read: the tenant and priority, the REJECT_STREAMING rule (a refused
+//! `"stream": true`, a missing `stream` made `false`), the model, the
+//! backend a continued Responses request is pinned to, and the prompt's
+//! signature for cache-aware placement. Each of these is also noted in the
+//! request's context.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::request::Parts;
+
+use super::App;
+use super::body;
+use super::context::RequestContext;
+use super::course::{Course, pinned_backend};
+use super::error::ProxyError;
+use super::{cloud, inspect, responses};
+use crate::fleet::placement::{Routing, Signature};
+use crate::fleet::{Ticket, Want};
+use crate::model::ModelName;
+
+/// Endpoints that stream when `stream` is absent.
+const STREAM_BY_DEFAULT: [&str; 2] = ["/api/generate", "/api/chat"];
+/// Endpoints that can stream at all.
+const CAN_STREAM: [&str; 6] = [
+    "/api/generate",
+    "/api/chat",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/responses",
+];
+
+/// What a request sends and where it may still go, once its body is read.
+pub struct Outbound {
+    /// The request head (method, path, headers).
+    pub head: Parts,
+    /// The body as it is sent.
+    pub bytes: Bytes,
+    /// What the fleet is asked for.
+    pub want: Want,
+    /// Where it may still go.
+    pub course: Course,
+    /// One ticket for every attempt: its arrival place and queue deadline.
+    pub ticket: Ticket,
+    /// The tenant's metric label.
+    pub tenant_label: Arc<str>,
+    /// The model as the client spelled it, for a 404's message.
+    pub asked: Option<String>,
+    /// Whether a backend's 404 means its model list is stale: not for
+    /// cloud models or continued responses, where it is the backend's own
+    /// answer (known to corral or not).
+    pub listed: bool,
+}
+
+/// Reads the body and decides what the request wants: tenant and priority,
+/// the REJECT_STREAMING rule, its model, the backend a continued response
+/// is pinned to, and its prompt's signature for cache-aware placement.
+pub async fn prepare(
+    app: &App,
+    ctx: &mut RequestContext,
+    head: Parts,
+    body: Body,
+) -> Result<Outbound, ProxyError> {
+    let (tenant, priority) = app.tenancy.of(&head)?;
+    ctx.tenant = Some(Arc::clone(&tenant));
+    ctx.priority = priority;
+    let args = &app.args;
+    let bytes = body::read(
+        &head.headers,
+        body,
+        args.max_body_bytes,
+        args.client_header_timeout,
+    )
+    .await?;
+    let (peek, plain) =
+        inspect::peek(ctx.endpoint, &head.headers, &bytes, args.max_body_bytes).await?;
+    ctx.stream = peek.stream;
+    let bytes = apply_stream_rule(args.reject_streaming, ctx.endpoint, peek.stream, bytes)?;
+    let model = peek.model.as_deref().map(ModelName::parse);
+    ctx.model = model.clone();
+    let text = plain.as_deref().unwrap_or(&bytes);
+    let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
+    let previous = match ctx.endpoint {
+        responses::ENDPOINT => responses::previous_id(text),
+        _ => None,
+    };
+    let pin = match &previous {
+        Some(id) => pinned_backend(app, id)?,
+        None => None,
+    };
+    let signature = (args.routing == Routing::CacheAware)
+        .then(|| Signature::of(text, &head.headers))
+        .flatten()
+        .map(Arc::new);
+    let course = Course {
+        cloud,
+        pin,
+        busy: Vec::new(),
+        busy_rounds: 0,
+        deadline: ctx.arrived + args.queue_timeout,
+    };
+    Ok(Outbound {
+        want: Want {
+            model,
+            tried: Vec::new(),
+            signature,
+        },
+        course,
+        ticket: Ticket::new(Arc::clone(&tenant), priority, ctx.arrived),
+        tenant_label: app.tenancy.label(&tenant),
+        asked: peek.model,
+        listed: !cloud && previous.is_none(),
+        head,
+        bytes,
+    })
+}
+
+/// REJECT_STREAMING=true: `"stream": true` is refused, and a missing `stream`
+/// on an endpoint that would stream becomes `false`.
+fn apply_stream_rule(
+    reject: bool,
+    endpoint: &str,
+    stream: Option<bool>,
+    bytes: Bytes,
+) -> Result<Bytes, ProxyError> {
+    if !reject || !CAN_STREAM.contains(&endpoint) {
+        return Ok(bytes);
+    }
+    match stream {
+        Some(true) => Err(ProxyError::StreamingRefused),
+        None if STREAM_BY_DEFAULT.contains(&endpoint) => Ok(body::with_stream_false(&bytes)),
+        _ => Ok(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_streaming_refuses_true_and_defaults_missing_to_false() {
+        let b = || Bytes::from_static(br#"{"model":"m"}"#);
+        assert!(matches!(
+            apply_stream_rule(true, "/api/chat", Some(true), b()),
+            Err(ProxyError::StreamingRefused)
+        ));
+        assert!(matches!(
+            apply_stream_rule(true, "/v1/chat/completions", Some(true), b()),
+            Err(ProxyError::StreamingRefused)
+        ));
+        let out = apply_stream_rule(true, "/api/generate", None, b()).unwrap();
+        assert_eq!(&out[..], br#"{"stream":false,"model":"m"}"#);
+        // /v1 does not stream by default; embeddings never stream.
+        assert_eq!(
+            apply_stream_rule(true, "/v1/completions", None, b()).unwrap(),
+            b()
+        );
+        assert_eq!(
+            apply_stream_rule(true, "/api/embed", Some(true), b()).unwrap(),
+            b()
+        );
+        // Off: everything passes unchanged.
+        assert_eq!(
+            apply_stream_rule(false, "/api/chat", Some(true), b()).unwrap(),
+            b()
+        );
+    }
+}
