@@ -651,7 +651,10 @@ async fn the_binary_logs_one_json_line_per_request() {
     assert!(done["tokens_out"].as_u64().unwrap() > 0, "{done}");
     assert!(done["tokens_in"].as_u64().unwrap() > 0, "{done}");
     assert!(
-        done["duration_ms"].is_u64() && done["queue_wait_ms"].is_u64(),
+        done["duration_ms"].is_u64()
+            && done["queue_wait_ms"].is_u64()
+            && done["first_byte_ms"].is_u64()
+            && done["first_byte_ms"].as_u64() <= done["duration_ms"].as_u64(),
         "{done}"
     );
     let refused = find("refused-1").unwrap();

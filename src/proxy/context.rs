@@ -133,6 +133,7 @@ impl RequestContext {
             attempts = self.attempts,
             failed = %self.failed(),
             queue_wait_ms = self.queue_wait.as_millis() as u64,
+            first_byte_ms = self.first_byte.unwrap_or_default().as_millis() as u64,
             status = done.status,
             duration_ms = done.duration.as_millis() as u64,
             tokens_in = done.tokens_in,
@@ -273,6 +274,7 @@ mod tests {
         ctx.failures.push(failure("24001", FailureKind::Reset));
         ctx.backend = Some(Arc::from("24002"));
         ctx.queue_wait = Duration::from_millis(12);
+        ctx.first_byte = Some(Duration::from_millis(30));
         let lines = logged(|| {
             ctx.log_done(&Done {
                 model: "llama3.2:latest",
@@ -296,6 +298,7 @@ mod tests {
         assert_eq!(line["attempts"], 2);
         assert_eq!(line["failed"], "24001:reset");
         assert_eq!(line["queue_wait_ms"], 12);
+        assert_eq!(line["first_byte_ms"], 30);
         assert_eq!(line["duration_ms"], 40);
         assert_eq!(line["tokens_in"], 26);
         assert_eq!(line["tokens_out"], 94);
