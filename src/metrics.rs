@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::fleet::placement::{Placed, Reason};
+use crate::proxy::failure::FailureKind;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -49,7 +50,7 @@ pub struct BackendLabels {
 pub struct FailureLabels {
     /// Backend id.
     pub backend: Arc<str>,
-    /// connect, timeout, reset, status_5xx, body, mid_stream.
+    /// A [`FailureKind`] label.
     pub kind: &'static str,
 }
 
@@ -422,10 +423,10 @@ impl Metrics {
             self.backend_in_flight.remove(&labels);
             self.backend_requests.remove(&labels);
             self.probe_seconds.remove(&labels);
-            for kind in FAILURE_KINDS {
+            for kind in FailureKind::ALL {
                 self.backend_failures.remove(&FailureLabels {
                     backend: Arc::clone(gone),
-                    kind,
+                    kind: kind.label(),
                 });
             }
         }
@@ -482,12 +483,12 @@ impl Metrics {
     }
 
     /// Counts a failed attempt.
-    pub fn backend_failed(&self, backend: &Arc<str>, kind: &'static str) {
+    pub fn backend_failed(&self, backend: &Arc<str>, kind: FailureKind) {
         self.touch_backend(backend);
         self.backend_failures
             .get_or_create(&FailureLabels {
                 backend: Arc::clone(backend),
-                kind,
+                kind: kind.label(),
             })
             .inc();
     }
@@ -555,13 +556,3 @@ impl Metrics {
         }
     }
 }
-
-/// Every `kind` label of `corral_backend_failures`.
-pub const FAILURE_KINDS: &[&str] = &[
-    "connect",
-    "timeout",
-    "reset",
-    "status_5xx",
-    "body",
-    "mid_stream",
-];

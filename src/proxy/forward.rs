@@ -28,7 +28,6 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::request::Parts;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::App;
@@ -38,7 +37,7 @@ use super::course::{Course, Refused, pinned_backend};
 use super::error::{Api, ProxyError};
 use super::routes::REQUEST_ID;
 use super::stream::{Framing, Ledger, Relay, RequestInfo};
-use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
+use super::upstream::{BackendBody, BackendError, FailureKind, strip_hop_by_hop};
 use super::{cloud, inspect, responses};
 use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{AcquireError, Rejection, Target, Ticket, Want};
@@ -225,7 +224,7 @@ async fn route(
             }
             Err(error) => {
                 tracing::warn!(endpoint, %backend, attempt = attempts, error = %error, "attempt failed");
-                app.metrics.backend_failed(&backend, error.kind().label());
+                app.metrics.backend_failed(&backend, error.kind());
                 let id = claim.target().id.clone();
                 match (error.kind(), &want.model) {
                     // Its own queue is full: it stays healthy, and this
@@ -349,7 +348,7 @@ async fn attempt(
     parts: &Parts,
     body: Bytes,
     model: Option<&ModelName>,
-) -> Result<(http::response::Parts, Incoming, Option<Bytes>), BackendError> {
+) -> Result<(http::response::Parts, BackendBody, Option<Bytes>), BackendError> {
     let root = http::uri::PathAndQuery::from_static("/");
     let path = parts.uri.path_and_query().unwrap_or(&root);
     let response = app
@@ -402,7 +401,7 @@ async fn attempt(
 fn respond(
     app: &App,
     mut head: http::response::Parts,
-    rest: Incoming,
+    rest: BackendBody,
     first: Option<Bytes>,
     slot: Claim,
     ledger: Ledger,

@@ -14,11 +14,11 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
 use super::claim::Claim;
+use super::upstream::{BackendBody, FailureKind};
 use crate::fleet::placement::{Observed, Placed};
 use crate::metrics::{EndpointLabels, Metrics};
 
@@ -259,7 +259,7 @@ impl TokenCounts {
 
 /// The relay state: the backend body and what rides along with it.
 pub struct Relay {
-    body: Incoming,
+    body: BackendBody,
     first: Option<Bytes>,
     slot: Option<Claim>,
     framing: Framing,
@@ -271,7 +271,7 @@ pub struct Relay {
 impl Relay {
     /// A relay that sends `first` (already read from `body`), then the rest.
     pub fn new(
-        body: Incoming,
+        body: BackendBody,
         first: Option<Bytes>,
         slot: Claim,
         framing: Framing,
@@ -360,7 +360,9 @@ impl Relay {
                 "answer ended without its terminal event or with an error line"
             );
             if let Some(backend) = &backend {
-                self.ledger.metrics.backend_failed(backend, "broken_answer");
+                self.ledger
+                    .metrics
+                    .backend_failed(backend, FailureKind::BrokenAnswer);
             }
             self.ledger
                 .metrics
@@ -406,7 +408,9 @@ impl Relay {
         let backend = Arc::clone(&slot.target().label);
         let message = format!("corral: backend {backend} failed mid-response: {detail}");
         tracing::warn!(backend = %backend, error = %detail, endpoint = self.ledger.endpoint, "stream broke after its first byte");
-        self.ledger.metrics.backend_failed(&backend, "mid_stream");
+        self.ledger
+            .metrics
+            .backend_failed(&backend, FailureKind::MidStream);
         self.ledger
             .metrics
             .stream_errors
