@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|all
+# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all
 #
 # Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
 # release `corral`, Debian's nginx), measures with wrk or the loadgen example,
@@ -631,17 +631,45 @@ EOF
     section shared "$TMP/shared.md"
 }
 
+# profile: `perf record -g` on corral (CPU 0) for DURATION seconds under 64
+# wrk clients over the fixed-body nginx backends; prints where its CPU goes,
+# by library and by symbol (perf report text), into $TMP and to stdout.
+# PROFILE_BIN=/path/to/corral profiles another build the same way.
+profile() {
+    command -v perf >/dev/null || { log "profile needs perf (apt-get install -y linux-perf)"; return 2; }
+    local bin=${PROFILE_BIN:-$CORRAL}
+    log "profile: $bin under 64 clients, fixed-body backends"
+    start_fixed 1 31110 4
+    local backends=$FIXED_PID
+    CORRAL=$bin start_corral 0 BACKEND_PORT_START=31110 BACKEND_PORT_END=31113 MAX_CONCURRENT_PER_BACKEND=0
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
+    DURATION=1 wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >/dev/null
+    perf record -q -F 2000 -g -o "$TMP/perf.data" -p "$CORRAL_PID" -- sleep "$DURATION" 2>/dev/null &
+    local perf_pid=$!
+    wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >"$TMP/profile-wrk.txt"
+    wait "$perf_pid" || true
+    log "profile: $(cat "$TMP/profile-wrk.txt") (req/s p50_ms requests non-2xx)"
+    {
+        echo "## by library (self time)"
+        perf report -i "$TMP/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+        echo "## by symbol (self time, top 40)"
+        perf report -i "$TMP/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
+    } | tee "$TMP/profile.txt"
+    stop "$CORRAL_PID"
+    stop "$backends"
+}
+
 # ===== main =====
 
 case ${1:-} in
-overhead | fleet | queue | discovery | streaming | fairness | placement | shared | all) ;;
+overhead | fleet | queue | discovery | streaming | fairness | placement | shared | profile | all) ;;
 *)
-    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|all" >&2
+    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all" >&2
     exit 2
     ;;
 esac
 tools="curl jq taskset"
-case $1 in overhead | all) tools+=" wrk nginx" ;; placement) tools+=" nginx" ;; esac
+case $1 in overhead | profile | all) tools+=" wrk nginx" ;; placement) tools+=" nginx" ;; esac
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done

@@ -57,18 +57,26 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Removes hop-by-hop headers, including those the `Connection` header
+/// names. Most messages have none: one pass over the names finds that.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    let named: Vec<HeaderName> = connection_named(headers).collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The headers a `Connection` header names.
+fn connection_named(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
 }
 
 /// Sends requests to backends.
@@ -102,22 +110,7 @@ impl Upstream {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response<BackendBody>, BackendError> {
-        let uri = target.path(path_and_query).map_err(|e| {
-            let detail = format!("bad URL {}{path_and_query}: {e}", target.base);
-            BackendError::new(FailureKind::Connect, target, detail)
-        })?;
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = uri;
-        let out = request.headers_mut();
-        out.reserve(headers.len() + 1);
-        for (name, value) in headers {
-            if !is_dropped_request_header(name) {
-                out.append(name.clone(), value.clone());
-            }
-        }
-        strip_hop_by_hop(out);
-        out.insert(header::HOST, target.authority.clone());
+        let request = outgoing(target, method, path_and_query, headers, body)?;
         let sent = target.conns.send(request, self.connect_timeout);
         let response = tokio::time::timeout(self.read_timeout, sent)
             .await
@@ -165,6 +158,38 @@ impl Upstream {
     }
 }
 
+/// The request as the backend gets it: origin-form path (with the backend
+/// URL's prefix), its own `Host`, end-to-end headers only.
+fn outgoing(
+    target: &Target,
+    method: &Method,
+    path_and_query: &http::uri::PathAndQuery,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, BackendError> {
+    let uri = target.path(path_and_query).map_err(|e| {
+        let detail = format!("bad URL {}{path_and_query}: {e}", target.base);
+        BackendError::new(FailureKind::Connect, target, detail)
+    })?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    let out = request.headers_mut();
+    out.reserve(headers.len() + 1);
+    for (name, value) in headers {
+        if !is_dropped_request_header(name) && !HOP_BY_HOP.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if headers.contains_key(header::CONNECTION) {
+        for name in connection_named(headers) {
+            out.remove(name);
+        }
+    }
+    out.insert(header::HOST, target.authority.clone());
+    Ok(request)
+}
+
 /// The start of Ollama's busy message.
 const BUSY: &[u8] = b"server busy, please try again.";
 
@@ -195,6 +220,32 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn the_backend_gets_its_own_host_an_origin_form_path_and_end_to_end_headers() {
+        let target = Target::new(
+            crate::fleet::BackendId::Port(24001),
+            &"http://127.0.0.1:24001".parse().unwrap(),
+        );
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "corral.example".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append("x-trace", "a".parse().unwrap());
+        h.append("x-trace", "b".parse().unwrap());
+        let pq = http::uri::PathAndQuery::from_static("/api/chat?x=1");
+        let request = outgoing(&target, &Method::POST, &pq, &h, Bytes::new()).unwrap();
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.uri(), "/api/chat?x=1");
+        let out = request.headers();
+        assert_eq!(out[header::HOST], "127.0.0.1:24001");
+        assert_eq!(out[header::CONTENT_TYPE], "application/json");
+        assert_eq!(out.get_all("x-trace").iter().count(), 2);
+        assert_eq!(out.len(), 4, "{out:?}");
     }
 
     #[test]
