@@ -634,7 +634,8 @@ EOF
 # profile: `perf record -g` on corral (CPU 0) for DURATION seconds under 64
 # wrk clients over the fixed-body nginx backends; prints where its CPU goes,
 # by library and by symbol (perf report text), into $TMP and to stdout.
-# PROFILE_BIN=/path/to/corral profiles another build the same way.
+# PROFILE_BIN=/path/to/corral profiles another build the same way;
+# PROFILE_KEEP=FILE keeps the perf.data.
 profile() {
     command -v perf >/dev/null || { log "profile needs perf (apt-get install -y linux-perf)"; return 2; }
     local bin=${PROFILE_BIN:-$CORRAL}
@@ -649,12 +650,16 @@ profile() {
     wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >"$TMP/profile-wrk.txt"
     wait "$perf_pid" || true
     log "profile: $(cat "$TMP/profile-wrk.txt") (req/s p50_ms requests non-2xx)"
+    perf report -i "$TMP/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' >"$TMP/by-dso.txt" || true
+    perf report -i "$TMP/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' >"$TMP/by-sym.txt" || true
     {
         echo "## by library (self time)"
-        perf report -i "$TMP/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+        sed -n 1,15p "$TMP/by-dso.txt"
         echo "## by symbol (self time, top 40)"
-        perf report -i "$TMP/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
+        sed -n 1,40p "$TMP/by-sym.txt"
     } | tee "$TMP/profile.txt"
+    # PROFILE_KEEP=FILE keeps perf.data for `perf report -i FILE`.
+    [[ -z ${PROFILE_KEEP:-} ]] || cp "$TMP/perf.data" "$PROFILE_KEEP"
     stop "$CORRAL_PID"
     stop "$backends"
 }
