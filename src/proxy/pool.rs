@@ -4,8 +4,9 @@
 //! connection back once it has been read to the end and hyper says the
 //! connection is ready for another request. A body dropped midway takes its
 //! connection with it, which closes it: that is how a backend learns that
-//! the client left. Idle connections are bounded and expire; they go when
-//! the backend is forgotten.
+//! the client left. Idle connections are bounded and expire (looked at on
+//! every checkout and return, so at least at every scan, whose probes use
+//! the same connections); they go when the backend is forgotten or replaced.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
