@@ -319,10 +319,13 @@ impl Discovery {
                 .collect()
                 .await
                 .map_err(|e| {
-                    fail(
-                        ProbeFailure::Request(FailureKind::Reset),
-                        format!("reading body: {e}"),
-                    )
+                    // Too long for a model list, or the connection broke.
+                    let kind = if e.is::<http_body_util::LengthLimitError>() {
+                        ProbeFailure::NotOllama
+                    } else {
+                        ProbeFailure::Request(FailureKind::Reset)
+                    };
+                    fail(kind, format!("reading body: {e}"))
                 })?
                 .to_bytes();
             serde_json::from_slice(&body)
@@ -385,4 +388,81 @@ fn entry_name(entry: &Value) -> Option<String> {
         .or_else(|| entry.get("name"))?
         .as_str()
         .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Limits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A backend at a loopback port answering every request with `answer`.
+    async fn answering(answer: &'static str) -> Arc<Target> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 || socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        target(port)
+    }
+
+    fn target(port: u16) -> Arc<Target> {
+        let uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        Arc::new(Target::new(BackendId::Port(port), &uri))
+    }
+
+    fn discovery() -> Discovery {
+        let mut args = ServeArgs::defaults();
+        args.backend_port_start = 1;
+        args.backend_port_end = 1;
+        let limits = Limits {
+            cap: 1,
+            max_queue: 1,
+            max_queue_bytes: 1,
+        };
+        Discovery::new(Fleet::new(limits, Duration::from_secs(1)), &args)
+    }
+
+    #[tokio::test]
+    async fn probe_failures_are_typed() {
+        let d = discovery();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = target(listener.local_addr().unwrap().port());
+        drop(listener);
+        let kind = |r: ProbeResult| r.map(|_| ()).unwrap_err().kind();
+        assert_eq!(
+            kind(d.probe(&closed).await),
+            ProbeFailure::Request(FailureKind::Connect)
+        );
+        let missing = answering("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+        assert_eq!(
+            kind(d.probe(&missing).await),
+            ProbeFailure::Status(http::StatusCode::NOT_FOUND)
+        );
+        let html = answering("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n<html>").await;
+        assert_eq!(kind(d.probe(&html).await), ProbeFailure::NotOllama);
+        let garbage = answering("SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+        assert_eq!(
+            kind(d.probe(&garbage).await),
+            ProbeFailure::Request(FailureKind::Body)
+        );
+        let ollama = answering(
+            "HTTP/1.1 200 OK\r\ncontent-length: 31\r\n\r\n{\"models\":[{\"model\":\"llama3\"}]}",
+        )
+        .await;
+        let report = d.probe(&ollama).await.unwrap();
+        assert_eq!(report.models, ["llama3"]);
+        // `/api/tags` gave its connection back; `/api/ps` and `/api/version`
+        // run at once, one on it and one on a new connection: both kept.
+        assert_eq!(ollama.conns.idle_count(), 2);
+    }
 }
