@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|all
+# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all
 #
 # Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
 # release `corral`, Debian's nginx), measures with wrk or the loadgen example,
@@ -7,8 +7,9 @@
 # PID on exit. Needs: wrk, nginx, curl, jq, taskset; builds with
 #   cargo build --release --bin corral --examples
 # Knobs: RUNS (repetitions, default 5), DURATION (seconds per wrk run, 5),
-# BUILD=0 to skip the cargo build; PLACEMENT_SEED and PLACEMENT_SCALE for
-# `placement`.
+# BUILD=0 to skip the cargo build; BASELINE=/path/to/another/corral for
+# `overhead` to measure that build too, in the same run; PLACEMENT_SEED and
+# PLACEMENT_SCALE for `placement`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ export BENCH_PID_FILE=$TMP/loadgen-children.pids
 # Ports below the ephemeral range and above the block the tests draw from.
 PROXY_PORT=30990
 NGINX_PORT=30991
+BASELINE_PORT=30992
 
 cleanup() {
     local pid
@@ -227,61 +229,148 @@ machine() {
 
 # ===== scenarios =====
 
-overhead() {
-    log "overhead: 4 instant sims on CPU 1; corral and nginx on CPU 0; wrk on CPU 1"
-    start_sims 31100 4 1 --tokens-per-second 0 --parallel 64
-    local sims=$SIM_PID
-    start_corral 0 BACKEND_PORT_START=31100 BACKEND_PORT_END=31103 MAX_CONCURRENT_PER_BACKEND=0
+# start_fixed CPU FIRST COUNT: one nginx worker answering on COUNT ports a
+# fixed Ollama-shaped `/api/generate` body (and the probes' `/api/tags`,
+# `/api/ps`, `/api/version`): a backend cheaper than any proxy.
+start_fixed() {
+    local cpu=$1 first=$2 count=$3 listen="" p
+    ports_free "$first" $((first + count - 1))
+    for ((p = first; p < first + count; p++)); do listen+="        listen 127.0.0.1:$p;"$'\n'; done
+    local model='"name":"llama3.2:latest","model":"llama3.2:latest","size":2019393189,"digest":"eaef5ad540b0","details":{"format":"gguf","family":"llama","parameter_size":"3.2B","quantization_level":"Q4_K_M"}'
+    mkdir -p "$TMP/fixed"
+    cat >"$TMP/fixed/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/fixed/nginx.pid;
+error_log $TMP/fixed/error.log warn;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/fixed/body;
+    proxy_temp_path $TMP/fixed/proxy;
+    fastcgi_temp_path $TMP/fixed/fastcgi;
+    uwsgi_temp_path $TMP/fixed/uwsgi;
+    scgi_temp_path $TMP/fixed/scgi;
+    keepalive_requests 1000000;
+    server {
+$listen        default_type "application/json; charset=utf-8";
+        location = /api/generate {
+            return 200 '{"model":"llama3.2","created_at":"2026-01-01T00:00:00.000000000Z","response":"The sky is blue because air scatters blue light more than red light.","done":true,"done_reason":"stop","context":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16],"total_duration":7866647,"load_duration":4314470,"prompt_eval_count":7,"prompt_eval_duration":3500000,"eval_count":16,"eval_duration":23685}';
+        }
+        location = /api/tags { return 200 '{"models":[{$model}]}'; }
+        location = /api/ps { return 200 '{"models":[{$model,"size_vram":2019393189,"context_length":4096}]}'; }
+        location = /api/version { return 200 '{"version":"0.12.0"}'; }
+    }
+}
+EOF
+    start fixed taskset -c "$cpu" nginx -p "$TMP/fixed" -c "$TMP/fixed/nginx.conf" -e "$TMP/fixed/error.log"
+    FIXED_PID=$LAST_PID
+    wait_for "http://127.0.0.1:$((first + count - 1))/api/version" .version
+}
+
+# overhead_round KIND: direct, corral and nginx least_conn in turn, RUNS
+# times, over 4 backends of KIND (`sim`: instant `corral sim` servers;
+# `fixed`: nginx answering a fixed body), backends and wrk on CPU 1, the
+# proxies on CPU 0; appends KIND's table to $TMP/overhead.md.
+overhead_round() {
+    local kind=$1 first backends title
+    case $kind in
+        sim)
+            first=31100
+            title="instant \`corral sim\` backends"
+            start_sims $first 4 1 --tokens-per-second 0 --parallel 64
+            backends=$SIM_PID
+            ;;
+        fixed)
+            first=31110
+            title="nginx backends answering a fixed body"
+            start_fixed 1 $first 4
+            backends=$FIXED_PID
+            ;;
+    esac
+    start_corral 0 BACKEND_PORT_START=$first BACKEND_PORT_END=$((first + 3)) MAX_CONCURRENT_PER_BACKEND=0
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
-    start_nginx 0 31100 31101 31102 31103
-    local direct=http://127.0.0.1:31100 corral=http://127.0.0.1:$PROXY_PORT nginx=http://127.0.0.1:$NGINX_PORT
+    start_nginx 0 $first $((first + 1)) $((first + 2)) $((first + 3))
+    local direct=http://127.0.0.1:$first corral=http://127.0.0.1:$PROXY_PORT nginx=http://127.0.0.1:$NGINX_PORT
+    local baseline=http://127.0.0.1:$BASELINE_PORT targets="direct corral nginx" baseline_pid=""
+    if [[ -n ${BASELINE:-} ]]; then
+        # Another corral binary (today's main), measured in the same run.
+        ports_free $BASELINE_PORT $BASELINE_PORT
+        start baseline taskset -c 0 env PROXY_HOST=127.0.0.1 PROXY_PORT=$BASELINE_PORT LOG_LEVEL=WARNING \
+            BACKEND_PORT_START=$first BACKEND_PORT_END=$((first + 3)) MAX_CONCURRENT_PER_BACKEND=0 "$BASELINE"
+        baseline_pid=$LAST_PID
+        wait_for "$baseline/__proxy/health" '.healthy_backends == 4'
+        targets+=" baseline"
+    fi
     local -A rps p1 cpu
     local r t line t0 t1 pid n bad
-    for t in direct corral nginx; do rps[$t]=""; p1[$t]=""; cpu[$t]=""; done
+    for t in $targets; do rps[$t]=""; p1[$t]=""; cpu[$t]=""; done
     # Warm up pools and caches.
-    for t in direct corral nginx; do DURATION=1 wrk_run 64 "${!t}" >/dev/null; done
+    for t in $targets; do DURATION=1 wrk_run 64 "${!t}" >/dev/null; done
     for r in $(seq "$RUNS"); do
-        for t in direct corral nginx; do
+        for t in $targets; do
             pid=""
             [[ $t == corral ]] && pid=$CORRAL_PID
+            [[ $t == baseline ]] && pid=$baseline_pid
             [[ $t == nginx ]] && pid=$NGINX_WORKER
             [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
             read -r line _ n bad < <(wrk_run 64 "${!t}")
             if [[ -n $pid ]]; then
                 t1=$(cpu_ticks "$pid")
-                cpu[$t]+=" $(awk -v d=$((t1 - t0)) -v n="$n" 'BEGIN {printf "%.3f", d / 100 / n * 1000}')"
+                cpu[$t]+=" $(awk -v d=$((t1 - t0)) -v n="$n" 'BEGIN {printf "%.4f", d / 100 / n * 1000}')"
             fi
-            ((bad == 0)) || log "$t: $bad non-2xx answers"
+            ((bad == 0)) || log "$kind $t: $bad non-2xx answers"
             rps[$t]+=" $line"
             read -r _ line _ _ < <(DURATION=3 wrk_run 1 "${!t}")
             p1[$t]+=" $line"
-            log "run $r $t: rps=${rps[$t]##* } p50@1=${line}ms"
+            log "$kind run $r $t: rps=${rps[$t]##* } p50@1=${line}ms"
         done
     done
-    local mr md mn pd pc pn
+    local mr md mn pd pc pn cc cn
     # shellcheck disable=SC2086
     {
         md=$(median ${rps[direct]}); mr=$(median ${rps[corral]}); mn=$(median ${rps[nginx]})
         pd=$(median ${p1[direct]}); pc=$(median ${p1[corral]}); pn=$(median ${p1[nginx]})
+        cc=$(median ${cpu[corral]}); cn=$(median ${cpu[nginx]})
     }
-    cat >"$TMP/overhead.md" <<EOF
+    cat >>"$TMP/overhead.md" <<EOF
 
-## Overhead: 64 clients, instant backends, proxy pinned to one core
-
-$(machine)
+### $title
 
 | target | req/s (64 clients) | vs direct | p50 at 1 client | added p50 | CPU s / 1,000 req | peak RSS |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: |
-| direct to one sim | $md | 1.00 | ${pd} ms | — | — | — |
-| corral | $mr | $(ratio "$mr" "$md") | ${pc} ms | $(awk -v a="$pc" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms | $(median ${cpu[corral]}) | $(peak_rss_mb "$CORRAL_PID") MB |
-| nginx least_conn | $mn | $(ratio "$mn" "$md") | ${pn} ms | $(awk -v a="$pn" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms | $(median ${cpu[nginx]}) | $(peak_rss_mb "$NGINX_WORKER") MB |
+| direct to one backend | $md | 1.00 | ${pd} ms | — | — | — |
+| corral | $mr | $(ratio "$mr" "$md") | ${pc} ms | $(awk -v a="$pc" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms | $cc | $(peak_rss_mb "$CORRAL_PID") MB |
+| nginx least_conn | $mn | $(ratio "$mn" "$md") | ${pn} ms | $(awk -v a="$pn" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms | $cn | $(peak_rss_mb "$NGINX_WORKER") MB |
 
-corral / nginx throughput: **$(ratio "$mr" "$mn")** (target ≥ 1.00). Runs (req/s): corral${rps[corral]}; nginx${rps[nginx]}; direct${rps[direct]}.
+corral / nginx throughput: **$(ratio "$mr" "$mn")** (target ≥ 1.00); added p50, corral − nginx: **$(awk -v a="$pc" -v b="$pn" 'BEGIN {printf "%+.3f", a - b}') ms** (target ≤ 0); CPU per request, corral / nginx: $(ratio "$cc" "$cn"). Runs (req/s): corral${rps[corral]}; nginx${rps[nginx]}; direct${rps[direct]}.
 EOF
-    section overhead "$TMP/overhead.md"
+    if [[ -n $baseline_pid ]]; then
+        local mb pb cb
+        # shellcheck disable=SC2086
+        { mb=$(median ${rps[baseline]}); pb=$(median ${p1[baseline]}); cb=$(median ${cpu[baseline]}); }
+        cat >>"$TMP/overhead.md" <<EOF
+
+Baseline in the same run (\`BASELINE=$BASELINE\`): $mb req/s ($(ratio "$mb" "$mn") of nginx), added p50 $(awk -v a="$pb" -v b="$pd" 'BEGIN {printf "%.3f", a - b}') ms, CPU s / 1,000 req $cb; this build / baseline: throughput **$(ratio "$mr" "$mb")**, CPU per request $(ratio "$cc" "$cb"). Runs (req/s): baseline${rps[baseline]}.
+EOF
+        stop "$baseline_pid"
+    fi
     stop "$NGINX_PID"
     stop "$CORRAL_PID"
-    stop "$sims"
+    stop "$backends"
+}
+
+overhead() {
+    log "overhead: 4 backends (instant sims, then fixed-body nginx) and wrk on CPU 1; corral and nginx on CPU 0"
+    cat >"$TMP/overhead.md" <<EOF
+
+## Overhead: 64 clients, proxy pinned to one core
+
+$(machine) · corral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+EOF
+    overhead_round sim
+    overhead_round fixed
+    section overhead "$TMP/overhead.md"
 }
 
 fleet() {
@@ -542,17 +631,50 @@ EOF
     section shared "$TMP/shared.md"
 }
 
+# profile: `perf record -g` on corral (CPU 0) for DURATION seconds under 64
+# wrk clients over the fixed-body nginx backends; prints where its CPU goes,
+# by library and by symbol (perf report text), into $TMP and to stdout.
+# PROFILE_BIN=/path/to/corral profiles another build the same way;
+# PROFILE_KEEP=FILE keeps the perf.data.
+profile() {
+    command -v perf >/dev/null || { log "profile needs perf (apt-get install -y linux-perf)"; return 2; }
+    local bin=${PROFILE_BIN:-$CORRAL}
+    log "profile: $bin under 64 clients, fixed-body backends"
+    start_fixed 1 31110 4
+    local backends=$FIXED_PID
+    CORRAL=$bin start_corral 0 BACKEND_PORT_START=31110 BACKEND_PORT_END=31113 MAX_CONCURRENT_PER_BACKEND=0
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
+    DURATION=1 wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >/dev/null
+    perf record -q -F 2000 -g -o "$TMP/perf.data" -p "$CORRAL_PID" -- sleep "$DURATION" 2>/dev/null &
+    local perf_pid=$!
+    wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >"$TMP/profile-wrk.txt"
+    wait "$perf_pid" || true
+    log "profile: $(cat "$TMP/profile-wrk.txt") (req/s p50_ms requests non-2xx)"
+    perf report -i "$TMP/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' >"$TMP/by-dso.txt" || true
+    perf report -i "$TMP/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' >"$TMP/by-sym.txt" || true
+    {
+        echo "## by library (self time)"
+        sed -n 1,15p "$TMP/by-dso.txt"
+        echo "## by symbol (self time, top 40)"
+        sed -n 1,40p "$TMP/by-sym.txt"
+    } | tee "$TMP/profile.txt"
+    # PROFILE_KEEP=FILE keeps perf.data for `perf report -i FILE`.
+    [[ -z ${PROFILE_KEEP:-} ]] || cp "$TMP/perf.data" "$PROFILE_KEEP"
+    stop "$CORRAL_PID"
+    stop "$backends"
+}
+
 # ===== main =====
 
 case ${1:-} in
-overhead | fleet | queue | discovery | streaming | fairness | placement | shared | all) ;;
+overhead | fleet | queue | discovery | streaming | fairness | placement | shared | profile | all) ;;
 *)
-    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|all" >&2
+    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all" >&2
     exit 2
     ;;
 esac
 tools="curl jq taskset"
-case $1 in overhead | all) tools+=" wrk nginx" ;; placement) tools+=" nginx" ;; esac
+case $1 in overhead | profile | all) tools+=" wrk nginx" ;; placement) tools+=" nginx" ;; esac
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done

@@ -32,11 +32,15 @@
 //!    it (`proxy::course`: a cloud model takes no slot, a continued Responses
 //!    answer goes to the backend that produced it, a backend that answered
 //!    `server busy` stays healthy and is tried again after a pause).
-//! 5. `proxy::forward` sends it; a failure before the first byte reached the
-//!    client marks the backend unhealthy and goes back to step 4 elsewhere,
-//!    at its old place in the queue.
+//! 5. `proxy::forward` sends it (`proxy::upstream`, on a kept connection of
+//!    that backend from `proxy::pool`, checked out on the request's own
+//!    task); a failure before the first byte reached the client (a
+//!    `proxy::failure::FailureKind`) marks the backend unhealthy and goes
+//!    back to step 4 elsewhere, at its old place in the queue.
 //! 6. The response streams back chunk by chunk; the `Slot` is released when
-//!    the body ends or the client goes away (which cancels the backend call).
+//!    the body ends or the client goes away (which closes the backend
+//!    connection, cancelling the backend call; a body read to its end gives
+//!    the connection back for the next request).
 //!    An answer that ends without its terminal event is counted as broken.
 
 pub mod config;

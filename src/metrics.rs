@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::fleet::placement::{Placed, Reason};
+use crate::proxy::failure::FailureKind;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -54,7 +55,7 @@ pub struct BackendLabels {
 pub struct FailureLabels {
     /// Backend id.
     pub backend: Arc<str>,
-    /// connect, timeout, reset, status_5xx, body, mid_stream.
+    /// A [`FailureKind`] label.
     pub kind: &'static str,
 }
 
@@ -430,10 +431,10 @@ impl Metrics {
             self.backend_in_flight.remove(&labels);
             self.backend_requests.remove(&labels);
             self.probe_seconds.remove(&labels);
-            for kind in FAILURE_KINDS {
+            for kind in FailureKind::ALL {
                 self.backend_failures.remove(&FailureLabels {
                     backend: Arc::clone(gone),
-                    kind,
+                    kind: kind.label(),
                 });
             }
         }
@@ -460,12 +461,12 @@ impl Metrics {
     }
 
     /// Counts a failed attempt.
-    pub fn backend_failed(&self, backend: &Arc<str>, kind: &'static str) {
+    pub fn backend_failed(&self, backend: &Arc<str>, kind: FailureKind) {
         self.backends.touch(backend);
         self.backend_failures
             .get_or_create(&FailureLabels {
                 backend: Arc::clone(backend),
-                kind,
+                kind: kind.label(),
             })
             .inc();
     }
@@ -497,13 +498,3 @@ impl Metrics {
         }
     }
 }
-
-/// Every `kind` label of `corral_backend_failures`.
-pub const FAILURE_KINDS: &[&str] = &[
-    "connect",
-    "timeout",
-    "reset",
-    "status_5xx",
-    "body",
-    "mid_stream",
-];

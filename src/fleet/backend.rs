@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::model::ModelName;
+use crate::proxy::pool::Conns;
 
 /// Names a backend: its port for the scanned range, its URL's authority for a
 /// `BACKENDS` entry. Range backends sort first, by port, so that "lowest port"
@@ -67,14 +68,14 @@ pub struct Target {
     pub base: String,
     /// The `host:port` to send as `Host`: Ollama on loopback refuses others.
     pub authority: http::HeaderValue,
-    /// The authority, parsed once for every request URI.
-    origin: Option<http::uri::Authority>,
     /// A path prefix of a `BACKENDS` URL (`/ollama`), usually empty.
     prefix: String,
     /// The id as text, for metric labels and `X-Corral-Backend`, made once.
     pub label: Arc<str>,
     /// The id as a header value.
     pub header: http::HeaderValue,
+    /// corral's connections to it.
+    pub conns: Arc<Conns>,
 }
 
 impl Target {
@@ -83,12 +84,16 @@ impl Target {
         let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
         let path = base.path().trim_end_matches('/');
         let label: Arc<str> = id.to_string().into();
+        let address = match base.port_u16() {
+            Some(_) => authority.to_owned(),
+            None => format!("{}:80", base.host().unwrap_or_default()),
+        };
         Self {
+            conns: Arc::new(Conns::new(address)),
             header: http::HeaderValue::from_str(&label)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("unnamed")),
             label,
             id,
-            origin: authority.parse().ok(),
             prefix: path.to_owned(),
             base: format!("http://{authority}{path}"),
             authority: http::HeaderValue::from_str(authority)
@@ -98,20 +103,17 @@ impl Target {
 }
 
 impl Target {
-    /// The URI of `path_and_query` on this backend. Without a path prefix it
-    /// is put together from parsed parts, with no string formatting or parsing.
-    pub fn uri(&self, path_and_query: &http::uri::PathAndQuery) -> Result<http::Uri, http::Error> {
-        match &self.origin {
-            Some(origin) if self.prefix.is_empty() => Ok(http::Uri::builder()
-                .scheme(http::uri::Scheme::HTTP)
-                .authority(origin.clone())
-                .path_and_query(path_and_query.clone())
-                .build()?),
-            _ => Ok(http::Uri::try_from(format!(
-                "{}{path_and_query}",
-                self.base
-            ))?),
+    /// The request target of `path_and_query` on this backend, in origin
+    /// form (`/api/chat`) as a request on one of its connections carries it.
+    /// Without a path prefix it is the path itself, with no formatting.
+    pub fn path(&self, path_and_query: &http::uri::PathAndQuery) -> Result<http::Uri, http::Error> {
+        if self.prefix.is_empty() {
+            return Ok(http::Uri::from(path_and_query.clone()));
         }
+        Ok(http::Uri::try_from(format!(
+            "{}{path_and_query}",
+            self.prefix
+        ))?)
     }
 }
 
@@ -261,24 +263,21 @@ mod tests {
     }
 
     #[test]
-    fn request_uris_keep_the_path_prefix_of_a_backends_url() {
+    fn request_paths_keep_the_path_prefix_of_a_backends_url() {
         let pq = http::uri::PathAndQuery::from_static("/api/chat?x=1");
         let plain = Target::new(
             BackendId::Port(24001),
             &"http://127.0.0.1:24001".parse().unwrap(),
         );
-        assert_eq!(
-            plain.uri(&pq).unwrap(),
-            "http://127.0.0.1:24001/api/chat?x=1"
-        );
+        assert_eq!(plain.path(&pq).unwrap(), "/api/chat?x=1");
+        assert_eq!(plain.authority, "127.0.0.1:24001");
         let prefixed = Target::new(
             BackendId::Url("gpu7:80".into()),
             &"http://gpu7/ollama/".parse().unwrap(),
         );
-        assert_eq!(
-            prefixed.uri(&pq).unwrap(),
-            "http://gpu7/ollama/api/chat?x=1"
-        );
+        assert_eq!(prefixed.path(&pq).unwrap(), "/ollama/api/chat?x=1");
+        assert_eq!(prefixed.authority, "gpu7");
+        assert!(format!("{:?}", prefixed.conns).contains("gpu7:80"));
         assert_eq!(&*plain.label, "24001");
         assert_eq!(plain.header, "24001");
     }

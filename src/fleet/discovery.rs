@@ -16,10 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +25,7 @@ use super::dns::DnsDiscovery;
 use super::registry::Registry;
 use super::{BackendId, Fleet, ProbeReport, Target};
 use crate::config::{BackendSource, ServeArgs};
+use crate::proxy::failure::FailureKind;
 
 /// Range backends that fail this many probes in a row, with nothing in
 /// flight, are forgotten (their metrics series retire with them).
@@ -36,10 +34,10 @@ const FORGET_AFTER_FAILED_PROBES: u32 = 12;
 /// Largest probe answer read; a real `/api/tags` of hundreds of models is far smaller.
 const MAX_PROBE_BODY: usize = 8 << 20;
 
-/// The scan loop's settings and its HTTP client.
+/// The scan loop and its settings. Probes go over each backend's own
+/// connections, like requests.
 pub struct Discovery {
     fleet: Fleet,
-    client: Client<HttpConnector, Empty<Bytes>>,
     range: Vec<Arc<Target>>,
     extra: Vec<Arc<Target>>,
     registry: Arc<Registry>,
@@ -51,7 +49,42 @@ pub struct Discovery {
 }
 
 /// The outcome of probing one backend.
-pub type ProbeResult = Result<ProbeReport, String>;
+pub type ProbeResult = Result<ProbeReport, ProbeError>;
+
+/// Why a probe found a backend unhealthy.
+#[derive(Debug, thiserror::Error)]
+#[error("probe {path}: {detail}")]
+pub struct ProbeError {
+    kind: ProbeFailure,
+    path: &'static str,
+    detail: String,
+}
+
+/// The kinds of probe failure: those a request can have, and two of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// Connect, timeout, reset or an answer that was not HTTP.
+    Request(FailureKind),
+    /// A status other than 2xx.
+    Status(http::StatusCode),
+    /// An answer that is not an Ollama model list.
+    NotOllama,
+}
+
+impl ProbeError {
+    fn new(kind: ProbeFailure, path: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            path,
+            detail: detail.into(),
+        }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ProbeFailure {
+        self.kind
+    }
+}
 
 impl Discovery {
     /// Discovery over the range and `BACKENDS` of `args`; the `BACKENDS` URLs
@@ -70,13 +103,6 @@ impl Discovery {
         args: &ServeArgs,
         registry: Arc<Registry>,
     ) -> Result<Self, String> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(args.probe_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(2)
-            .build(connector);
         let range = (args.backend_port_start..=args.backend_port_end)
             .filter_map(|port| {
                 let uri = format!("http://{}:{port}", args.backend_host)
@@ -105,7 +131,6 @@ impl Discovery {
         });
         Ok(Self {
             fleet,
-            client,
             range,
             extra,
             registry,
@@ -235,8 +260,9 @@ impl Discovery {
         let deadline = started + self.timeout;
         let tags = self.get_json(target, "/api/tags", deadline).await?;
         let latency = started.elapsed();
-        let tags =
-            model_entries(&tags).ok_or_else(|| "probe: /api/tags has no model list".to_string())?;
+        let tags = model_entries(&tags).ok_or_else(|| {
+            ProbeError::new(ProbeFailure::NotOllama, "/api/tags", "no model list")
+        })?;
         // Loaded models and version are extras: a backend that cannot answer
         // them is still healthy.
         let (ps, version) = tokio::join!(
@@ -259,35 +285,60 @@ impl Discovery {
     async fn get_json(
         &self,
         target: &Target,
-        path: &str,
+        path: &'static str,
         deadline: Instant,
-    ) -> Result<Value, String> {
-        let uri: http::Uri = format!("{}{path}", target.base)
-            .parse()
-            .map_err(|e| format!("probe: bad URL: {e}"))?;
-        let request = http::Request::get(uri)
-            .header(http::header::HOST, target.authority.clone())
-            .body(Empty::new())
-            .map_err(|e| format!("probe: {e}"))?;
+    ) -> Result<Value, ProbeError> {
+        let fail = |kind, detail: String| ProbeError::new(kind, path, detail);
+        let uri = target
+            .path(&http::uri::PathAndQuery::from_static(path))
+            .map_err(|e| {
+                fail(
+                    ProbeFailure::Request(FailureKind::Connect),
+                    format!("bad URL: {e}"),
+                )
+            })?;
+        let mut request = http::Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = uri;
+        request
+            .headers_mut()
+            .insert(http::header::HOST, target.authority.clone());
         let fetch = async {
-            let response = self
-                .client
-                .request(request)
+            let response = target
+                .conns
+                .send(request, self.timeout)
                 .await
-                .map_err(|e| format!("probe {path}: {}", describe(&e)))?;
-            if !response.status().is_success() {
-                return Err(format!("probe {path}: status {}", response.status()));
+                .map_err(|e| fail(ProbeFailure::Request(e.kind()), e.to_string()))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(fail(
+                    ProbeFailure::Status(status),
+                    format!("status {status}"),
+                ));
             }
             let body = http_body_util::Limited::new(response.into_body(), MAX_PROBE_BODY)
                 .collect()
                 .await
-                .map_err(|e| format!("probe {path}: reading body: {e}"))?
+                .map_err(|e| {
+                    // Too long for a model list, or the connection broke.
+                    let kind = if e.is::<http_body_util::LengthLimitError>() {
+                        ProbeFailure::NotOllama
+                    } else {
+                        ProbeFailure::Request(FailureKind::Reset)
+                    };
+                    fail(kind, format!("reading body: {e}"))
+                })?
                 .to_bytes();
-            serde_json::from_slice(&body).map_err(|e| format!("probe {path}: not JSON: {e}"))
+            serde_json::from_slice(&body)
+                .map_err(|e| fail(ProbeFailure::NotOllama, format!("not JSON: {e}")))
         };
         tokio::time::timeout_at(deadline, fetch)
             .await
-            .unwrap_or_else(|_| Err(format!("probe {path}: timed out")))
+            .unwrap_or_else(|_| {
+                Err(fail(
+                    ProbeFailure::Request(FailureKind::Timeout),
+                    "timed out".to_string(),
+                ))
+            })
     }
 }
 
@@ -314,7 +365,7 @@ fn apply<W>(s: &mut super::scheduler::Scheduler<W>, target: &Arc<Target>, result
             let forget = matches!(id, BackendId::Port(_))
                 && backend.failed_probes >= FORGET_AFTER_FAILED_PROBES
                 && backend.in_flight == 0;
-            if s.mark_unhealthy(id, error.clone()) {
+            if s.mark_unhealthy(id, error.to_string()) {
                 tracing::warn!(backend = %id, %error, "backend unhealthy");
             }
             if forget {
@@ -339,16 +390,79 @@ fn entry_name(entry: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// One line for a client error: hyper-util's top level says little ("client
-/// error (Connect)"); its source says what happened.
-pub fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Limits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A backend at a loopback port answering every request with `answer`.
+    async fn answering(answer: &'static str) -> Arc<Target> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 || socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        target(port)
     }
-    text
+
+    fn target(port: u16) -> Arc<Target> {
+        let uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        Arc::new(Target::new(BackendId::Port(port), &uri))
+    }
+
+    fn discovery() -> Discovery {
+        let mut args = ServeArgs::defaults();
+        args.backend_port_start = 1;
+        args.backend_port_end = 1;
+        let limits = Limits {
+            cap: 1,
+            max_queue: 1,
+            max_queue_bytes: 1,
+        };
+        Discovery::new(Fleet::new(limits, Duration::from_secs(1)), &args)
+    }
+
+    #[tokio::test]
+    async fn probe_failures_are_typed() {
+        let d = discovery();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = target(listener.local_addr().unwrap().port());
+        drop(listener);
+        let kind = |r: ProbeResult| r.map(|_| ()).unwrap_err().kind();
+        assert_eq!(
+            kind(d.probe(&closed).await),
+            ProbeFailure::Request(FailureKind::Connect)
+        );
+        let missing = answering("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+        assert_eq!(
+            kind(d.probe(&missing).await),
+            ProbeFailure::Status(http::StatusCode::NOT_FOUND)
+        );
+        let html = answering("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n<html>").await;
+        assert_eq!(kind(d.probe(&html).await), ProbeFailure::NotOllama);
+        let garbage = answering("SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+        assert_eq!(
+            kind(d.probe(&garbage).await),
+            ProbeFailure::Request(FailureKind::Body)
+        );
+        let ollama = answering(
+            "HTTP/1.1 200 OK\r\ncontent-length: 31\r\n\r\n{\"models\":[{\"model\":\"llama3\"}]}",
+        )
+        .await;
+        let report = d.probe(&ollama).await.unwrap();
+        assert_eq!(report.models, ["llama3"]);
+        // `/api/tags` gave its connection back; `/api/ps` and `/api/version`
+        // run at once, one on it and one on a new connection: both kept.
+        assert_eq!(ollama.conns.idle_count(), 2);
+    }
 }

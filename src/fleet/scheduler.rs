@@ -207,7 +207,9 @@ impl<W> Scheduler<W> {
     /// Forgets a backend (gone for long). Slots still held on it are released
     /// into nothing.
     pub fn remove_backend(&mut self, id: &BackendId) {
-        self.backends.remove(id);
+        if let Some(gone) = self.backends.remove(id) {
+            gone.target.conns.close_idle();
+        }
         self.placement.forget(id);
         self.reindex(id);
     }
@@ -221,6 +223,8 @@ impl<W> Scheduler<W> {
         let ps = report.ps.clone();
         let replaced = backend.apply_probe(report);
         if replaced {
+            // Kept connections may lead to the server that left.
+            backend.target.conns.close_idle();
             self.placement.forget(id);
         }
         self.placement.probed(id, &ps);

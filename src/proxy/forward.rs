@@ -36,7 +36,6 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::request::Parts;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::App;
@@ -48,7 +47,7 @@ use super::ledger::Ledger;
 use super::outbound::{Outbound, prepare};
 use super::relay::{Framing, Relay};
 use super::responses;
-use super::upstream::{BackendError, FailureKind, strip_hop_by_hop};
+use super::upstream::{BackendBody, BackendError, FailureKind, strip_hop_by_hop};
 use crate::fleet::{AcquireError, Rejection, Target};
 use crate::model::ModelName;
 
@@ -69,7 +68,7 @@ pub async fn forward(
 /// A backend's answer: its head and the first chunk of its body, read.
 struct Answer {
     head: http::response::Parts,
-    rest: Incoming,
+    rest: BackendBody,
     first: Option<Bytes>,
 }
 
@@ -156,7 +155,7 @@ fn failed(
 ) -> bool {
     let backend = Arc::clone(&claim.target().label);
     tracing::warn!(endpoint = ctx.endpoint, %backend, attempt = ctx.attempts, error = %error, "attempt failed");
-    app.metrics.backend_failed(&backend, error.kind().label());
+    app.metrics.backend_failed(&backend, error.kind());
     let id = claim.target().id.clone();
     match (error.kind(), &out.want.model) {
         // Its own queue is full: it stays healthy, and this attempt does

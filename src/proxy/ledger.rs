@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use super::context::{Done, RequestContext};
+use super::failure::FailureKind;
 use crate::metrics::{Metrics, RequestSeries};
 
 /// How a relayed response ended.
@@ -108,9 +109,9 @@ impl Ledger {
         self.outcome = Outcome::Broken;
     }
 
-    /// Counts a break (`kind`: `mid_stream` or `broken_answer`) against
-    /// `backend` and as a stream error.
-    pub fn count_break(&self, backend: Option<&Arc<str>>, kind: &'static str) {
+    /// Counts a break (`kind`: [`FailureKind::MidStream`] or
+    /// [`FailureKind::BrokenAnswer`]) against `backend` and as a stream error.
+    pub fn count_break(&self, backend: Option<&Arc<str>>, kind: FailureKind) {
         if let Some(backend) = backend {
             self.metrics.backend_failed(backend, kind);
         }
@@ -266,7 +267,7 @@ data: [DONE]
         l.observe(br#"{"done":true,"prompt_eval_count":3,"eval_count":5}"#);
         assert_eq!(l.counts().generated, 5, "a new chunk is searched again");
         l.broken();
-        l.count_break(Some(&Arc::from("24001")), "mid_stream");
+        l.count_break(Some(&Arc::from("24001")), FailureKind::MidStream);
         drop(l);
         let text = metrics.encode();
         for line in [

@@ -14,12 +14,12 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::json;
 
 use super::claim::Claim;
 use super::context::RequestContext;
 use super::ledger::{Ledger, TokenCounts};
+use super::upstream::{BackendBody, FailureKind};
 use crate::fleet::placement::Observed;
 
 /// How a response body is framed, from its `Content-Type`.
@@ -74,7 +74,7 @@ impl Framing {
 
 /// The relay state: the backend body and what rides along with it.
 pub struct Relay {
-    body: Incoming,
+    body: BackendBody,
     first: Option<Bytes>,
     slot: Option<Claim>,
     framing: Framing,
@@ -86,7 +86,7 @@ pub struct Relay {
 impl Relay {
     /// A relay that sends `first` (already read from `body`), then the rest.
     pub fn new(
-        body: Incoming,
+        body: BackendBody,
         first: Option<Bytes>,
         slot: Claim,
         framing: Framing,
@@ -176,7 +176,7 @@ impl Relay {
                 "answer ended without its terminal event or with an error line"
             );
             self.ledger.broken();
-            self.ledger.count_break(backend, "broken_answer");
+            self.ledger.count_break(backend, FailureKind::BrokenAnswer);
         }
         if let Some(slot) = self.slot.take() {
             slot.fleet().record_served(slot.target());
@@ -197,7 +197,8 @@ impl Relay {
         let endpoint = self.ledger.context().endpoint;
         let message = format!("corral: backend {backend} failed mid-response: {detail}");
         tracing::warn!(backend = %backend, error = %detail, endpoint, "stream broke after its first byte");
-        self.ledger.count_break(Some(backend), "mid_stream");
+        self.ledger
+            .count_break(Some(backend), FailureKind::MidStream);
         if slot.owns_failures() {
             slot.fleet().mark_failed(&slot.target().id, message.clone());
         }

@@ -1,7 +1,7 @@
-//! The client side: one pooled HTTP/1 client to every backend, the request
-//! as a backend must see it (its own `Host`, no hop-by-hop headers, no proxy
-//! credentials), and [`BackendError`], which says whether an attempt may be
-//! retried elsewhere.
+//! The client side: requests to backends on corral's own connections
+//! ([`pool`](super::pool)), the request as a backend must see it (its own
+//! `Host`, no hop-by-hop headers, no proxy credentials), and
+//! [`BackendError`], which says whether an attempt may be retried elsewhere.
 
 use std::time::Duration;
 
@@ -9,13 +9,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
+pub use super::failure::FailureKind;
+pub use super::pool::BackendBody;
 use crate::fleet::Target;
-use crate::fleet::discovery::describe;
 
 /// Why one attempt on a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,43 +21,6 @@ pub struct BackendError {
     kind: FailureKind,
     backend: String,
     detail: String,
-}
-
-/// The kinds of attempt failure, as the `kind` label of `corral_backend_failures`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// TCP connect refused or timed out.
-    Connect,
-    /// The backend was silent longer than BACKEND_READ_TIMEOUT_SECONDS.
-    Timeout,
-    /// The connection broke.
-    Reset,
-    /// A 5xx status.
-    Status5xx,
-    /// Ollama's 503 `server busy`: its own queue is full. Not a health
-    /// failure: the request goes elsewhere or waits.
-    Busy,
-    /// The response could not be read.
-    Body,
-    /// 404 for a model the backend listed: another server took its port
-    /// since the last scan. Not a health failure: the model is struck off
-    /// that backend's list until the next probe, and another backend is tried.
-    ModelMissing,
-}
-
-impl FailureKind {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Connect => "connect",
-            Self::Timeout => "timeout",
-            Self::Reset => "reset",
-            Self::Status5xx => "status_5xx",
-            Self::Busy => "busy",
-            Self::Body => "body",
-            Self::ModelMissing => "model_missing",
-        }
-    }
 }
 
 impl BackendError {
@@ -97,40 +57,40 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Removes hop-by-hop headers, including those the `Connection` header
+/// names. Most messages have none: one pass over the names finds that.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    let named: Vec<HeaderName> = connection_named(headers).collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
 }
 
-/// The pooled client to all backends.
+/// The headers a `Connection` header names.
+fn connection_named(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+}
+
+/// Sends requests to backends.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    connect_timeout: Duration,
     read_timeout: Duration,
 }
 
 impl Upstream {
-    /// A client with these timeouts; idle connections are kept for reuse.
+    /// Requests with these timeouts; idle connections are kept per backend.
     pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         Self {
-            client,
+            connect_timeout,
             read_timeout,
         }
     }
@@ -149,27 +109,10 @@ impl Upstream {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
-    ) -> Result<Response<Incoming>, BackendError> {
-        let uri = target.uri(path_and_query).map_err(|e| {
-            let detail = format!("bad URL {}{path_and_query}: {e}", target.base);
-            BackendError::new(FailureKind::Connect, target, detail)
-        })?;
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(uri)
-            .body(Full::new(body))
-            .map_err(|e| {
-                BackendError::new(FailureKind::Connect, target, format!("bad request: {e}"))
-            })?;
-        let out = request.headers_mut();
-        for (name, value) in headers {
-            if !is_dropped_request_header(name) {
-                out.append(name.clone(), value.clone());
-            }
-        }
-        strip_hop_by_hop(out);
-        out.insert(header::HOST, target.authority.clone());
-        let response = tokio::time::timeout(self.read_timeout, self.client.request(request))
+    ) -> Result<Response<BackendBody>, BackendError> {
+        let request = outgoing(target, method, path_and_query, headers, body)?;
+        let sent = target.conns.send(request, self.connect_timeout);
+        let response = tokio::time::timeout(self.read_timeout, sent)
             .await
             .map_err(|_| {
                 BackendError::new(
@@ -181,7 +124,7 @@ impl Upstream {
                     ),
                 )
             })?
-            .map_err(|e| classify(target, &e))?;
+            .map_err(|e| BackendError::new(e.kind(), target, e.to_string()))?;
         let status = response.status();
         if status.is_server_error() {
             if status == http::StatusCode::SERVICE_UNAVAILABLE && self.is_busy(response).await {
@@ -202,7 +145,7 @@ impl Upstream {
 
     /// Whether a 503 is Ollama's `server busy, please try again.  maximum
     /// pending requests exceeded` (a short body, read with the read timeout).
-    async fn is_busy(&self, response: Response<Incoming>) -> bool {
+    async fn is_busy(&self, response: Response<BackendBody>) -> bool {
         use http_body_util::BodyExt;
         let body = http_body_util::Limited::new(response.into_body(), 4096).collect();
         match tokio::time::timeout(self.read_timeout, body).await {
@@ -213,6 +156,38 @@ impl Upstream {
             _ => false,
         }
     }
+}
+
+/// The request as the backend gets it: origin-form path (with the backend
+/// URL's prefix), its own `Host`, end-to-end headers only.
+fn outgoing(
+    target: &Target,
+    method: &Method,
+    path_and_query: &http::uri::PathAndQuery,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, BackendError> {
+    let uri = target.path(path_and_query).map_err(|e| {
+        let detail = format!("bad URL {}{path_and_query}: {e}", target.base);
+        BackendError::new(FailureKind::Connect, target, detail)
+    })?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    let out = request.headers_mut();
+    out.reserve(headers.len() + 1);
+    for (name, value) in headers {
+        if !is_dropped_request_header(name) && !HOP_BY_HOP.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if headers.contains_key(header::CONNECTION) {
+        for name in connection_named(headers) {
+            out.remove(name);
+        }
+    }
+    out.insert(header::HOST, target.authority.clone());
+    Ok(request)
 }
 
 /// The start of Ollama's busy message.
@@ -230,16 +205,6 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
         || name == header::ACCEPT_ENCODING
 }
 
-/// Classifies a client error: connect failures and broken connections.
-fn classify(target: &Target, e: &hyper_util::client::legacy::Error) -> BackendError {
-    let kind = if e.is_connect() {
-        FailureKind::Connect
-    } else {
-        FailureKind::Reset
-    };
-    BackendError::new(kind, target, describe(e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +220,32 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn the_backend_gets_its_own_host_an_origin_form_path_and_end_to_end_headers() {
+        let target = Target::new(
+            crate::fleet::BackendId::Port(24001),
+            &"http://127.0.0.1:24001".parse().unwrap(),
+        );
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "corral.example".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append("x-trace", "a".parse().unwrap());
+        h.append("x-trace", "b".parse().unwrap());
+        let pq = http::uri::PathAndQuery::from_static("/api/chat?x=1");
+        let request = outgoing(&target, &Method::POST, &pq, &h, Bytes::new()).unwrap();
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.uri(), "/api/chat?x=1");
+        let out = request.headers();
+        assert_eq!(out[header::HOST], "127.0.0.1:24001");
+        assert_eq!(out[header::CONTENT_TYPE], "application/json");
+        assert_eq!(out.get_all("x-trace").iter().count(), 2);
+        assert_eq!(out.len(), 4, "{out:?}");
     }
 
     #[test]

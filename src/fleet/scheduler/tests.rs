@@ -500,3 +500,51 @@ fn check_invariants(
     let bytes: usize = s.waiters.by_arrival.values().map(|w| w.bytes).sum();
     assert_eq!(s.queued_bytes(), bytes);
 }
+
+/// A forgotten backend's kept connection is closed, not left open to a
+/// server that may be gone or replaced.
+#[tokio::test]
+async fn forgetting_a_backend_closes_its_idle_connections() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .await
+            .unwrap();
+        // Kept alive until the client closes it.
+        let _ = closed_tx.send(socket.read(&mut buf).await.map(|n| n == 0));
+    });
+    let uri: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+    let target = Arc::new(Target::new(BackendId::Port(port), &uri));
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
+    s.add_backend(Arc::clone(&target));
+    let request = http::Request::get("/api/tags")
+        .header(http::header::HOST, target.authority.clone())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = target
+        .conns
+        .send(request, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    assert_eq!(target.conns.idle_count(), 1);
+    s.remove_backend(&BackendId::Port(port));
+    assert_eq!(target.conns.idle_count(), 0);
+    let eof = tokio::time::timeout(std::time::Duration::from_secs(5), closed)
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    assert!(eof.unwrap(), "the backend saw the connection close");
+}
