@@ -84,14 +84,28 @@ impl RequestHandler for Zone {
 /// Starts the DNS server on loopback (UDP and TCP on one port); it runs
 /// until the test's runtime ends.
 async fn dns_server(zone: Zone) -> SocketAddr {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    let (udp, tcp, addr) = loopback_pair().await;
     let mut server = ServerFuture::new(zone);
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5));
     tokio::spawn(async move { server.block_until_done().await });
     addr
+}
+
+/// A UDP socket and a TCP listener on one free loopback port. The UDP port
+/// is free when bound, but the same TCP port may be some other test's
+/// ephemeral connection: then another port is tried, a bounded number of times.
+async fn loopback_pair() -> (UdpSocket, TcpListener, SocketAddr) {
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return (udp, tcp, addr),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("binding TCP {addr}: {e}"),
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP after 50 tries");
 }
 
 /// A proxy with an empty range, discovering through `entry` and the test's DNS.
