@@ -7,15 +7,17 @@
 # PID on exit. Needs: wrk, nginx, curl, jq, taskset; builds with
 #   cargo build --release --bin corral --examples
 # Knobs: RUNS (repetitions, default 5), DURATION (seconds per wrk run, 5),
-# BUILD=0 to skip the cargo build; PLACEMENT_SEED and PLACEMENT_SCALE for
-# `placement`.
+# BUILD=0 to skip the cargo build; TARGET_DIR (default target/release) to
+# run binaries built elsewhere, e.g. a quicker non-LTO build for iteration;
+# PLACEMENT_SEED and PLACEMENT_SCALE for `placement`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CORRAL=$ROOT/target/release/corral
-LOADGEN=$ROOT/target/release/examples/loadgen
-FAIRBENCH=$ROOT/target/release/examples/fairbench
+TARGET_DIR=${TARGET_DIR:-$ROOT/target/release}
+CORRAL=$TARGET_DIR/corral
+LOADGEN=$TARGET_DIR/examples/loadgen
+FAIRBENCH=$TARGET_DIR/examples/fairbench
 RESULTS=$ROOT/bench/results.md
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5}

@@ -104,7 +104,7 @@ async fn route(
     started: Instant,
     model_out: &mut Option<ModelName>,
 ) -> Result<Response, ProxyError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let (tenant, priority) = app.tenancy.of(&parts)?;
     let bytes = body::read(
         &parts.headers,
@@ -113,6 +113,8 @@ async fn route(
         app.args.client_header_timeout,
     )
     .await?;
+    // What waits in the queue keeps no slice of the connection's buffers.
+    body::detach(&mut parts);
     let (peek, plain) =
         inspect::peek(endpoint, &parts.headers, &bytes, app.args.max_body_bytes).await?;
     let bytes = apply_stream_rule(app.args.reject_streaming, endpoint, peek.stream, bytes)?;

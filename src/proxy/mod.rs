@@ -188,7 +188,10 @@ async fn run(
     tasks.spawn(sampler.run(background.clone()));
 
     let router = routes::router(Arc::clone(&app));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only, as Ollama serves: no preface sniffing, whose 24 replayed
+    // bytes made hyper's first read grow each connection's read buffer from
+    // 8 to 16 KiB.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
