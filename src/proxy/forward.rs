@@ -188,7 +188,9 @@ async fn route(
         // A 404 is the backend's own answer, not a stale model list, for
         // cloud models and for continued responses (known to corral or not).
         let listed = want.model.as_ref().filter(|_| !cloud && previous.is_none());
-        match attempt(app, claim.target(), &parts, bytes.clone(), listed).await {
+        // Boxed: a request waiting for its slot need not carry the room of
+        // the client's send future.
+        match Box::pin(attempt(app, claim.target(), &parts, bytes.clone(), listed)).await {
             Ok((head, rest, first)) => {
                 // A backend that listed the model took it: it is known.
                 let model_label = want.model.as_ref().map_or("none", ModelName::display);
