@@ -7,19 +7,25 @@
 # PID on exit. Needs: wrk, nginx, curl, jq, taskset; builds with
 #   cargo build --release --bin corral --examples
 # Knobs: RUNS (repetitions, default 5), DURATION (seconds per wrk run, 5),
-# BUILD=0 to skip the cargo build; BASELINE=/path/to/another/corral for
-# `overhead` to measure that build too, in the same run; PLACEMENT_SEED and
-# PLACEMENT_SCALE for `placement`.
+# SCAN_WINDOW (seconds of CPU measurement in `discovery`, 10);
+# BUILD=0 to skip the cargo build; TARGET_DIR (default target/release) to
+# run binaries built elsewhere, e.g. a quicker non-LTO build for iteration;
+# BASELINE=/path/to/another/corral for `overhead` to measure that build too,
+# in the same run; BASELINE_DIR (a directory with an earlier build's
+# `corral`) to measure it first, in the same run, in `queue` and the CPU
+# share of `discovery`; PLACEMENT_SEED and PLACEMENT_SCALE for `placement`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CORRAL=$ROOT/target/release/corral
-LOADGEN=$ROOT/target/release/examples/loadgen
-FAIRBENCH=$ROOT/target/release/examples/fairbench
+TARGET_DIR=${TARGET_DIR:-$ROOT/target/release}
+CORRAL=$TARGET_DIR/corral
+LOADGEN=$TARGET_DIR/examples/loadgen
+FAIRBENCH=$TARGET_DIR/examples/fairbench
 RESULTS=$ROOT/bench/results.md
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5}
+SCAN_WINDOW=${SCAN_WINDOW:-10}
 TMP=$(mktemp -d /tmp/corral-bench.XXXXXX)
 chmod 755 "$TMP" # nginx workers may run as nobody
 PIDS=()
@@ -424,6 +430,26 @@ EOF
     stop "$sims"
 }
 
+# queue_row LABEL BIN: one row of the queue table for the proxy binary BIN.
+queue_row() {
+    local label=$1 bin=$2 want=$3
+    start_sims 31200 1 1 --parallel 1 --tokens-per-second 1
+    local sims=$SIM_PID
+    CORRAL=$bin start_corral 0 BACKEND_PORT_START=31200 BACKEND_PORT_END=31200 MAX_CONCURRENT_PER_BACKEND=1
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
+    local rss0 line gen queued inflight
+    rss0=$(peak_rss_mb "$CORRAL_PID")
+    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
+    log "$label: $line"
+    sleep 1
+    gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
+    queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
+    inflight=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
+    echo "| $label | $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms | $gen | ${queued:-?} | $inflight |" >>"$TMP/queue-rows.md"
+    stop "$CORRAL_PID"
+    stop "$sims"
+}
+
 queue() {
     log "queue: one slow backend, 10,000 waiting clients"
     local want=10000
@@ -433,44 +459,59 @@ queue() {
         want=$(($(ulimit -n) - 1000))
         log "ulimit -n is $(ulimit -n): $want clients"
     fi
-    start_sims 31200 1 1 --parallel 1 --tokens-per-second 1
-    local sims=$SIM_PID
-    start_corral 0 BACKEND_PORT_START=31200 BACKEND_PORT_END=31200 MAX_CONCURRENT_PER_BACKEND=1
-    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
-    local rss0 line gen queued inflight
-    rss0=$(peak_rss_mb "$CORRAL_PID")
-    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
-    log "$line"
-    sleep 1
-    gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
-    queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
-    inflight=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
+    : >"$TMP/queue-rows.md"
+    if [[ -n ${BASELINE_DIR:-} ]]; then queue_row baseline "$BASELINE_DIR/corral" "$want"; fi
+    queue_row "this build" "$CORRAL" "$want"
     cat >"$TMP/queue.md" <<EOF
 
 ## Queue at scale: one slow backend, $want waiting clients
 
-$(machine "one run")
+$(machine "one run${BASELINE_DIR:+, the baseline binary first, then this build}")
 
-| clients parked | corral peak RSS | RSS before | /__proxy/health p50 | p99 | max | reached the backend | queue after | in flight after |
-| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-| $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms | $gen | ${queued:-?} | $inflight |
+| corral | clients parked | peak RSS | RSS before | /__proxy/health p50 | p99 | max | reached the backend | queue after | in flight after |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+$(cat "$TMP/queue-rows.md")
 
 "Reached the backend" counts /api/generate requests the sim received: the first client holds the one slot until 2 s after all the others gave up while waiting, so 1 means that no client that gave up reached the backend.
 EOF
     section queue "$TMP/queue.md"
+}
+
+# scan_cpu BIN: sets SCAN_CPU to corral's CPU share (% of a core) over
+# SCAN_WINDOW seconds with no requests, scanning 31500-32500 every second
+# with 3 live ports. (Not a $(...) subshell: the PIDs it starts must reach
+# cleanup.)
+scan_cpu() {
+    local bin=$1 t0 t1
+    start_sims 32100 3 1
+    local sims=$SIM_PID
+    CORRAL=$bin start_corral 0-1 BACKEND_PORT_START=31500 BACKEND_PORT_END=32500 SCAN_INTERVAL_SECONDS=1 MAX_CONCURRENT_PER_BACKEND=0
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 3'
+    sleep 2
+    t0=$(cpu_ticks "$CORRAL_PID")
+    sleep "$SCAN_WINDOW"
+    t1=$(cpu_ticks "$CORRAL_PID")
     stop "$CORRAL_PID"
     stop "$sims"
+    log "$bin: $((t1 - t0)) ticks in $SCAN_WINDOW s"
+    SCAN_CPU=$(awk -v d=$((t1 - t0)) -v w="$SCAN_WINDOW" 'BEGIN {printf "%.1f", d / 100 / w * 100}')
 }
 
 discovery() {
     log "discovery: a 1,001-port scan range, SCAN_INTERVAL_SECONDS=1"
     ports_free 31500 32500
+    # Three live backends in the range while corral's CPU is measured, as a
+    # fleet would have; the rest of the 1,001 ports refuse connections. No
+    # requests in that window: the ticks are the scan loop's (and the
+    # dashboard sampler's, once a second).
+    local cpu_base="" cpu line
+    if [[ -n ${BASELINE_DIR:-} ]]; then
+        scan_cpu "$BASELINE_DIR/corral"
+        cpu_base=$SCAN_CPU
+    fi
+    scan_cpu "$CORRAL"
+    cpu=$SCAN_CPU
     start_corral 0-1 BACKEND_PORT_START=31500 BACKEND_PORT_END=32500 SCAN_INTERVAL_SECONDS=1 MAX_CONCURRENT_PER_BACKEND=0
-    local t0 t1 line
-    sleep 3
-    t0=$(cpu_ticks "$CORRAL_PID")
-    sleep 5
-    t1=$(cpu_ticks "$CORRAL_PID")
     line=$("$LOADGEN" discovery --proxy "http://127.0.0.1:$PROXY_PORT" --corral "$CORRAL" --port 32000 --rounds "$RUNS")
     log "$line"
     curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | grep 'backend="32000"' | grep -v '^#' >&2 || true
@@ -480,11 +521,11 @@ discovery() {
 
 $(machine)
 
-| start to first answer, median | max | requests to a killed backend after the kill | client errors | corral CPU while scanning an empty range |
+| start to first answer, median | max | requests to a killed backend after the kill | client errors | corral CPU while scanning (3 live ports of 1,001, no requests, ${SCAN_WINDOW} s) |
 | ---: | ---: | ---: | ---: | ---: |
-| $(kv serve_p50_ms "$line") ms | $(kv serve_max_ms "$line") ms | $(kv killed_attempts_after_kill "$line") (of $(kv requests "$line")) | $(kv client_errors "$line") | $(awk -v d=$((t1 - t0)) 'BEGIN {printf "%.1f", d / 100 / 5 * 100}')% of a core |
+| $(kv serve_p50_ms "$line") ms | $(kv serve_max_ms "$line") ms | $(kv killed_attempts_after_kill "$line") (of $(kv requests "$line")) | $(kv client_errors "$line") | $cpu% of a core${cpu_base:+ (baseline binary: $cpu_base%)} (target < 5 %) |
 
-"Start" is the spawn of \`corral sim\`, with a request already waiting in corral's queue. The kill is SIGKILL under back-to-back requests from one client; the count is corral_backend_requests_total of the killed backend after the kill (1 = only the attempt that failed).
+"Start" is the spawn of \`corral sim\`, with a request already waiting in corral's queue. The kill is SIGKILL under back-to-back requests from one client; the count is corral_backend_requests_total of the killed backend after the kill (1 = only the attempt that failed). The CPU share is corral's utime + stime from /proc over the window, one scan of the whole range a second.
 EOF
     section discovery "$TMP/discovery.md"
     stop "$CORRAL_PID"

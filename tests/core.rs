@@ -62,6 +62,52 @@ async fn generate_is_answered_by_a_backend_and_names_it() {
     assert_eq!(body["done"], true);
 }
 
+/// The accept loop peeks at a connection's first bytes: HTTP/2's preface
+/// (h2c with prior knowledge) goes to hyper-util's auto builder, everything
+/// else straight to hyper's HTTP/1 server. Both are served.
+#[tokio::test]
+async fn h2c_and_http1_clients_are_both_served() {
+    use http_body_util::BodyExt;
+
+    let fleet = TestFleet::uniform(1, spec()).await;
+    let proxy = start_proxy(&fleet, |_| {}).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.handle.addr)
+        .await
+        .unwrap();
+    let (mut send, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(connection);
+    let body = generate("llama3.2", "why is the sky blue", false).to_string();
+    let request = http::Request::post(format!("{}/api/generate", proxy.url))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let r = send.send_request(request).await.unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body["response"],
+        expected_text(0, "llama3.2", "why is the sky blue", 16)
+    );
+    drop(send);
+    driver.abort();
+
+    let r = proxy
+        .post(
+            "/api/generate",
+            generate("llama3.2", "why is the sky blue", false),
+        )
+        .await;
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test]
 async fn least_in_flight_wins_and_ties_go_to_the_lowest_port() {
     // The model loaded everywhere, so that only load and port decide.

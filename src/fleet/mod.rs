@@ -124,7 +124,9 @@ impl Fleet {
         loop {
             let mut slot = self.acquire_local(want.clone(), bytes, ticket).await?;
             let id = slot.target().id.clone();
-            if let Some(lease) = remote.take(self, &id).await {
+            // Boxed: the shared-state round trip's future is kilobytes, and
+            // without the box every parked request would carry its room.
+            if let Some(lease) = Box::pin(remote.take(self, &id)).await {
                 slot.set_remote(Arc::clone(remote), lease);
                 return Ok(slot);
             }

@@ -198,7 +198,10 @@ impl<W> Scheduler<W> {
     /// Adds a backend (unhealthy until probed) unless one with that id exists.
     pub fn add_backend(&mut self, target: Arc<Target>) -> &mut Backend {
         let id = target.id.clone();
-        self.touched.push(id.clone());
+        // One already there is not re-indexed: nothing about it changed.
+        if !self.backends.contains_key(&id) {
+            self.touched.push(id.clone());
+        }
         self.backends
             .entry(id)
             .or_insert_with(|| Backend::new(target))
@@ -215,20 +218,33 @@ impl<W> Scheduler<W> {
     }
 
     /// Records a successful probe; true when the server looks replaced.
+    /// A healthy backend that lists the same models as before is not
+    /// re-indexed: a scan of a steady fleet touches no index.
     pub fn apply_probe(&mut self, id: &BackendId, report: ProbeReport) -> bool {
         let Some(backend) = self.backends.get_mut(id) else {
             return false;
         };
-        self.known.extend(backend_models(&report));
+        let was_healthy = backend.healthy;
+        // The parsed lists as they are now (a model struck off since the
+        // last probe included), to compare with what the probe says.
+        let models = std::mem::take(&mut backend.models);
+        let loaded = std::mem::take(&mut backend.loaded);
         let ps = report.ps.clone();
         let replaced = backend.apply_probe(report);
+        let changed =
+            replaced || !was_healthy || backend.models != models || backend.loaded != loaded;
         if replaced {
             // Kept connections may lead to the server that left.
             backend.target.conns.close_idle();
+        }
+        if changed {
+            self.known.extend(backend.models.iter().cloned());
+            self.reindex(id);
+        }
+        if replaced {
             self.placement.forget(id);
         }
         self.placement.probed(id, &ps);
-        self.reindex(id);
         replaced
     }
 
@@ -240,7 +256,9 @@ impl<W> Scheduler<W> {
         let was = backend.healthy;
         backend.healthy = false;
         backend.last_error = Some(error);
-        self.reindex(id);
+        if was {
+            self.reindex(id);
+        }
         was
     }
 
@@ -721,10 +739,6 @@ impl<W> Scheduler<W> {
             !want.tried.is_empty() && !self.backends.values().any(|b| self.is_eligible(b, want));
         retry_has_nowhere_to_go.then_some(Rejection::Exhausted)
     }
-}
-
-fn backend_models(report: &ProbeReport) -> impl Iterator<Item = ModelName> + '_ {
-    report.models.iter().map(|m| ModelName::parse(m))
 }
 
 #[cfg(test)]

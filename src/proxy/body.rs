@@ -1,12 +1,19 @@
 //! Request bodies: read once under MAX_BODY_BYTES, peek only the fields that
 //! routing needs (`model`, legacy `name`, `stream`), and apply the `stream`
 //! default of REJECT_STREAMING. The original bytes are what gets forwarded.
+//!
+//! A request may wait in the queue for a long time, so what it keeps is
+//! its own: the body is copied into an allocation of exactly its size, and
+//! [`detach`] copies the URI and header values out of the connection's read
+//! buffer (hyper hands them out as slices of it), so that thousands of
+//! parked requests do not each pin a spare 8 KiB buffer.
 
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
-use http::HeaderMap;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Uri};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -57,16 +64,65 @@ pub async fn read(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ProxyError::BodyTooLarge(limit));
     }
-    let collect = http_body_util::Limited::new(body, limit).collect();
+    // At most the declared length up front, so a lying header cannot make
+    // us reserve more than the limit.
+    let capacity = declared.map_or(0, |len| len as usize);
+    let collect = collect_exact(http_body_util::Limited::new(body, limit), capacity);
     match tokio::time::timeout(timeout, collect).await {
         Err(_) => Err(ProxyError::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ProxyError::BodyTooLarge(limit))
         }
         Ok(Err(e)) => Err(ProxyError::BadRequest(format!(
             "could not read the request body: {e}"
         ))),
+    }
+}
+
+/// The data frames of `body`, copied into one allocation of exactly their
+/// total length (not slices of the connection's read buffer, and no spare
+/// capacity).
+async fn collect_exact<B>(mut body: B, capacity: usize) -> Result<Bytes, B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut out = Vec::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            out.extend_from_slice(&data);
+        }
+    }
+    out.shrink_to_fit();
+    Ok(Bytes::from(out))
+}
+
+/// Makes `parts` own what it keeps while the request waits: the URI and the
+/// header values are copied into one small allocation of their own (hyper
+/// parsed them as slices of the connection's 8 KiB read buffer, which they
+/// would otherwise keep alive), and the extensions, which only the tenant
+/// lookup before this point needs, are dropped.
+pub fn detach(parts: &mut Parts) {
+    parts.extensions.clear();
+    let uri = parts.uri.to_string();
+    let len = uri.len() + parts.headers.values().map(|v| v.len()).sum::<usize>();
+    let mut store = BytesMut::with_capacity(len);
+    store.put_slice(uri.as_bytes());
+    for value in parts.headers.values() {
+        store.put_slice(value.as_bytes());
+    }
+    let mut store = store.freeze();
+    let uri_bytes = store.split_to(uri.len());
+    if let Ok(copied) = Uri::from_maybe_shared(uri_bytes) {
+        parts.uri = copied;
+    }
+    for value in parts.headers.values_mut() {
+        let bytes = store.split_to(value.len());
+        // The bytes were a valid value a moment ago.
+        if let Ok(mut copied) = HeaderValue::from_maybe_shared(bytes) {
+            copied.set_sensitive(value.is_sensitive());
+            *value = copied;
+        }
     }
 }
 
@@ -119,6 +175,57 @@ pub fn with_stream_false(body: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_body_is_copied_into_an_allocation_of_its_own_size() {
+        let read_buffer = Bytes::from(vec![b'x'; 8192]);
+        let chunks = [read_buffer.slice(0..10), read_buffer.slice(100..105)];
+        let stream = futures_util::stream::iter(
+            chunks.map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))),
+        );
+        let body = http_body_util::StreamBody::new(stream);
+        let bytes = collect_exact(body, 0).await.unwrap();
+        assert_eq!(bytes.len(), 15);
+        // Not a slice of the 8 KiB buffer: its own 15 bytes.
+        let inside = read_buffer.as_ptr_range();
+        assert!(!inside.contains(&bytes.as_ptr()));
+        assert!(bytes.try_into_mut().is_ok_and(|b| b.capacity() == 15));
+    }
+
+    #[test]
+    fn detach_keeps_the_request_and_copies_it_out_of_the_read_buffer() {
+        let read_buffer = Bytes::from_static(b"/api/generate?x=1 Bearer abc llama");
+        let (mut parts, ()) =
+            http::Request::post(Uri::from_maybe_shared(read_buffer.slice(0..17)).unwrap())
+                .body(())
+                .unwrap()
+                .into_parts();
+        let mut secret = HeaderValue::from_maybe_shared(read_buffer.slice(18..28)).unwrap();
+        secret.set_sensitive(true);
+        parts.headers.insert(http::header::AUTHORIZATION, secret);
+        parts.headers.append(
+            "x-model",
+            HeaderValue::from_maybe_shared(read_buffer.slice(29..34)).unwrap(),
+        );
+        parts
+            .headers
+            .append("x-model", HeaderValue::from_static("two"));
+        parts.extensions.insert(7u32);
+
+        detach(&mut parts);
+
+        assert_eq!(parts.uri, "/api/generate?x=1");
+        assert_eq!(parts.headers[http::header::AUTHORIZATION], "Bearer abc");
+        assert!(parts.headers[http::header::AUTHORIZATION].is_sensitive());
+        let models: Vec<_> = parts.headers.get_all("x-model").iter().collect();
+        assert_eq!(models, ["llama", "two"]);
+        assert!(parts.extensions.get::<u32>().is_none());
+        let inside = read_buffer.as_ptr_range();
+        for value in parts.headers.values() {
+            assert!(!inside.contains(&value.as_bytes().as_ptr()));
+        }
+        assert!(!inside.contains(&parts.uri.path().as_ptr()));
+    }
 
     #[test]
     fn peek_finds_model_and_stream_and_skips_the_rest() {

@@ -84,7 +84,17 @@ async fn route(
     loop {
         let claim = claim(app, ctx, &mut out, last.as_ref()).await?;
         let model = out.want.model.as_ref().filter(|_| out.listed);
-        match attempt(app, claim.target(), &out.head, out.bytes.clone(), model).await {
+        // Boxed: a request waiting for its slot need not carry the room of
+        // the client's send future.
+        match Box::pin(attempt(
+            app,
+            claim.target(),
+            &out.head,
+            out.bytes.clone(),
+            model,
+        ))
+        .await
+        {
             Ok(answer) => {
                 ctx.placed = out.want.signature.as_deref().and_then(|s| {
                     let estimated = (s.bytes / 4) as u64;

@@ -22,7 +22,9 @@ pub async fn peek(
     limit: usize,
 ) -> Result<(Peek, Option<Bytes>), ProxyError> {
     if endpoint == TRANSCRIPTIONS {
-        return Ok((form_model(headers, bytes.clone()).await?, None));
+        // Boxed: the multipart reader's state is kilobytes, which would
+        // otherwise size every routed request's future, parked ones too.
+        return Ok((Box::pin(form_model(headers, bytes.clone())).await?, None));
     }
     if endpoint.starts_with("/v1/") && is_zstd(headers) {
         let plain = unzstd(bytes, limit)?;

@@ -11,6 +11,7 @@ mod auth;
 mod body;
 mod claim;
 mod cloud;
+mod connection;
 mod context;
 mod course;
 mod dashboard;
@@ -193,11 +194,15 @@ async fn run(
     tasks.spawn(sampler.run(background.clone()));
 
     let router = routes::router(Arc::clone(&app));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    auto.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(app.args.client_header_timeout);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.args.client_header_timeout);
+    let builders = Arc::new((http1, auto));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -221,12 +226,30 @@ async fn run(
                     request.extensions_mut().insert(ConnectInfo(peer));
                     request
                 });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        // Shutdown waits for this connection from now on; its first bytes
+        // are awaited on its own task, not here.
+        let (builders, watcher, stop) = (Arc::clone(&builders), graceful.watcher(), stop.clone());
         tasks.spawn(async move {
-            if let Err(e) = connection.await {
+            let (http1, auto) = &*builders;
+            let service = TowerToHyperService::new(service);
+            // A client that has sent nothing yet is not waited for at shutdown.
+            let opening = tokio::select! {
+                opening = connection::opening(&stream) => opening,
+                () = stop.cancelled() => return,
+            };
+            let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match opening {
+                connection::Opening::Http1 => {
+                    let connection = http1.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection).await.map_err(Into::into)
+                }
+                // Rare (h2c clients): boxed, so that it does not size
+                // every HTTP/1 connection's task.
+                connection::Opening::MaybeHttp2 => {
+                    let connection = auto.serve_connection(TokioIo::new(stream), service);
+                    Box::pin(watcher.watch(connection)).await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

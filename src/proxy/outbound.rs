@@ -61,7 +61,7 @@ pub struct Outbound {
 pub async fn prepare(
     app: &App,
     ctx: &mut RequestContext,
-    head: Parts,
+    mut head: Parts,
     body: Body,
 ) -> Result<Outbound, ProxyError> {
     let (tenant, priority) = app.tenancy.of(&head)?;
@@ -75,6 +75,8 @@ pub async fn prepare(
         args.client_header_timeout,
     )
     .await?;
+    // What waits in the queue keeps no slice of the connection's buffers.
+    body::detach(&mut head);
     let (peek, plain) =
         inspect::peek(ctx.endpoint, &head.headers, &bytes, args.max_body_bytes).await?;
     ctx.stream = peek.stream;

@@ -392,6 +392,21 @@ fn run_workload(seed: u64) {
                 settling.retain(|(due, _)| *due > clock);
                 grant(out, &mut held, &mut waiting);
             }
+            12 => {
+                // A scan: the same lists again (nothing to re-index), or
+                // after a model was struck off (the probe brings it back).
+                let port = rng.random_range(0..6u16);
+                let id = BackendId::Port(30000 + port);
+                if rng.random_bool(0.3) {
+                    if let Some(b) = s.backend_mut(&id) {
+                        b.models.remove(&ModelName::parse("a"));
+                    }
+                    grant(s.dispatch(clock), &mut held, &mut waiting);
+                }
+                let m = models[usize::from(port) % 3];
+                add(&mut s, 30000 + port, &[m, "a"], &[]);
+                grant(s.dispatch(clock), &mut held, &mut waiting);
+            }
             _ => {}
         }
         check_invariants(&s, cap, &held, &settling, seed, step);
