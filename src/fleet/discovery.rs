@@ -137,7 +137,8 @@ impl Discovery {
         let started = Instant::now();
         for id in self.registry.expire(started) {
             tracing::info!(backend = %id, "lease ran out: draining, forgotten when idle");
-            self.fleet.set_draining(&id, true);
+            // Every instance runs the same lease out: nothing to share.
+            self.fleet.set_draining_here(&id, true);
         }
         let dns = match &self.dns {
             Some(dns) => self.resolve(dns).await,

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod discovery;
 pub mod dns;
 pub mod placement;
+pub mod registration;
 pub mod registry;
 pub mod scheduler;
 pub mod shared;
@@ -236,8 +237,21 @@ impl Fleet {
         self.lock().count_served(target);
     }
 
-    /// Drains (true) or undrains (false) a backend; false when there is no such backend.
+    /// Drains (true) or undrains (false) a backend, on every instance with
+    /// SHARED_STATE; false when there is no such backend.
     pub fn set_draining(&self, id: &BackendId, draining: bool) -> bool {
+        let found = self.set_draining_here(id, draining);
+        if found {
+            if let Some(remote) = self.shared.remote.get() {
+                remote.share_drain(id, draining);
+            }
+        }
+        found
+    }
+
+    /// The same on this instance only: for drains every instance makes by
+    /// itself (a registration that ran out or was withdrawn everywhere).
+    pub fn set_draining_here(&self, id: &BackendId, draining: bool) -> bool {
         let found = self.update(|s| match s.backend_mut(id) {
             Some(b) => {
                 b.draining = draining;
@@ -247,9 +261,6 @@ impl Fleet {
         });
         if found {
             tracing::info!(backend = %id, draining, "drain state changed");
-            if let Some(remote) = self.shared.remote.get() {
-                remote.share_drain(id, draining);
-            }
         }
         found
     }

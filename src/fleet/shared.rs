@@ -26,9 +26,9 @@
 //! never oversubscribes. When Redis is back, the leases held are written
 //! again before anything new is taken.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -36,7 +36,8 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{BackendId, Fleet};
+use super::registry::Registry;
+use super::{BackendId, Fleet, Target};
 
 /// How long a slot lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -51,8 +52,13 @@ const NOW: &str = "local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
-/// KEYS[1] slots; ARGV cap, ttl ms, member -> {taken 0/1, holders}.
-const TAKE: &str = "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+/// KEYS[1] slots, KEYS[2] instances; ARGV cap, ttl ms, member, instance ->
+/// {taken 0/1, holders}, or {'lost', ''} when Redis no longer lists this
+/// instance (it restarted empty): its leases must be written again first.
+const TAKE: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+  return {'lost', ''}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local ok = 0
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
@@ -68,16 +74,31 @@ redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\n' .. m)
 return m";
 
 /// ARGV prefix, ttl ms, rewrite 0/1, instance, n backends, backends…,
-/// then (backend, member) pairs held -> {instances, holders per backend…,
-/// drained backends}.
+/// n drains, drains…, then (backend, member) pairs held -> {instances,
+/// rewritten 0/1, settling 0/1, holders per backend…, drained backends}.
+/// It rewrites (held leases with ZADD, not ZADD XX, and the drains this
+/// instance knows) when asked to or when Redis no longer lists this
+/// instance. A Redis without `corral:epoch` lost everything (restarted
+/// empty): for one lease TTL (`corral:settling`) nothing is taken through
+/// it, so that every live instance writes its leases again first.
 const REFRESH: &str = "local p = ARGV[1]
 local ttl = tonumber(ARGV[2])
-local rewrite = ARGV[3] == '1'
+if redis.call('SET', p .. 'epoch', '1', 'NX') then
+  redis.call('SET', p .. 'settling', '1', 'PX', ttl)
+end
+local rewrite = ARGV[3] == '1' or not redis.call('ZSCORE', p .. 'instances', ARGV[4])
 redis.call('ZADD', p .. 'instances', now + ttl, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', p .. 'instances', '-inf', now)
-local out = {tostring(redis.call('ZCARD', p .. 'instances'))}
+local out = {tostring(redis.call('ZCARD', p .. 'instances')), rewrite and '1' or '0',
+  tostring(redis.call('EXISTS', p .. 'settling'))}
 local nb = tonumber(ARGV[5])
-local i = 6 + nb
+local nd = tonumber(ARGV[6 + nb])
+if rewrite then
+  for k = 1, nd do
+    redis.call('SADD', p .. 'drained', ARGV[6 + nb + k])
+  end
+end
+local i = 7 + nb + nd
 while i < #ARGV do
   local key = p .. 'slots:' .. ARGV[i]
   if rewrite then
@@ -90,9 +111,52 @@ end
 for k = 1, nb do
   local key = p .. 'slots:' .. ARGV[5 + k]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  out[k + 1] = table.concat(redis.call('ZRANGE', key, 0, -1), ',')
+  out[k + 3] = table.concat(redis.call('ZRANGE', key, 0, -1), ',')
 end
-out[nb + 2] = table.concat(redis.call('SMEMBERS', p .. 'drained'), '\\n')
+out[nb + 4] = table.concat(redis.call('SMEMBERS', p .. 'drained'), '\\n')
+return out";
+
+/// KEYS[1] registered; ARGV mode (`set`, or `keep`: only where absent or
+/// shorter), n writes, (id, url, lease ms or -1) per write, then ids to
+/// delete -> (id, url, lease ms left or -1) per live registration; the
+/// expired ones are deleted. A value is the url, a newline, and the
+/// expiry on Redis time (`-`: no lease).
+const REGISTERED: &str = "local n = tonumber(ARGV[2])
+for k = 0, n - 1 do
+  local id, url, lease = ARGV[3 + 3 * k], ARGV[4 + 3 * k], tonumber(ARGV[5 + 3 * k])
+  local exp = '-'
+  if lease >= 0 then exp = tostring(now + lease) end
+  local write = ARGV[1] == 'set'
+  if not write then
+    local old = redis.call('HGET', KEYS[1], id)
+    if not old then
+      write = true
+    else
+      local was = string.match(old, '\\n(.*)$')
+      write = was ~= '-' and (exp == '-' or tonumber(exp) > tonumber(was))
+    end
+  end
+  if write then
+    redis.call('HSET', KEYS[1], id, url .. '\\n' .. exp)
+  end
+end
+for k = 3 + 3 * n, #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[k])
+end
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for k = 1, #all, 2 do
+  local url, exp = string.match(all[k + 1], '^(.*)\\n(.*)$')
+  local left = '-1'
+  if exp ~= '-' then left = tostring(tonumber(exp) - now) end
+  if exp ~= '-' and tonumber(exp) <= now then
+    redis.call('HDEL', KEYS[1], all[k])
+  else
+    out[#out + 1] = all[k]
+    out[#out + 1] = url
+    out[#out + 1] = left
+  end
+end
 return out";
 
 /// A slot's lease in Redis, given back when its slot is.
@@ -118,6 +182,9 @@ struct Status {
     reachable: bool,
     /// Leases must be written again (Redis was gone, maybe emptied).
     rewrite: bool,
+    /// Redis came back empty less than a lease TTL ago: serve within the
+    /// degraded local cap and keep the holders seen before.
+    settling: bool,
     instances: usize,
 }
 
@@ -134,10 +201,21 @@ pub struct SharedState {
     /// Drain changes made here and not yet written to Redis.
     drain_pending: Mutex<HashMap<String, bool>>,
     /// Backends this instance drained because Redis said so.
-    drained_by_others: Mutex<std::collections::HashSet<String>>,
+    drained_by_others: Mutex<HashSet<String>>,
+    /// Backends drained through this instance (written again when Redis
+    /// comes back empty, with those drained by others).
+    drained_here: Mutex<HashSet<String>>,
+    /// The registrations, once [`SharedState::start`]ed.
+    registry: OnceLock<Arc<Registry>>,
+    /// Bumped around every registration change this instance writes, so
+    /// that a read of the registrations made meanwhile is not applied.
+    registry_writes: AtomicU64,
+    /// Deregistrations made here and not yet written to Redis.
+    deregister_pending: Mutex<HashSet<String>>,
     take: Script,
     give_back: Script,
     refresh: Script,
+    registered: Script,
 }
 
 impl SharedState {
@@ -156,13 +234,19 @@ impl SharedState {
             status: Mutex::new(Status {
                 reachable: true,
                 rewrite: false,
+                settling: false,
                 instances: 0,
             }),
             drain_pending: Mutex::new(HashMap::new()),
-            drained_by_others: Mutex::new(std::collections::HashSet::new()),
+            drained_by_others: Mutex::default(),
+            drained_here: Mutex::default(),
+            registry: OnceLock::new(),
+            registry_writes: AtomicU64::new(0),
+            deregister_pending: Mutex::default(),
             take: Script::new(&format!("{NOW}{TAKE}")),
             give_back: Script::new(&format!("{NOW}{GIVE_BACK}")),
             refresh: Script::new(&format!("{NOW}{REFRESH}")),
+            registered: Script::new(&format!("{NOW}{REGISTERED}")),
         }))
     }
 
@@ -181,8 +265,10 @@ impl SharedState {
         }
     }
 
-    /// Runs the lease renewal and the release listener until `stop`.
-    pub fn start(self: &Arc<Self>, fleet: Fleet, stop: CancellationToken) {
+    /// Runs the lease renewal (which also shares the registrations of
+    /// `registry`) and the release listener until `stop`.
+    pub fn start(self: &Arc<Self>, fleet: Fleet, registry: Arc<Registry>, stop: CancellationToken) {
+        let _ = self.registry.set(registry);
         let me = Arc::clone(self);
         let (f, s) = (fleet.clone(), stop.clone());
         tokio::spawn(async move {
@@ -262,13 +348,25 @@ impl SharedState {
             member: member.clone(),
             backend: backend.clone(),
         };
-        if self.status().reachable && !self.status().rewrite {
+        let normal = {
+            let s = self.status();
+            s.reachable && !s.rewrite && !s.settling
+        };
+        if normal {
             let key = format!("{PREFIX}slots:{backend}");
             let mut inv = self.take.key(&key);
-            inv.arg(self.cap)
+            inv.key(format!("{PREFIX}instances"))
+                .arg(self.cap)
                 .arg(LEASE_TTL.as_millis() as u64)
-                .arg(&member);
+                .arg(&member)
+                .arg(&self.instance);
             match self.call::<(String, String)>(inv).await {
+                Ok((lost, _)) if lost == "lost" => {
+                    tracing::warn!(
+                        "shared state lost this instance (Redis restarted empty?): writing its leases again"
+                    );
+                    self.status().rewrite = true;
+                }
                 Ok((taken, members)) => {
                     if taken == "1" {
                         self.held().insert(member, backend);
@@ -339,6 +437,14 @@ impl SharedState {
         for id in &ids {
             inv.arg(id.to_string());
         }
+        let drains: Vec<String> = lock(&self.drained_here)
+            .union(&lock(&self.drained_by_others))
+            .cloned()
+            .collect();
+        inv.arg(drains.len());
+        for d in &drains {
+            inv.arg(d);
+        }
         for (b, m) in &held {
             inv.arg(b).arg(m);
         }
@@ -353,14 +459,124 @@ impl SharedState {
                     s.rewrite = false;
                     s.instances = out.first().and_then(|n| n.parse().ok()).unwrap_or(1);
                 }
-                for (id, members) in ids.iter().zip(out.iter().skip(1)) {
-                    self.apply(fleet, id, members);
+                let rewritten = out.get(1).is_some_and(|r| r == "1");
+                let settling = out.get(2).is_some_and(|r| r == "1");
+                let was = std::mem::replace(&mut self.status().settling, settling);
+                if settling && !was {
+                    tracing::warn!(
+                        "shared state: Redis is new or came back empty; every instance writes its leases again, meanwhile serving within floor(cap / instances)"
+                    );
+                } else if was && !settling {
+                    tracing::info!("shared state: leases written again; back to shared slots");
                 }
-                if let Some(drained) = out.get(ids.len() + 1) {
+                if settling {
+                    // Some instances have not written their leases again:
+                    // what Redis lists is short; keep the view from before.
+                    self.hold_to_local_cap(fleet);
+                } else {
+                    for (id, members) in ids.iter().zip(out.iter().skip(3)) {
+                        self.apply(fleet, id, members);
+                    }
+                }
+                if let Some(drained) = out.get(ids.len() + 3) {
                     self.apply_drained(fleet, drained);
                 }
+                self.sync_registered(fleet, rewrite || rewritten).await;
             }
             Err(e) => self.mark_down(fleet, &e),
+        }
+    }
+
+    /// Shares a registration (or renewal) made on this instance.
+    pub(super) async fn share_registration(&self, target: &Target, lease: Option<Duration>) {
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+        if self.status().reachable {
+            let mut inv = self.registered.key(format!("{PREFIX}registered"));
+            inv.arg("set").arg(1);
+            registration_args(&mut inv, target, lease);
+            if let Err(e) = self.call::<Vec<String>>(inv).await {
+                tracing::warn!(backend = %target.id, "shared state: registration not shared yet");
+                self.mark_down_quietly(&e);
+            }
+        }
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Shares a deregistration made on this instance (written at the next
+    /// renewal when Redis is unreachable now).
+    pub(super) async fn share_deregistration(&self, id: &BackendId) {
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+        let name = id.to_string();
+        lock(&self.deregister_pending).insert(name.clone());
+        if self.status().reachable {
+            let mut inv = self.registered.key(format!("{PREFIX}registered"));
+            inv.arg("set").arg(0).arg(&name);
+            match self.call::<Vec<String>>(inv).await {
+                Ok(_) => {
+                    lock(&self.deregister_pending).remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %id, "shared state: deregistration not shared yet");
+                    self.mark_down_quietly(&e);
+                }
+            }
+        }
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Writes what is pending (deregistrations; every live registration
+    /// when `rewrite`: Redis was gone or emptied) and applies the shared
+    /// registrations: new ones are enrolled, renewals move the local lease,
+    /// and a registration Redis no longer has retires here too.
+    async fn sync_registered(&self, fleet: &Fleet, rewrite: bool) {
+        let Some(registry) = self.registry.get() else {
+            return;
+        };
+        let before = self.registry_writes.load(Ordering::SeqCst);
+        let writes = if rewrite {
+            registry.live_leases(tokio::time::Instant::now())
+        } else {
+            Vec::new()
+        };
+        let deletes: Vec<String> = lock(&self.deregister_pending).iter().cloned().collect();
+        let mut inv = self.registered.key(format!("{PREFIX}registered"));
+        inv.arg("keep").arg(writes.len());
+        for (target, left) in &writes {
+            registration_args(&mut inv, target, *left);
+        }
+        for d in &deletes {
+            inv.arg(d);
+        }
+        let out = match self.call::<Vec<String>>(inv).await {
+            Ok(out) => out,
+            Err(e) => return self.mark_down(fleet, &e),
+        };
+        {
+            let mut pending = lock(&self.deregister_pending);
+            for d in &deletes {
+                pending.remove(d);
+            }
+        }
+        if self.registry_writes.load(Ordering::SeqCst) != before {
+            // Changed here meanwhile: the next renewal reads it back.
+            return;
+        }
+        let mut shared = HashSet::new();
+        for entry in out.chunks_exact(3) {
+            let (id, url, left) = (&entry[0], &entry[1], &entry[2]);
+            let Ok(base) = crate::config::parse_backend_url(url) else {
+                tracing::warn!(backend = %id, url, "shared state: unreadable registration ignored");
+                continue;
+            };
+            let lease = left.parse::<u64>().ok().map(Duration::from_millis);
+            let (target, _) = fleet.enrol(registry, &base, lease);
+            shared.insert(target.id.clone());
+        }
+        for target in registry.live() {
+            if !shared.contains(&target.id) {
+                tracing::info!(backend = %target.id, "registration withdrawn on another instance (or ran out)");
+                fleet.retire(registry, &target.id);
+            }
         }
     }
 
@@ -392,7 +608,9 @@ impl SharedState {
                     .cloned()
             });
             if let Some(id) = id {
-                if self.status().reachable {
+                let s = self.status();
+                if s.reachable && !s.settling {
+                    drop(s);
                     self.apply(fleet, &id, members);
                 }
             }
@@ -404,6 +622,11 @@ impl SharedState {
         let backend = id.to_string();
         lock(&self.drain_pending).insert(backend.clone(), draining);
         lock(&self.drained_by_others).remove(&backend);
+        if draining {
+            lock(&self.drained_here).insert(backend.clone());
+        } else {
+            lock(&self.drained_here).remove(&backend);
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -435,6 +658,7 @@ impl SharedState {
         let drained: std::collections::HashSet<&str> =
             drained.split('\n').filter(|b| !b.is_empty()).collect();
         let pending = lock(&self.drain_pending).clone();
+        let mut here = lock(&self.drained_here);
         let mut ours = lock(&self.drained_by_others);
         let changes: Vec<(BackendId, bool)> = fleet.read(|s| {
             s.backends()
@@ -447,7 +671,10 @@ impl SharedState {
                     let wanted = drained.contains(name.as_str());
                     if wanted && !b.draining {
                         Some((id.clone(), true))
-                    } else if !wanted && b.draining && ours.contains(&name) {
+                    } else if !wanted
+                        && b.draining
+                        && (ours.contains(&name) || here.contains(&name))
+                    {
                         Some((id.clone(), false))
                     } else {
                         None
@@ -470,7 +697,9 @@ impl SharedState {
             if draining {
                 ours.insert(id.to_string());
             } else {
+                // Undrained on another instance, whoever drained it.
                 ours.remove(&id.to_string());
+                here.remove(&id.to_string());
             }
         }
     }
@@ -493,9 +722,16 @@ impl SharedState {
         fleet.update(|s| s.set_foreign(id, foreign, holders));
     }
 
+    /// A write failed: the next renewal writes everything again (and holds
+    /// every backend to the local cap if Redis is still gone).
+    fn mark_down_quietly(&self, error: &redis::RedisError) {
+        tracing::debug!(error = %error, "shared state: write failed");
+        self.status().rewrite = true;
+    }
+
     /// Redis failed: log once, and hold every backend to the local cap.
     fn mark_down(&self, fleet: &Fleet, error: &redis::RedisError) {
-        let instances = {
+        {
             let mut s = self.status();
             if s.reachable {
                 tracing::warn!(
@@ -506,8 +742,14 @@ impl SharedState {
             }
             s.reachable = false;
             s.rewrite = true;
-            s.instances
-        };
+        }
+        self.hold_to_local_cap(fleet);
+    }
+
+    /// Counts on every backend the slots others may hold while Redis cannot
+    /// say: see [`degraded_foreign`].
+    fn hold_to_local_cap(&self, fleet: &Fleet) {
+        let instances = self.status().instances;
         let me = self.instance.clone();
         let cap = self.cap;
         fleet.update(|s| {
@@ -519,6 +761,16 @@ impl SharedState {
             }
         });
     }
+}
+
+/// The (id, url, lease ms or -1) of one registration write.
+fn registration_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    target: &Target,
+    lease: Option<Duration>,
+) {
+    let ms = lease.map_or(-1, |l| i64::try_from(l.as_millis()).unwrap_or(i64::MAX));
+    inv.arg(target.id.to_string()).arg(&target.base).arg(ms);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
