@@ -592,3 +592,66 @@ async fn a_registration_on_one_instance_is_served_by_all_until_withdrawn_on_any(
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_goes_to_the_oldest_waiter_of_any_instance() {
+    if !have_redis() {
+        return;
+    }
+    // One one-slot backend, 300 ms a request, shared by A and B.
+    let fleet = TestFleet::uniform(1, slow(100, 3)).await;
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port).await;
+    let (a, b) = (free_port(), free_port());
+    let _pa = start_instance_of(a, &fleet, redis_port, 1).await;
+    let _pb = start_instance_of(b, &fleet, redis_port, 1).await;
+    let send = |port: u16| {
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{}/api/generate", url(port)))
+                .json(&generate("llama3.2", "oldest", false))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            Instant::now()
+        })
+    };
+    let waiting = |port: u16| async move {
+        get_json_at(&format!("{}/__proxy/backends", url(port))).await["queue"]["waiting"]
+            .as_u64()
+            .unwrap()
+    };
+    let name_a = instance_name(a).await;
+    // A's request holds the slot; B's waits first, then another on A.
+    let first = send(a);
+    eventually(Duration::from_secs(5), "A holds the slot", || async {
+        held_by(a, &name_a).await == 1
+    })
+    .await;
+    let older = send(b);
+    eventually(Duration::from_secs(5), "B's request waits", || async {
+        waiting(b).await == 1
+    })
+    .await;
+    // The age gap the handover weighs (more than its margin).
+    tokio::time::sleep(corral::fleet::shared::YIELD_MARGIN * 4).await;
+    let younger = send(a);
+    eventually(
+        Duration::from_secs(5),
+        "A's second request waits",
+        || async { waiting(a).await == 1 },
+    )
+    .await;
+    let first = first.await.unwrap();
+    let (older, younger) = (older.await.unwrap(), younger.await.unwrap());
+    assert!(
+        older < younger,
+        "A kept the slot for its own younger waiter: B's older one finished {:?} after it",
+        older - younger
+    );
+    assert!(first < older);
+    assert_never_oversubscribed(&fleet);
+}

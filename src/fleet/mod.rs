@@ -125,7 +125,12 @@ impl Fleet {
         loop {
             let mut slot = self.acquire_local(want.clone(), bytes, ticket).await?;
             let id = slot.target().id.clone();
-            if let Some(lease) = remote.take(self, &id).await {
+            let lease = match slot.take_handed() {
+                // The previous request's lease, kept in one round trip.
+                Some((_, lease)) => remote.transfer(self, &id, lease, ticket.since).await,
+                None => remote.take(self, &id, ticket.since).await,
+            };
+            if let Some(lease) = lease {
                 slot.set_remote(Arc::clone(remote), lease);
                 return Ok(slot);
             }
@@ -265,10 +270,13 @@ impl Fleet {
         found
     }
 
-    /// Gives a finished request's slot back at once.
-    fn release(&self, lease: Lease) {
+    /// Gives a finished request's slot back at once; its shared lease
+    /// (`remote`) goes to the local waiter that gets the slot, or back to
+    /// the shared state when none does.
+    fn release(&self, lease: Lease, remote: Option<slot::Remote>) {
+        let id = lease.target.id.clone();
         let out = self.lock().release(lease, Instant::now());
-        self.deliver(out);
+        self.deliver_with(out, remote.map(|r| (id, r)));
     }
 
     /// Keeps an abandoned slot taken for the settle time; a wake-up at its
@@ -312,15 +320,39 @@ impl Fleet {
     /// up meanwhile drops its receiver; the slot then comes back through
     /// `Slot`'s drop and goes to the next waiter.
     fn deliver(&self, out: Vec<(oneshot::Sender<Grant>, Outcome)>) {
+        self.deliver_with(out, None);
+    }
+
+    /// The same, handing a released slot's shared lease to the first
+    /// waiter granted a slot on that backend (given back if none is).
+    fn deliver_with(
+        &self,
+        out: Vec<(oneshot::Sender<Grant>, Outcome)>,
+        mut handover: Option<(BackendId, slot::Remote)>,
+    ) {
         for (tx, outcome) in out {
             let grant = match outcome {
-                Outcome::Granted(lease) => Ok(Slot::new(self.clone(), lease)),
+                Outcome::Granted(lease) => {
+                    let mut slot = Slot::new(self.clone(), lease);
+                    if handover
+                        .as_ref()
+                        .is_some_and(|(id, _)| *id == slot.target().id)
+                    {
+                        if let Some((_, remote)) = handover.take() {
+                            slot.set_handed(remote);
+                        }
+                    }
+                    Ok(slot)
+                }
                 Outcome::Rejected(r) => Err(r),
             };
             // Never used: back at once, not after the settle time.
             if let Err(Ok(slot)) = tx.send(grant) {
                 slot.finish();
             }
+        }
+        if let Some((_, (state, lease))) = handover {
+            state.give_back(lease);
         }
     }
 }

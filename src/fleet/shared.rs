@@ -43,6 +43,10 @@ use super::{BackendId, Fleet, Target};
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
 /// How often leases are renewed and holders read back.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// A handed-over slot goes to another instance's waiter only when that one
+/// waited longer by more than this: a yield idles the backend for a publish
+/// and a take (a few round trips), worth it only against a real lag.
+pub const YIELD_MARGIN: Duration = Duration::from_millis(20);
 /// The longest any one Redis call may take before Redis counts as gone.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 const PREFIX: &str = "corral:";
@@ -50,11 +54,21 @@ const CHANNEL: &str = "corral:released";
 
 const NOW: &str = "local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function stamp(key, instance, age)
+  if age >= 0 then
+    redis.call('ZADD', key, now - age, instance)
+  else
+    redis.call('ZREM', key, instance)
+  end
+end
 ";
 
-/// KEYS[1] slots, KEYS[2] instances; ARGV cap, ttl ms, member, instance ->
-/// {taken 0/1, holders}, or {'lost', ''} when Redis no longer lists this
-/// instance (it restarted empty): its leases must be written again first.
+/// KEYS[1] slots, KEYS[2] instances, KEYS[3] waiting; ARGV cap, ttl ms,
+/// member, instance, age of its oldest waiter left (ms, -1: none), age of
+/// this request (ms) -> {taken 0/1, holders}, or {'lost', ''} when Redis no
+/// longer lists this instance (it restarted empty): its leases must be
+/// written again first. Refused, the request waits again: it counts in the
+/// instance's oldest waiter.
 const TAKE: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
   return {'lost', ''}
 end
@@ -63,6 +77,9 @@ local ok = 0
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
   ok = 1
+  stamp(KEYS[3], ARGV[4], tonumber(ARGV[5]))
+else
+  stamp(KEYS[3], ARGV[4], math.max(tonumber(ARGV[5]), tonumber(ARGV[6])))
 end
 return {tostring(ok), table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')}";
 
@@ -73,32 +90,77 @@ local m = table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')
 redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\n' .. m)
 return m";
 
-/// ARGV prefix, ttl ms, rewrite 0/1, instance, n backends, backends…,
+/// A lease handed from a finished request to the next local waiter on the
+/// same backend: kept (renewed) in one round trip, unless a live instance
+/// has a waiter older than this one (`corral:waiting`: each instance's
+/// oldest waiter, stamped at every take, transfer and renewal); then it is
+/// given back and published like [`GIVE_BACK`], for that instance to take.
+/// KEYS[1] slots, KEYS[2] instances, KEYS[3] waiting; ARGV member, ttl ms,
+/// instance, age of the waiter (ms), age of the oldest left (ms, -1: none),
+/// channel, backend, margin (ms) -> {'1' kept / '0' yielded / 'gone' expired / 'lost',
+/// holders}.
+const TRANSFER: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
+  return {'lost', ''}
+end
+local mine = now - tonumber(ARGV[4]) - tonumber(ARGV[8])
+local outcome = '1'
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. mine)) do
+  local alive = redis.call('ZSCORE', KEYS[2], m)
+  if m ~= ARGV[3] and alive and tonumber(alive) > now then
+    outcome = '0'
+    break
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  outcome = 'gone'
+end
+if outcome == '1' then
+  stamp(KEYS[3], ARGV[3], tonumber(ARGV[5]))
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+  return {outcome, table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')}
+end
+stamp(KEYS[3], ARGV[3], math.max(tonumber(ARGV[5]), tonumber(ARGV[4])))
+redis.call('ZREM', KEYS[1], ARGV[1])
+local m = table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')
+redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. m)
+return {outcome, m}";
+
+/// ARGV prefix, ttl ms, rewrite 0/1, instance, age of its oldest waiter
+/// (ms, -1: none), seen Redis before 0/1, n backends, backends…,
 /// n drains, drains…, then (backend, member) pairs held -> {instances,
 /// rewritten 0/1, settling 0/1, holders per backend…, drained backends}.
 /// It rewrites (held leases with ZADD, not ZADD XX, and the drains this
 /// instance knows) when asked to or when Redis no longer lists this
-/// instance. A Redis without `corral:epoch` lost everything (restarted
-/// empty): for one lease TTL (`corral:settling`) nothing is taken through
-/// it, so that every live instance writes its leases again first.
+/// instance. An instance that Redis listed before and no longer does means
+/// Redis lost everything (restarted empty): for one lease TTL
+/// (`corral:settling`) nothing is taken through it, so that every live
+/// instance writes its leases again first.
 const REFRESH: &str = "local p = ARGV[1]
 local ttl = tonumber(ARGV[2])
-if redis.call('SET', p .. 'epoch', '1', 'NX') then
-  redis.call('SET', p .. 'settling', '1', 'PX', ttl)
+local missing = not redis.call('ZSCORE', p .. 'instances', ARGV[4])
+if missing and ARGV[6] == '1' then
+  redis.call('SET', p .. 'settling', '1', 'PX', ttl, 'NX')
 end
-local rewrite = ARGV[3] == '1' or not redis.call('ZSCORE', p .. 'instances', ARGV[4])
+local rewrite = ARGV[3] == '1' or missing
 redis.call('ZADD', p .. 'instances', now + ttl, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', p .. 'instances', '-inf', now)
 local out = {tostring(redis.call('ZCARD', p .. 'instances')), rewrite and '1' or '0',
   tostring(redis.call('EXISTS', p .. 'settling'))}
-local nb = tonumber(ARGV[5])
-local nd = tonumber(ARGV[6 + nb])
-if rewrite then
-  for k = 1, nd do
-    redis.call('SADD', p .. 'drained', ARGV[6 + nb + k])
+stamp(p .. 'waiting', ARGV[4], tonumber(ARGV[5]))
+for _, m in ipairs(redis.call('ZRANGE', p .. 'waiting', 0, -1)) do
+  if not redis.call('ZSCORE', p .. 'instances', m) then
+    redis.call('ZREM', p .. 'waiting', m)
   end
 end
-local i = 7 + nb + nd
+local nb = tonumber(ARGV[7])
+local nd = tonumber(ARGV[8 + nb])
+if rewrite then
+  for k = 1, nd do
+    redis.call('SADD', p .. 'drained', ARGV[8 + nb + k])
+  end
+end
+local i = 9 + nb + nd
 while i < #ARGV do
   local key = p .. 'slots:' .. ARGV[i]
   if rewrite then
@@ -109,7 +171,7 @@ while i < #ARGV do
   i = i + 2
 end
 for k = 1, nb do
-  local key = p .. 'slots:' .. ARGV[5 + k]
+  local key = p .. 'slots:' .. ARGV[7 + k]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   out[k + 3] = table.concat(redis.call('ZRANGE', key, 0, -1), ',')
 end
@@ -185,6 +247,8 @@ struct Status {
     /// Redis came back empty less than a lease TTL ago: serve within the
     /// degraded local cap and keep the holders seen before.
     settling: bool,
+    /// A renewal went through once.
+    seen: bool,
     instances: usize,
 }
 
@@ -214,6 +278,7 @@ pub struct SharedState {
     deregister_pending: Mutex<HashSet<String>>,
     take: Script,
     give_back: Script,
+    transfer: Script,
     refresh: Script,
     registered: Script,
 }
@@ -235,6 +300,7 @@ impl SharedState {
                 reachable: true,
                 rewrite: false,
                 settling: false,
+                seen: false,
                 instances: 0,
             }),
             drain_pending: Mutex::new(HashMap::new()),
@@ -245,6 +311,7 @@ impl SharedState {
             deregister_pending: Mutex::default(),
             take: Script::new(&format!("{NOW}{TAKE}")),
             give_back: Script::new(&format!("{NOW}{GIVE_BACK}")),
+            transfer: Script::new(&format!("{NOW}{TRANSFER}")),
             refresh: Script::new(&format!("{NOW}{REFRESH}")),
             registered: Script::new(&format!("{NOW}{REGISTERED}")),
         }))
@@ -333,11 +400,17 @@ impl SharedState {
             })?
     }
 
-    /// Confirms a slot the local scheduler granted on `id`: the lease when
+    /// Confirms a slot the local scheduler granted on `id` to a request that
+    /// arrived at `since`: the lease when
     /// the backend has room fleet-wide, `None` when it has not (the fleet's
     /// view of the other instances' slots is updated, so the caller gives
     /// the slot back and waits).
-    pub(super) async fn take(&self, fleet: &Fleet, id: &BackendId) -> Option<RemoteLease> {
+    pub(super) async fn take(
+        &self,
+        fleet: &Fleet,
+        id: &BackendId,
+        since: tokio::time::Instant,
+    ) -> Option<RemoteLease> {
         let backend = id.to_string();
         let member = format!(
             "{}/{}",
@@ -356,10 +429,13 @@ impl SharedState {
             let key = format!("{PREFIX}slots:{backend}");
             let mut inv = self.take.key(&key);
             inv.key(format!("{PREFIX}instances"))
+                .key(format!("{PREFIX}waiting"))
                 .arg(self.cap)
                 .arg(LEASE_TTL.as_millis() as u64)
                 .arg(&member)
-                .arg(&self.instance);
+                .arg(&self.instance)
+                .arg(oldest_age(fleet))
+                .arg(age_ms(since));
             match self.call::<(String, String)>(inv).await {
                 Ok((lost, _)) if lost == "lost" => {
                     tracing::warn!(
@@ -371,7 +447,7 @@ impl SharedState {
                     if taken == "1" {
                         self.held().insert(member, backend);
                     }
-                    self.apply(fleet, id, &members);
+                    self.apply(fleet, id, &members, 0);
                     return (taken == "1").then_some(lease);
                 }
                 Err(e) => self.mark_down(fleet, &e),
@@ -393,6 +469,67 @@ impl SharedState {
             Some(lease)
         } else {
             None
+        }
+    }
+
+    /// Keeps `lease`, which a finished request on `id` handed to the next
+    /// local waiter (which arrived at `since`), in one round trip: `None`
+    /// when an older waiter of another instance should have the slot (it is
+    /// given back and counted as taken by that instance meanwhile), or when
+    /// Redis cannot say (the caller then takes a slot the usual way).
+    pub(super) async fn transfer(
+        self: &Arc<Self>,
+        fleet: &Fleet,
+        id: &BackendId,
+        lease: RemoteLease,
+        since: tokio::time::Instant,
+    ) -> Option<RemoteLease> {
+        let normal = {
+            let s = self.status();
+            s.reachable && !s.rewrite && !s.settling
+        };
+        // Given back unless kept below, whatever happens to this future.
+        let mut pending = Handover {
+            state: self,
+            lease: Some(lease),
+        };
+        if !normal {
+            return None;
+        }
+        let member = pending.lease.as_ref().map(|l| l.member.clone())?;
+        let key = format!("{PREFIX}slots:{id}");
+        let mut inv = self.transfer.key(&key);
+        inv.key(format!("{PREFIX}instances"))
+            .key(format!("{PREFIX}waiting"))
+            .arg(&member)
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(&self.instance)
+            .arg(age_ms(since))
+            .arg(oldest_age(fleet))
+            .arg(CHANNEL)
+            .arg(id.to_string())
+            .arg(YIELD_MARGIN.as_millis() as u64);
+        match self.call::<(String, String)>(inv).await {
+            Ok((outcome, members)) if outcome == "1" => {
+                self.apply(fleet, id, &members, 0);
+                pending.lease.take()
+            }
+            Ok((outcome, members)) if outcome == "0" || outcome == "gone" => {
+                // Already out of Redis: nothing to give back.
+                self.held().remove(&member);
+                pending.lease = None;
+                let phantom = u32::from(outcome == "0");
+                self.apply(fleet, id, &members, phantom);
+                None
+            }
+            Ok(_) => {
+                self.status().rewrite = true;
+                None
+            }
+            Err(e) => {
+                self.mark_down(fleet, &e);
+                None
+            }
         }
     }
 
@@ -433,6 +570,8 @@ impl SharedState {
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(u8::from(rewrite))
             .arg(&self.instance)
+            .arg(oldest_age(fleet))
+            .arg(u8::from(self.status().seen))
             .arg(ids.len());
         for id in &ids {
             inv.arg(id.to_string());
@@ -457,6 +596,7 @@ impl SharedState {
                     }
                     s.reachable = true;
                     s.rewrite = false;
+                    s.seen = true;
                     s.instances = out.first().and_then(|n| n.parse().ok()).unwrap_or(1);
                 }
                 let rewritten = out.get(1).is_some_and(|r| r == "1");
@@ -464,7 +604,7 @@ impl SharedState {
                 let was = std::mem::replace(&mut self.status().settling, settling);
                 if settling && !was {
                     tracing::warn!(
-                        "shared state: Redis is new or came back empty; every instance writes its leases again, meanwhile serving within floor(cap / instances)"
+                        "shared state: Redis came back empty; every instance writes its leases again, meanwhile serving within floor(cap / instances)"
                     );
                 } else if was && !settling {
                     tracing::info!("shared state: leases written again; back to shared slots");
@@ -475,7 +615,7 @@ impl SharedState {
                     self.hold_to_local_cap(fleet);
                 } else {
                     for (id, members) in ids.iter().zip(out.iter().skip(3)) {
-                        self.apply(fleet, id, members);
+                        self.apply(fleet, id, members, 0);
                     }
                 }
                 if let Some(drained) = out.get(ids.len() + 3) {
@@ -611,7 +751,7 @@ impl SharedState {
                 let s = self.status();
                 if s.reachable && !s.settling {
                     drop(s);
-                    self.apply(fleet, &id, members);
+                    self.apply(fleet, &id, members, 0);
                 }
             }
         }
@@ -704,8 +844,10 @@ impl SharedState {
         }
     }
 
-    /// Records a backend's holders as Redis listed them.
-    fn apply(&self, fleet: &Fleet, id: &BackendId, members: &str) {
+    /// Records a backend's holders as Redis listed them, plus `yielded`
+    /// slots this instance just left to another one, counted as taken until
+    /// Redis next lists the holders.
+    fn apply(&self, fleet: &Fleet, id: &BackendId, members: &str, yielded: u32) {
         let (foreign, holders) = {
             let held = self.held();
             let mut holders = BTreeMap::new();
@@ -717,7 +859,7 @@ impl SharedState {
                     foreign += 1;
                 }
             }
-            (foreign, holders)
+            (foreign + yielded, holders)
         };
         fleet.update(|s| s.set_foreign(id, foreign, holders));
     }
@@ -761,6 +903,32 @@ impl SharedState {
             }
         });
     }
+}
+
+/// A handed-over lease not kept yet: given back if dropped.
+struct Handover<'a> {
+    state: &'a Arc<SharedState>,
+    lease: Option<RemoteLease>,
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.state.give_back(lease);
+        }
+    }
+}
+
+/// Milliseconds since `since`.
+fn age_ms(since: tokio::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The age of this instance's oldest waiter in ms, -1 when none waits.
+fn oldest_age(fleet: &Fleet) -> i64 {
+    fleet
+        .read(|s| s.oldest_waiting())
+        .map_or(-1, |since| i64::try_from(age_ms(since)).unwrap_or(i64::MAX))
 }
 
 /// The (id, url, lease ms or -1) of one registration write.
