@@ -158,10 +158,17 @@ impl Discovery {
             results.push(r);
         }
         let retiring = self.retiring();
+        // Registrations withdrawn (and maybe forgotten at once) while their
+        // probe ran: not brought back either.
+        let withdrawn: BTreeSet<BackendId> = registered
+            .iter()
+            .filter(|t| !self.registry.is_live(&t.id))
+            .map(|t| t.id.clone())
+            .collect();
         let (healthy, forgotten) = self.fleet.update(|s| {
             for (target, result) in results {
                 // Deregistered or out of DNS while its probe ran: not brought back.
-                if !retiring.contains(&target.id) {
+                if !retiring.contains(&target.id) && !withdrawn.contains(&target.id) {
                     apply(s, target, result);
                 }
             }
