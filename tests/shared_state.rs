@@ -15,7 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{TestFleet, eventually, generate, slow, wait_healthy_at};
+use corral::sim::{ServerSpec, SimServer};
+use serde_json::json;
+
+use common::{
+    TestFleet, backend_row_at, backend_rows_at, eventually, generate, get_json_at, slow,
+    wait_healthy_at,
+};
 use tokio::time::Instant;
 
 const INSTANCES: usize = 3;
@@ -112,33 +118,27 @@ async fn start_instance_of(port: u16, fleet: &TestFleet, redis: u16, backends: u
     proc
 }
 
-async fn health(client: &reqwest::Client, port: u16) -> serde_json::Value {
-    client
-        .get(format!("http://127.0.0.1:{port}/__proxy/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+async fn health(port: u16) -> serde_json::Value {
+    get_json_at(&format!("{}/__proxy/health", url(port))).await
+}
+
+/// This instance's name in the shared state.
+async fn instance_name(port: u16) -> String {
+    health(port).await["shared_state"]["instance"]
+        .as_str()
+        .expect("health names the instance")
+        .to_string()
 }
 
 /// Slots held by `instance` on any backend, as instance `port` sees them.
-async fn held_by(client: &reqwest::Client, port: u16, instance: &str) -> u64 {
-    let backends: serde_json::Value = client
-        .get(format!("http://127.0.0.1:{port}/__proxy/backends"))
-        .send()
+async fn held_by(port: u16, instance: &str) -> u64 {
+    backend_rows_at(&url(port))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let rows = backends
-        .as_array()
-        .or_else(|| backends["backends"].as_array())
-        .expect("a list of backends")
-        .clone();
-    rows.iter()
+        .iter()
         .map(|b| b["holders"][instance].as_u64().unwrap_or(0))
         .sum()
 }
@@ -150,6 +150,8 @@ struct Load {
     alive: Vec<AtomicBool>,
     /// Bumped on every kill of that instance.
     epoch: Vec<AtomicU64>,
+    /// Answered by each instance.
+    answered_by: Vec<AtomicU64>,
     done: AtomicU64,
     answered: AtomicU64,
     excused: AtomicU64,
@@ -161,6 +163,7 @@ impl Load {
         Arc::new(Self {
             alive: ports.iter().map(|_| AtomicBool::new(true)).collect(),
             epoch: ports.iter().map(|_| AtomicU64::new(0)).collect(),
+            answered_by: ports.iter().map(|_| AtomicU64::new(0)).collect(),
             ports,
             done: AtomicU64::new(0),
             answered: AtomicU64::new(0),
@@ -214,6 +217,7 @@ impl Load {
         };
         if ok {
             self.answered.fetch_add(1, Ordering::Relaxed);
+            self.answered_by[i].fetch_add(1, Ordering::Relaxed);
         } else if self.epoch[i].load(Ordering::SeqCst) != epoch
             || !self.alive[i].load(Ordering::SeqCst)
         {
@@ -248,6 +252,51 @@ fn assert_never_oversubscribed(fleet: &TestFleet) {
     }
 }
 
+/// A simulated backend outside the scanned range, to register.
+async fn outside(spec: ServerSpec) -> SimServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    SimServer::start(listener, spec).await.unwrap()
+}
+
+/// Registers `backend` at the instance on `port` for `lease` seconds
+/// (`None`: until deregistered); answers the HTTP status.
+async fn register(port: u16, backend: &SimServer, lease: Option<f64>) -> u16 {
+    let body = json!({
+        "url": format!("http://127.0.0.1:{}", backend.port()),
+        "lease_seconds": lease,
+    });
+    reqwest::Client::new()
+        .post(format!("{}/__proxy/backends", url(port)))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Whether the instance on `port` lists `id` as healthy.
+async fn serves(port: u16, id: &str) -> bool {
+    backend_row_at(&url(port), id)
+        .await
+        .is_some_and(|b| b["healthy"] == true && b["draining"] == false)
+}
+
+/// Whether Redis on `port` has `member` in the set `key` (SISMEMBER) or the
+/// field `member` in the hash `key` (HEXISTS).
+async fn redis_has(port: u16, command: &str, key: &str, member: &str) -> bool {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd(command)
+        .arg(key)
+        .arg(member)
+        .query_async::<bool>(&mut conn)
+        .await
+        .unwrap_or(false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
     if !have_redis() {
@@ -261,21 +310,17 @@ async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
     for &p in &ports {
         procs.push(start_instance(p, &fleet, redis_port).await);
     }
-    let client = reqwest::Client::new();
     let victim = 2;
-    let victim_name = health(&client, ports[victim]).await["shared_state"]["instance"]
-        .as_str()
-        .expect("health names the instance")
-        .to_string();
+    let victim_name = instance_name(ports[victim]).await;
 
     let load = Load::new(ports.clone());
     let tasks = load.run();
-    load.wait_done(REQUESTS / 3).await;
+    load.wait_done(REQUESTS / 4).await;
     // Wait until the victim holds slots, so its death leaves leases behind.
     eventually(
         Duration::from_secs(10),
         "the victim holds a slot",
-        || async { held_by(&client, ports[0], &victim_name).await > 0 },
+        || async { held_by(ports[0], &victim_name).await > 0 },
     )
     .await;
     load.alive[victim].store(false, Ordering::SeqCst);
@@ -285,14 +330,17 @@ async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
     eventually(
         LEASE_TTL + RENEW_EVERY + Duration::from_millis(500),
         "the dead instance's slots free within one lease TTL",
-        || async { held_by(&client, ports[0], &victim_name).await == 0 },
+        || async { held_by(ports[0], &victim_name).await == 0 },
     )
     .await;
     eprintln!(
         "dead instance's slots freed {:?} after the kill",
         killed.elapsed()
     );
+    // Restarted on the same port: it takes its share of the load again.
     procs[victim] = start_instance(ports[victim], &fleet, redis_port).await;
+    let before_restart = load.answered_by[victim].load(Ordering::SeqCst);
+    let done_at_restart = load.done.load(Ordering::SeqCst);
     load.alive[victim].store(true, Ordering::SeqCst);
 
     for t in tasks {
@@ -303,7 +351,20 @@ async fn an_instance_killed_mid_run_loses_its_slots_within_one_lease() {
         load.excused.load(Ordering::Relaxed),
         load.failed.load(Ordering::Relaxed),
     );
-    eprintln!("answered {answered}, lost with the killed instance {excused}, failed {failed}");
+    let after_restart = load.answered_by[victim].load(Ordering::SeqCst) - before_restart;
+    eprintln!(
+        "answered {answered}, lost with the killed instance {excused}, failed {failed}; \
+         the restarted instance answered {after_restart} of the last {}",
+        REQUESTS - done_at_restart
+    );
+    assert!(
+        done_at_restart < REQUESTS - 300,
+        "the load ended before the restart: the test proves nothing about it"
+    );
+    assert!(
+        after_restart >= (REQUESTS - done_at_restart) / 10,
+        "the restarted instance answered only {after_restart} requests"
+    );
     assert_eq!(failed, 0, "requests to live instances went unanswered");
     assert!(
         excused <= CLIENTS,
@@ -326,7 +387,34 @@ async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
     for &p in &ports {
         procs.push(start_instance(p, &fleet, redis_port).await);
     }
-    let client = reqwest::Client::new();
+    // What Redis must hold again once it comes back empty: a drain made on
+    // instance 0 and a registration made on instance 1.
+    let drained = fleet.servers[0].port().to_string();
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/__proxy/backends/{drained}/drain",
+            url(ports[0])
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let extra = outside(slow(2, 3)).await;
+    let extra_id = format!("127.0.0.1:{}", extra.port());
+    assert_eq!(register(ports[1], &extra, None).await, 201);
+    eventually(
+        RENEW_EVERY * 3,
+        "every instance serves the registration",
+        || async {
+            for &p in &ports {
+                if !serves(p, &extra_id).await {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
 
     let load = Load::new(ports.clone());
     let tasks = load.run();
@@ -335,7 +423,7 @@ async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
     eventually(
         Duration::from_secs(5),
         "health says Redis is gone",
-        || async { health(&client, ports[0]).await["shared_state"]["reachable"] == false },
+        || async { health(ports[0]).await["shared_state"]["reachable"] == false },
     )
     .await;
     // The outage itself: five seconds without Redis.
@@ -345,13 +433,28 @@ async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
     eventually(
         Duration::from_secs(10),
         "health says Redis is back",
-        || async { health(&client, ports[0]).await["shared_state"]["reachable"] == true },
+        || async { health(ports[0]).await["shared_state"]["reachable"] == true },
+    )
+    .await;
+    eventually(
+        RENEW_EVERY * 3,
+        "the drain and the registration are written again",
+        || async {
+            redis_has(redis_port, "SISMEMBER", "corral:drained", &drained).await
+                && redis_has(redis_port, "HEXISTS", "corral:registered", &extra_id).await
+        },
     )
     .await;
     load.wait_done(during + 100).await;
 
     for t in tasks {
         t.await.unwrap();
+    }
+    // Still drained and still registered everywhere, well after the return.
+    for &p in &ports {
+        let row = backend_row_at(&url(p), &drained).await.unwrap();
+        assert_eq!(row["draining"], true, "instance {p} undrained {drained}");
+        assert!(serves(p, &extra_id).await, "instance {p} lost {extra_id}");
     }
     drop(redis);
     let (answered, failed) = (
@@ -365,6 +468,8 @@ async fn redis_gone_for_five_seconds_degrades_and_never_oversubscribes() {
         assert!(p.0.try_wait().unwrap().is_none(), "an instance crashed");
     }
     assert_never_oversubscribed(&fleet);
+    let st = extra.stats();
+    assert!(st.concurrent_peak <= 1 && st.oversubscribed == 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,35 +485,22 @@ async fn a_drain_on_one_instance_drains_the_backend_on_all() {
     for &p in &ports {
         procs.push(start_instance_of(p, &fleet, redis_port, 2).await);
     }
-    let client = reqwest::Client::new();
-    let id = fleet.servers[0].port();
+    let id = fleet.servers[0].port().to_string();
     let draining_on = |port: u16| {
-        let client = client.clone();
+        let id = id.clone();
         async move {
-            let v: serde_json::Value = client
-                .get(format!("http://127.0.0.1:{port}/__proxy/backends"))
-                .send()
+            backend_row_at(&url(port), &id)
                 .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let rows = v
-                .as_array()
-                .or_else(|| v["backends"].as_array())
-                .unwrap()
-                .clone();
-            rows.iter()
-                .find(|b| b["port"] == id)
                 .is_some_and(|b| b["draining"] == true)
         }
     };
-    for (draining, action) in [(true, "drain"), (false, "undrain")] {
-        let r = client
-            .post(format!(
-                "http://127.0.0.1:{}/__proxy/backends/{id}/{action}",
-                ports[0]
-            ))
+    // Drained on one, undrained on the other: both see each change.
+    for (draining, action, on, other) in [
+        (true, "drain", ports[0], ports[1]),
+        (false, "undrain", ports[1], ports[0]),
+    ] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__proxy/backends/{id}/{action}", url(on)))
             .send()
             .await
             .unwrap();
@@ -416,8 +508,152 @@ async fn a_drain_on_one_instance_drains_the_backend_on_all() {
         eventually(
             RENEW_EVERY * 3,
             &format!("the other instance sees the {action}"),
-            || async { draining_on(ports[1]).await == draining },
+            || async { draining_on(other).await == draining },
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_on_one_instance_is_served_by_all_until_withdrawn_on_any() {
+    if !have_redis() {
+        return;
+    }
+    // No range backends: the registered one is all there is. The range's
+    // one port is closed, so that a scan never waits on its probe.
+    let mut fleet = TestFleet::start(Vec::new(), 1).await;
+    fleet.spare.clear();
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port).await;
+    let (a, b) = (free_port(), free_port());
+    let _pa = start_instance_of(a, &fleet, redis_port, 0).await;
+    let _pb = start_instance_of(b, &fleet, redis_port, 0).await;
+    let backend = outside(ServerSpec::default()).await;
+    let id = format!("127.0.0.1:{}", backend.port());
+    let generate_on = |port: u16| async move {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/generate", url(port)))
+            .json(&generate("llama3.2", "shared", false))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.headers()["x-corral-backend"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // Registered on A with a 3 s lease: B serves it.
+    assert_eq!(register(a, &backend, Some(3.0)).await, 201);
+    eventually(RENEW_EVERY * 3, "B serves the registration", || async {
+        serves(b, &id).await
+    })
+    .await;
+    assert_eq!(generate_on(b).await, id);
+    // Renewed on B for a minute: A keeps serving it past the first lease.
+    assert_eq!(register(b, &backend, Some(60.0)).await, 200);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(serves(a, &id).await, "A let the renewed lease run out");
+    assert_eq!(generate_on(a).await, id);
+    // An instance started now learns it from Redis.
+    let c = free_port();
+    let _pc = start_instance_of(c, &fleet, redis_port, 1).await;
+    assert_eq!(generate_on(c).await, id);
+
+    // Deregistered on B: A and C forget it too.
+    let r = reqwest::Client::new()
+        .delete(format!("{}/__proxy/backends/{id}", url(b)))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "deregister: {}", r.status());
+    eventually(RENEW_EVERY * 3, "A and C forget it", || async {
+        backend_row_at(&url(a), &id).await.is_none() && backend_row_at(&url(c), &id).await.is_none()
+    })
+    .await;
+
+    // A lease that runs out on the instance it was made on runs out on all.
+    assert_eq!(register(c, &backend, Some(1.5)).await, 201);
+    eventually(RENEW_EVERY * 3, "A serves the new registration", || async {
+        serves(a, &id).await
+    })
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the lease runs out everywhere",
+        || async {
+            for p in [a, b, c] {
+                if backend_row_at(&url(p), &id).await.is_some() {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_goes_to_the_oldest_waiter_of_any_instance() {
+    if !have_redis() {
+        return;
+    }
+    // One one-slot backend, 300 ms a request, shared by A and B.
+    let fleet = TestFleet::uniform(1, slow(100, 3)).await;
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port).await;
+    let (a, b) = (free_port(), free_port());
+    let _pa = start_instance_of(a, &fleet, redis_port, 1).await;
+    let _pb = start_instance_of(b, &fleet, redis_port, 1).await;
+    let send = |port: u16| {
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{}/api/generate", url(port)))
+                .json(&generate("llama3.2", "oldest", false))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            Instant::now()
+        })
+    };
+    let waiting = |port: u16| async move {
+        get_json_at(&format!("{}/__proxy/backends", url(port))).await["queue"]["waiting"]
+            .as_u64()
+            .unwrap()
+    };
+    let name_a = instance_name(a).await;
+    // A's request holds the slot; B's waits first, then another on A.
+    let first = send(a);
+    eventually(Duration::from_secs(5), "A holds the slot", || async {
+        held_by(a, &name_a).await == 1
+    })
+    .await;
+    let older = send(b);
+    eventually(Duration::from_secs(5), "B's request waits", || async {
+        waiting(b).await == 1
+    })
+    .await;
+    // The age gap the handover weighs (more than its margin).
+    tokio::time::sleep(corral::fleet::shared::YIELD_MARGIN * 4).await;
+    let younger = send(a);
+    eventually(
+        Duration::from_secs(5),
+        "A's second request waits",
+        || async { waiting(a).await == 1 },
+    )
+    .await;
+    let first = first.await.unwrap();
+    let (older, younger) = (older.await.unwrap(), younger.await.unwrap());
+    assert!(
+        older < younger,
+        "A kept the slot for its own younger waiter: B's older one finished {:?} after it",
+        older - younger
+    );
+    assert!(first < older);
+    assert_never_oversubscribed(&fleet);
 }

@@ -162,7 +162,8 @@ impl Discovery {
         let started = Instant::now();
         for id in self.registry.expire(started) {
             tracing::info!(backend = %id, "lease ran out: draining, forgotten when idle");
-            self.fleet.set_draining(&id, true);
+            // Every instance runs the same lease out: nothing to share.
+            self.fleet.set_draining_here(&id, true);
         }
         let dns = match &self.dns {
             Some(dns) => self.resolve(dns).await,
@@ -182,10 +183,17 @@ impl Discovery {
             results.push(r);
         }
         let retiring = self.retiring();
+        // Registrations withdrawn (and maybe forgotten at once) while their
+        // probe ran: not brought back either.
+        let withdrawn: BTreeSet<BackendId> = registered
+            .iter()
+            .filter(|t| !self.registry.is_live(&t.id))
+            .map(|t| t.id.clone())
+            .collect();
         let (healthy, forgotten) = self.fleet.update(|s| {
             for (target, result) in results {
                 // Deregistered or out of DNS while its probe ran: not brought back.
-                if !retiring.contains(&target.id) {
+                if !retiring.contains(&target.id) && !withdrawn.contains(&target.id) {
                     apply(s, target, result);
                 }
             }

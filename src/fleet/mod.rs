@@ -9,6 +9,7 @@ pub mod backend;
 pub mod discovery;
 pub mod dns;
 pub mod placement;
+pub mod registration;
 pub mod registry;
 pub mod scheduler;
 pub mod shared;
@@ -126,7 +127,12 @@ impl Fleet {
             let id = slot.target().id.clone();
             // Boxed: the shared-state round trip's future is kilobytes, and
             // without the box every parked request would carry its room.
-            if let Some(lease) = Box::pin(remote.take(self, &id)).await {
+            let lease = match slot.take_handed() {
+                // The previous request's lease, kept in one round trip.
+                Some((_, lease)) => Box::pin(remote.transfer(self, &id, lease, ticket.since)).await,
+                None => Box::pin(remote.take(self, &id, ticket.since)).await,
+            };
+            if let Some(lease) = lease {
                 slot.set_remote(Arc::clone(remote), lease);
                 return Ok(slot);
             }
@@ -238,8 +244,21 @@ impl Fleet {
         self.lock().count_served(target);
     }
 
-    /// Drains (true) or undrains (false) a backend; false when there is no such backend.
+    /// Drains (true) or undrains (false) a backend, on every instance with
+    /// SHARED_STATE; false when there is no such backend.
     pub fn set_draining(&self, id: &BackendId, draining: bool) -> bool {
+        let found = self.set_draining_here(id, draining);
+        if found {
+            if let Some(remote) = self.shared.remote.get() {
+                remote.share_drain(id, draining);
+            }
+        }
+        found
+    }
+
+    /// The same on this instance only: for drains every instance makes by
+    /// itself (a registration that ran out or was withdrawn everywhere).
+    pub fn set_draining_here(&self, id: &BackendId, draining: bool) -> bool {
         let found = self.update(|s| match s.backend_mut(id) {
             Some(b) => {
                 b.draining = draining;
@@ -249,17 +268,17 @@ impl Fleet {
         });
         if found {
             tracing::info!(backend = %id, draining, "drain state changed");
-            if let Some(remote) = self.shared.remote.get() {
-                remote.share_drain(id, draining);
-            }
         }
         found
     }
 
-    /// Gives a finished request's slot back at once.
-    fn release(&self, lease: Lease) {
+    /// Gives a finished request's slot back at once; its shared lease
+    /// (`remote`) goes to the local waiter that gets the slot, or back to
+    /// the shared state when none does.
+    fn release(&self, lease: Lease, remote: Option<slot::Remote>) {
+        let id = lease.target.id.clone();
         let out = self.lock().release(lease, Instant::now());
-        self.deliver(out);
+        self.deliver_with(out, remote.map(|r| (id, r)));
     }
 
     /// Keeps an abandoned slot taken for the settle time; a wake-up at its
@@ -303,15 +322,39 @@ impl Fleet {
     /// up meanwhile drops its receiver; the slot then comes back through
     /// `Slot`'s drop and goes to the next waiter.
     fn deliver(&self, out: Vec<(oneshot::Sender<Grant>, Outcome)>) {
+        self.deliver_with(out, None);
+    }
+
+    /// The same, handing a released slot's shared lease to the first
+    /// waiter granted a slot on that backend (given back if none is).
+    fn deliver_with(
+        &self,
+        out: Vec<(oneshot::Sender<Grant>, Outcome)>,
+        mut handover: Option<(BackendId, slot::Remote)>,
+    ) {
         for (tx, outcome) in out {
             let grant = match outcome {
-                Outcome::Granted(lease) => Ok(Slot::new(self.clone(), lease)),
+                Outcome::Granted(lease) => {
+                    let mut slot = Slot::new(self.clone(), lease);
+                    if handover
+                        .as_ref()
+                        .is_some_and(|(id, _)| *id == slot.target().id)
+                    {
+                        if let Some((_, remote)) = handover.take() {
+                            slot.set_handed(remote);
+                        }
+                    }
+                    Ok(slot)
+                }
                 Outcome::Rejected(r) => Err(r),
             };
             // Never used: back at once, not after the settle time.
             if let Err(Ok(slot)) = tx.send(grant) {
                 slot.finish();
             }
+        }
+        if let Some((_, (state, lease))) = handover {
+            state.give_back(lease);
         }
     }
 }

@@ -2,7 +2,8 @@
 //! leases. Plain bookkeeping with the clock passed in: discovery probes what
 //! is registered, drains what expired or was deregistered, and forgets it
 //! once nothing is in flight there. Nothing here survives a restart: a
-//! restarted corral relearns its fleet from the next renewals.
+//! restarted corral relearns its fleet from the next renewals (or at once
+//! from the shared state, with SHARED_STATE).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -136,6 +137,19 @@ impl Registry {
             .values()
             .filter(|l| !l.retiring)
             .map(|l| Arc::clone(&l.target))
+            .collect()
+    }
+
+    /// The live registrations with what is left of their leases at `now`
+    /// (`None`: no lease), to write them into the shared state again.
+    pub fn live_leases(&self, now: Instant) -> Vec<(Arc<Target>, Option<Duration>)> {
+        self.lock()
+            .values()
+            .filter(|l| !l.retiring)
+            .map(|l| {
+                let left = l.expires.map(|e| e.saturating_duration_since(now));
+                (Arc::clone(&l.target), left)
+            })
             .collect()
     }
 

@@ -267,6 +267,11 @@ impl<W> Scheduler<W> {
         self.waiters.by_arrival.len()
     }
 
+    /// When the oldest request waiting now arrived.
+    pub fn oldest_waiting(&self) -> Option<Instant> {
+        self.waiters.oldest()
+    }
+
     /// Bytes of request bodies waiting now.
     pub fn queued_bytes(&self) -> usize {
         self.waiters.bytes

@@ -10,11 +10,17 @@
 //!   Taking (`TAKE`) drops expired leases, counts, and adds one only below
 //!   the cap, all in one Lua script; giving back (`GIVE_BACK`) removes it
 //!   and publishes the backend's holders on `corral:released`, which every
-//!   instance answers by handing the slot to its own next waiter.
-//! - `corral:instances`: a sorted set of live instances, score its expiry.
+//!   instance answers by offering the slot to its own next waiter. A
+//!   finished request hands its lease to the next local waiter on that
+//!   backend, which keeps it in one round trip (`TRANSFER`) unless another
+//!   instance's waiter is older by more than [`YIELD_MARGIN`].
+//! - `corral:instances`: a sorted set of live instances, score its expiry;
+//!   `corral:waiting`: each one's oldest waiter, score its arrival.
 //! - `corral:drained`: the set of backends drained through
 //!   `/__proxy/backends/{id}/drain` on any instance; every instance applies
 //!   it at its next renewal.
+//! - `corral:registered`: the self-registered backends, id -> URL and lease
+//!   expiry (`REGISTERED`), read back at every renewal.
 //!
 //! Every lease lives [`LEASE_TTL`] and is renewed every [`RENEW_EVERY`]
 //! while its request runs (`REFRESH`, which also reads back every
@@ -23,12 +29,14 @@
 //! Redis unreachable: logged once, `/__proxy/health` says so, and the
 //! instance serves within [`degraded_foreign`]'s local cap (at most
 //! `floor(cap / instances last seen)`), so an outage degrades capacity and
-//! never oversubscribes. When Redis is back, the leases held are written
-//! again before anything new is taken.
+//! never oversubscribes. When Redis is back (even empty: `corral:settling`
+//! then holds every instance to its local cap for one TTL), the leases held,
+//! the drains and the registrations are written again before anything new
+//! is taken.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -36,64 +44,25 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{BackendId, Fleet};
+mod scripts;
+
+use scripts::{GIVE_BACK, NOW, REFRESH, REGISTERED, TAKE, TRANSFER};
+
+use super::registry::Registry;
+use super::{BackendId, Fleet, Target};
 
 /// How long a slot lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
 /// How often leases are renewed and holders read back.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// A handed-over slot goes to another instance's waiter only when that one
+/// waited longer by more than this: a yield idles the backend for a publish
+/// and a take (a few round trips), worth it only against a real lag.
+pub const YIELD_MARGIN: Duration = Duration::from_millis(20);
 /// The longest any one Redis call may take before Redis counts as gone.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 const PREFIX: &str = "corral:";
 const CHANNEL: &str = "corral:released";
-
-const NOW: &str = "local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-";
-
-/// KEYS[1] slots; ARGV cap, ttl ms, member -> {taken 0/1, holders}.
-const TAKE: &str = "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local ok = 0
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-  ok = 1
-end
-return {tostring(ok), table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')}";
-
-/// KEYS[1] slots; ARGV member, channel, backend -> holders.
-const GIVE_BACK: &str = "redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local m = table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')
-redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\n' .. m)
-return m";
-
-/// ARGV prefix, ttl ms, rewrite 0/1, instance, n backends, backends…,
-/// then (backend, member) pairs held -> {instances, holders per backend…,
-/// drained backends}.
-const REFRESH: &str = "local p = ARGV[1]
-local ttl = tonumber(ARGV[2])
-local rewrite = ARGV[3] == '1'
-redis.call('ZADD', p .. 'instances', now + ttl, ARGV[4])
-redis.call('ZREMRANGEBYSCORE', p .. 'instances', '-inf', now)
-local out = {tostring(redis.call('ZCARD', p .. 'instances'))}
-local nb = tonumber(ARGV[5])
-local i = 6 + nb
-while i < #ARGV do
-  local key = p .. 'slots:' .. ARGV[i]
-  if rewrite then
-    redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  else
-    redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
-  end
-  i = i + 2
-end
-for k = 1, nb do
-  local key = p .. 'slots:' .. ARGV[5 + k]
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  out[k + 1] = table.concat(redis.call('ZRANGE', key, 0, -1), ',')
-end
-out[nb + 2] = table.concat(redis.call('SMEMBERS', p .. 'drained'), '\\n')
-return out";
 
 /// A slot's lease in Redis, given back when its slot is.
 #[derive(Debug)]
@@ -118,6 +87,11 @@ struct Status {
     reachable: bool,
     /// Leases must be written again (Redis was gone, maybe emptied).
     rewrite: bool,
+    /// Redis came back empty less than a lease TTL ago: serve within the
+    /// degraded local cap and keep the holders seen before.
+    settling: bool,
+    /// A renewal went through once.
+    seen: bool,
     instances: usize,
 }
 
@@ -134,10 +108,22 @@ pub struct SharedState {
     /// Drain changes made here and not yet written to Redis.
     drain_pending: Mutex<HashMap<String, bool>>,
     /// Backends this instance drained because Redis said so.
-    drained_by_others: Mutex<std::collections::HashSet<String>>,
+    drained_by_others: Mutex<HashSet<String>>,
+    /// Backends drained through this instance (written again when Redis
+    /// comes back empty, with those drained by others).
+    drained_here: Mutex<HashSet<String>>,
+    /// The registrations, once [`SharedState::start`]ed.
+    registry: OnceLock<Arc<Registry>>,
+    /// Bumped around every registration change this instance writes, so
+    /// that a read of the registrations made meanwhile is not applied.
+    registry_writes: AtomicU64,
+    /// Deregistrations made here and not yet written to Redis.
+    deregister_pending: Mutex<HashSet<String>>,
     take: Script,
     give_back: Script,
+    transfer: Script,
     refresh: Script,
+    registered: Script,
 }
 
 impl SharedState {
@@ -156,13 +142,21 @@ impl SharedState {
             status: Mutex::new(Status {
                 reachable: true,
                 rewrite: false,
+                settling: false,
+                seen: false,
                 instances: 0,
             }),
             drain_pending: Mutex::new(HashMap::new()),
-            drained_by_others: Mutex::new(std::collections::HashSet::new()),
+            drained_by_others: Mutex::default(),
+            drained_here: Mutex::default(),
+            registry: OnceLock::new(),
+            registry_writes: AtomicU64::new(0),
+            deregister_pending: Mutex::default(),
             take: Script::new(&format!("{NOW}{TAKE}")),
             give_back: Script::new(&format!("{NOW}{GIVE_BACK}")),
+            transfer: Script::new(&format!("{NOW}{TRANSFER}")),
             refresh: Script::new(&format!("{NOW}{REFRESH}")),
+            registered: Script::new(&format!("{NOW}{REGISTERED}")),
         }))
     }
 
@@ -181,8 +175,10 @@ impl SharedState {
         }
     }
 
-    /// Runs the lease renewal and the release listener until `stop`.
-    pub fn start(self: &Arc<Self>, fleet: Fleet, stop: CancellationToken) {
+    /// Runs the lease renewal (which also shares the registrations of
+    /// `registry`) and the release listener until `stop`.
+    pub fn start(self: &Arc<Self>, fleet: Fleet, registry: Arc<Registry>, stop: CancellationToken) {
+        let _ = self.registry.set(registry);
         let me = Arc::clone(self);
         let (f, s) = (fleet.clone(), stop.clone());
         tokio::spawn(async move {
@@ -247,11 +243,17 @@ impl SharedState {
             })?
     }
 
-    /// Confirms a slot the local scheduler granted on `id`: the lease when
+    /// Confirms a slot the local scheduler granted on `id` to a request that
+    /// arrived at `since`: the lease when
     /// the backend has room fleet-wide, `None` when it has not (the fleet's
     /// view of the other instances' slots is updated, so the caller gives
     /// the slot back and waits).
-    pub(super) async fn take(&self, fleet: &Fleet, id: &BackendId) -> Option<RemoteLease> {
+    pub(super) async fn take(
+        &self,
+        fleet: &Fleet,
+        id: &BackendId,
+        since: tokio::time::Instant,
+    ) -> Option<RemoteLease> {
         let backend = id.to_string();
         let member = format!(
             "{}/{}",
@@ -262,18 +264,33 @@ impl SharedState {
             member: member.clone(),
             backend: backend.clone(),
         };
-        if self.status().reachable && !self.status().rewrite {
+        let normal = {
+            let s = self.status();
+            s.reachable && !s.rewrite && !s.settling
+        };
+        if normal {
             let key = format!("{PREFIX}slots:{backend}");
             let mut inv = self.take.key(&key);
-            inv.arg(self.cap)
+            inv.key(format!("{PREFIX}instances"))
+                .key(format!("{PREFIX}waiting"))
+                .arg(self.cap)
                 .arg(LEASE_TTL.as_millis() as u64)
-                .arg(&member);
+                .arg(&member)
+                .arg(&self.instance)
+                .arg(oldest_age(fleet))
+                .arg(age_ms(since));
             match self.call::<(String, String)>(inv).await {
+                Ok((lost, _)) if lost == "lost" => {
+                    tracing::warn!(
+                        "shared state lost this instance (Redis restarted empty?): writing its leases again"
+                    );
+                    self.status().rewrite = true;
+                }
                 Ok((taken, members)) => {
                     if taken == "1" {
                         self.held().insert(member, backend);
                     }
-                    self.apply(fleet, id, &members);
+                    self.apply(fleet, id, &members, 0);
                     return (taken == "1").then_some(lease);
                 }
                 Err(e) => self.mark_down(fleet, &e),
@@ -295,6 +312,67 @@ impl SharedState {
             Some(lease)
         } else {
             None
+        }
+    }
+
+    /// Keeps `lease`, which a finished request on `id` handed to the next
+    /// local waiter (which arrived at `since`), in one round trip: `None`
+    /// when an older waiter of another instance should have the slot (it is
+    /// given back and counted as taken by that instance meanwhile), or when
+    /// Redis cannot say (the caller then takes a slot the usual way).
+    pub(super) async fn transfer(
+        self: &Arc<Self>,
+        fleet: &Fleet,
+        id: &BackendId,
+        lease: RemoteLease,
+        since: tokio::time::Instant,
+    ) -> Option<RemoteLease> {
+        let normal = {
+            let s = self.status();
+            s.reachable && !s.rewrite && !s.settling
+        };
+        // Given back unless kept below, whatever happens to this future.
+        let mut pending = Handover {
+            state: self,
+            lease: Some(lease),
+        };
+        if !normal {
+            return None;
+        }
+        let member = pending.lease.as_ref().map(|l| l.member.clone())?;
+        let key = format!("{PREFIX}slots:{id}");
+        let mut inv = self.transfer.key(&key);
+        inv.key(format!("{PREFIX}instances"))
+            .key(format!("{PREFIX}waiting"))
+            .arg(&member)
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(&self.instance)
+            .arg(age_ms(since))
+            .arg(oldest_age(fleet))
+            .arg(CHANNEL)
+            .arg(id.to_string())
+            .arg(YIELD_MARGIN.as_millis() as u64);
+        match self.call::<(String, String)>(inv).await {
+            Ok((outcome, members)) if outcome == "1" => {
+                self.apply(fleet, id, &members, 0);
+                pending.lease.take()
+            }
+            Ok((outcome, members)) if outcome == "0" || outcome == "gone" => {
+                // Already out of Redis: nothing to give back.
+                self.held().remove(&member);
+                pending.lease = None;
+                let phantom = u32::from(outcome == "0");
+                self.apply(fleet, id, &members, phantom);
+                None
+            }
+            Ok(_) => {
+                self.status().rewrite = true;
+                None
+            }
+            Err(e) => {
+                self.mark_down(fleet, &e);
+                None
+            }
         }
     }
 
@@ -335,9 +413,19 @@ impl SharedState {
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(u8::from(rewrite))
             .arg(&self.instance)
+            .arg(oldest_age(fleet))
+            .arg(u8::from(self.status().seen))
             .arg(ids.len());
         for id in &ids {
             inv.arg(id.to_string());
+        }
+        let drains: Vec<String> = lock(&self.drained_here)
+            .union(&lock(&self.drained_by_others))
+            .cloned()
+            .collect();
+        inv.arg(drains.len());
+        for d in &drains {
+            inv.arg(d);
         }
         for (b, m) in &held {
             inv.arg(b).arg(m);
@@ -351,16 +439,127 @@ impl SharedState {
                     }
                     s.reachable = true;
                     s.rewrite = false;
+                    s.seen = true;
                     s.instances = out.first().and_then(|n| n.parse().ok()).unwrap_or(1);
                 }
-                for (id, members) in ids.iter().zip(out.iter().skip(1)) {
-                    self.apply(fleet, id, members);
+                let rewritten = out.get(1).is_some_and(|r| r == "1");
+                let settling = out.get(2).is_some_and(|r| r == "1");
+                let was = std::mem::replace(&mut self.status().settling, settling);
+                if settling && !was {
+                    tracing::warn!(
+                        "shared state: Redis came back empty; every instance writes its leases again, meanwhile serving within floor(cap / instances)"
+                    );
+                } else if was && !settling {
+                    tracing::info!("shared state: leases written again; back to shared slots");
                 }
-                if let Some(drained) = out.get(ids.len() + 1) {
+                if settling {
+                    // Some instances have not written their leases again:
+                    // what Redis lists is short; keep the view from before.
+                    self.hold_to_local_cap(fleet);
+                } else {
+                    for (id, members) in ids.iter().zip(out.iter().skip(3)) {
+                        self.apply(fleet, id, members, 0);
+                    }
+                }
+                if let Some(drained) = out.get(ids.len() + 3) {
                     self.apply_drained(fleet, drained);
                 }
+                self.sync_registered(fleet, rewrite || rewritten).await;
             }
             Err(e) => self.mark_down(fleet, &e),
+        }
+    }
+
+    /// Shares a registration (or renewal) made on this instance.
+    pub(super) async fn share_registration(&self, target: &Target, lease: Option<Duration>) {
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+        if self.status().reachable {
+            let mut inv = self.registered.key(format!("{PREFIX}registered"));
+            inv.arg("set").arg(1);
+            registration_args(&mut inv, target, lease);
+            if let Err(e) = self.call::<Vec<String>>(inv).await {
+                tracing::warn!(backend = %target.id, "shared state: registration not shared yet");
+                self.mark_down_quietly(&e);
+            }
+        }
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Shares a deregistration made on this instance (written at the next
+    /// renewal when Redis is unreachable now).
+    pub(super) async fn share_deregistration(&self, id: &BackendId) {
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+        let name = id.to_string();
+        lock(&self.deregister_pending).insert(name.clone());
+        if self.status().reachable {
+            let mut inv = self.registered.key(format!("{PREFIX}registered"));
+            inv.arg("set").arg(0).arg(&name);
+            match self.call::<Vec<String>>(inv).await {
+                Ok(_) => {
+                    lock(&self.deregister_pending).remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %id, "shared state: deregistration not shared yet");
+                    self.mark_down_quietly(&e);
+                }
+            }
+        }
+        self.registry_writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Writes what is pending (deregistrations; every live registration
+    /// when `rewrite`: Redis was gone or emptied) and applies the shared
+    /// registrations: new ones are enrolled, renewals move the local lease,
+    /// and a registration Redis no longer has retires here too.
+    async fn sync_registered(&self, fleet: &Fleet, rewrite: bool) {
+        let Some(registry) = self.registry.get() else {
+            return;
+        };
+        let before = self.registry_writes.load(Ordering::SeqCst);
+        let writes = if rewrite {
+            registry.live_leases(tokio::time::Instant::now())
+        } else {
+            Vec::new()
+        };
+        let deletes: Vec<String> = lock(&self.deregister_pending).iter().cloned().collect();
+        let mut inv = self.registered.key(format!("{PREFIX}registered"));
+        inv.arg("keep").arg(writes.len());
+        for (target, left) in &writes {
+            registration_args(&mut inv, target, *left);
+        }
+        for d in &deletes {
+            inv.arg(d);
+        }
+        let out = match self.call::<Vec<String>>(inv).await {
+            Ok(out) => out,
+            Err(e) => return self.mark_down(fleet, &e),
+        };
+        {
+            let mut pending = lock(&self.deregister_pending);
+            for d in &deletes {
+                pending.remove(d);
+            }
+        }
+        if self.registry_writes.load(Ordering::SeqCst) != before {
+            // Changed here meanwhile: the next renewal reads it back.
+            return;
+        }
+        let mut shared = HashSet::new();
+        for entry in out.chunks_exact(3) {
+            let (id, url, left) = (&entry[0], &entry[1], &entry[2]);
+            let Ok(base) = crate::config::parse_backend_url(url) else {
+                tracing::warn!(backend = %id, url, "shared state: unreadable registration ignored");
+                continue;
+            };
+            let lease = left.parse::<u64>().ok().map(Duration::from_millis);
+            let (target, _) = fleet.enrol(registry, &base, lease);
+            shared.insert(target.id.clone());
+        }
+        for target in registry.live() {
+            if !shared.contains(&target.id) {
+                tracing::info!(backend = %target.id, "registration withdrawn on another instance (or ran out)");
+                fleet.retire(registry, &target.id);
+            }
         }
     }
 
@@ -392,8 +591,10 @@ impl SharedState {
                     .cloned()
             });
             if let Some(id) = id {
-                if self.status().reachable {
-                    self.apply(fleet, &id, members);
+                let s = self.status();
+                if s.reachable && !s.settling {
+                    drop(s);
+                    self.apply(fleet, &id, members, 0);
                 }
             }
         }
@@ -404,6 +605,11 @@ impl SharedState {
         let backend = id.to_string();
         lock(&self.drain_pending).insert(backend.clone(), draining);
         lock(&self.drained_by_others).remove(&backend);
+        if draining {
+            lock(&self.drained_here).insert(backend.clone());
+        } else {
+            lock(&self.drained_here).remove(&backend);
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -435,6 +641,7 @@ impl SharedState {
         let drained: std::collections::HashSet<&str> =
             drained.split('\n').filter(|b| !b.is_empty()).collect();
         let pending = lock(&self.drain_pending).clone();
+        let mut here = lock(&self.drained_here);
         let mut ours = lock(&self.drained_by_others);
         let changes: Vec<(BackendId, bool)> = fleet.read(|s| {
             s.backends()
@@ -447,7 +654,10 @@ impl SharedState {
                     let wanted = drained.contains(name.as_str());
                     if wanted && !b.draining {
                         Some((id.clone(), true))
-                    } else if !wanted && b.draining && ours.contains(&name) {
+                    } else if !wanted
+                        && b.draining
+                        && (ours.contains(&name) || here.contains(&name))
+                    {
                         Some((id.clone(), false))
                     } else {
                         None
@@ -470,13 +680,17 @@ impl SharedState {
             if draining {
                 ours.insert(id.to_string());
             } else {
+                // Undrained on another instance, whoever drained it.
                 ours.remove(&id.to_string());
+                here.remove(&id.to_string());
             }
         }
     }
 
-    /// Records a backend's holders as Redis listed them.
-    fn apply(&self, fleet: &Fleet, id: &BackendId, members: &str) {
+    /// Records a backend's holders as Redis listed them, plus `yielded`
+    /// slots this instance just left to another one, counted as taken until
+    /// Redis next lists the holders.
+    fn apply(&self, fleet: &Fleet, id: &BackendId, members: &str, yielded: u32) {
         let (foreign, holders) = {
             let held = self.held();
             let mut holders = BTreeMap::new();
@@ -488,14 +702,21 @@ impl SharedState {
                     foreign += 1;
                 }
             }
-            (foreign, holders)
+            (foreign + yielded, holders)
         };
         fleet.update(|s| s.set_foreign(id, foreign, holders));
     }
 
+    /// A write failed: the next renewal writes everything again (and holds
+    /// every backend to the local cap if Redis is still gone).
+    fn mark_down_quietly(&self, error: &redis::RedisError) {
+        tracing::debug!(error = %error, "shared state: write failed");
+        self.status().rewrite = true;
+    }
+
     /// Redis failed: log once, and hold every backend to the local cap.
     fn mark_down(&self, fleet: &Fleet, error: &redis::RedisError) {
-        let instances = {
+        {
             let mut s = self.status();
             if s.reachable {
                 tracing::warn!(
@@ -506,8 +727,14 @@ impl SharedState {
             }
             s.reachable = false;
             s.rewrite = true;
-            s.instances
-        };
+        }
+        self.hold_to_local_cap(fleet);
+    }
+
+    /// Counts on every backend the slots others may hold while Redis cannot
+    /// say: see [`degraded_foreign`].
+    fn hold_to_local_cap(&self, fleet: &Fleet) {
+        let instances = self.status().instances;
         let me = self.instance.clone();
         let cap = self.cap;
         fleet.update(|s| {
@@ -519,6 +746,42 @@ impl SharedState {
             }
         });
     }
+}
+
+/// A handed-over lease not kept yet: given back if dropped.
+struct Handover<'a> {
+    state: &'a Arc<SharedState>,
+    lease: Option<RemoteLease>,
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.state.give_back(lease);
+        }
+    }
+}
+
+/// Milliseconds since `since`.
+fn age_ms(since: tokio::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The age of this instance's oldest waiter in ms, -1 when none waits.
+fn oldest_age(fleet: &Fleet) -> i64 {
+    fleet
+        .read(|s| s.oldest_waiting())
+        .map_or(-1, |since| i64::try_from(age_ms(since)).unwrap_or(i64::MAX))
+}
+
+/// The (id, url, lease ms or -1) of one registration write.
+fn registration_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    target: &Target,
+    lease: Option<Duration>,
+) {
+    let ms = lease.map_or(-1, |l| i64::try_from(l.as_millis()).unwrap_or(i64::MAX));
+    inv.arg(target.id.to_string()).arg(&target.base).arg(ms);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -29,6 +29,10 @@ pub struct Slot {
     lease: Option<Lease>,
     /// Its lease in the shared state (SHARED_STATE only).
     remote: Option<Remote>,
+    /// `remote` was handed over by the request that finished on this
+    /// backend before: the new request keeps it through
+    /// [`Slot::take_handed`] rather than taking another.
+    handed: bool,
     finished: bool,
 }
 
@@ -38,6 +42,7 @@ impl Slot {
             fleet,
             lease: Some(lease),
             remote: None,
+            handed: false,
             finished: false,
         }
     }
@@ -45,6 +50,21 @@ impl Slot {
     /// Ties the slot to its lease in the shared state.
     pub(super) fn set_remote(&mut self, state: Arc<SharedState>, lease: RemoteLease) {
         self.remote = Some((state, lease));
+    }
+
+    /// Hands the finished request's lease over to this slot.
+    pub(super) fn set_handed(&mut self, remote: Remote) {
+        self.remote = Some(remote);
+        self.handed = true;
+    }
+
+    /// The lease handed over from the previous request, if any.
+    pub(super) fn take_handed(&mut self) -> Option<Remote> {
+        if std::mem::take(&mut self.handed) {
+            self.remote.take()
+        } else {
+            None
+        }
     }
 
     /// The backend answered in full: the slot goes back now.
@@ -75,12 +95,7 @@ impl Drop for Slot {
         let remote = self.remote.take();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if !self.finished => self.fleet.abandon(lease, remote, &runtime),
-            _ => {
-                self.fleet.release(lease);
-                if let Some((state, lease)) = remote {
-                    state.give_back(lease);
-                }
-            }
+            _ => self.fleet.release(lease, remote),
         }
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 use super::App;
 use super::auth::{admin_keys, bearer_matches};
 use super::error::{Api, ProxyError};
+use crate::fleet::registration::Retired;
 use crate::fleet::registry::Registered;
 use crate::fleet::{Backend, BackendId};
 
@@ -235,29 +236,11 @@ pub async fn register(
             .render(Api::Ollama);
         }
     };
-    let (target, what) = app
-        .registry
-        .register(&url, lease, tokio::time::Instant::now());
+    let (target, what) = app.fleet.register_backend(&app.registry, &url, lease).await;
     let id = target.id.clone();
     let status = match what {
-        Registered::New => {
-            // In the table at once (unhealthy until its probe, which the
-            // registration triggers).
-            app.fleet.update(|s| {
-                s.add_backend(Arc::clone(&target));
-            });
-            tracing::info!(backend = %id, url = %target.base, ?lease, "backend registered");
-            StatusCode::CREATED
-        }
-        Registered::Revived => {
-            app.fleet.update(|s| {
-                s.add_backend(Arc::clone(&target));
-            });
-            app.fleet.set_draining(&id, false);
-            tracing::info!(backend = %id, "registration renewed while draining: back in service");
-            StatusCode::OK
-        }
-        Registered::Renewed => StatusCode::OK,
+        Registered::New => StatusCode::CREATED,
+        Registered::Revived | Registered::Renewed => StatusCode::OK,
     };
     (
         status,
@@ -283,26 +266,14 @@ pub async fn deregister(
         return e.render(Api::Ollama);
     }
     let backend = BackendId::parse(&id);
-    if !app.registry.deregister(&backend) {
+    let Some(Retired { removed, in_flight }) =
+        app.fleet.deregister_backend(&app.registry, &backend).await
+    else {
         return ProxyError::NotFound(format!(
             "no registered backend '{id}' (range and BACKENDS backends are drained, not deleted)"
         ))
         .render(Api::Ollama);
-    }
-    app.fleet.set_draining(&backend, true);
-    let in_flight = app.fleet.update(|s| {
-        let in_flight = s.backends().get(&backend).map_or(0, |b| b.in_flight);
-        if in_flight == 0 {
-            s.remove_backend(&backend);
-        }
-        in_flight
-    });
-    let removed = in_flight == 0 && app.registry.forget(&backend);
-    if removed {
-        tracing::info!(backend = %id, "backend deregistered and removed");
-    } else {
-        tracing::info!(backend = %id, in_flight, "backend deregistered: draining, removed when idle");
-    }
+    };
     let status = if removed {
         StatusCode::OK
     } else {

@@ -126,13 +126,7 @@ impl TestProxy {
 
     /// The row of backend `id` in `/__proxy/backends`, if it is there.
     pub async fn backend_row(&self, id: &str) -> Option<serde_json::Value> {
-        let v = self.get_json("/__proxy/backends").await;
-        v["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["id"] == id)
-            .cloned()
+        backend_row_at(&self.url, id).await
     }
 
     /// The `/metrics` page as text.
@@ -191,6 +185,28 @@ pub async fn wait_healthy_at(url: &str, n: u64) {
         },
     )
     .await;
+}
+
+/// GETs a JSON document from any corral (`url` in full).
+pub async fn get_json_at(url: &str) -> serde_json::Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// The rows of `/__proxy/backends` of the corral at `base`.
+pub async fn backend_rows_at(base: &str) -> Vec<serde_json::Value> {
+    let v = get_json_at(&format!("{base}/__proxy/backends")).await;
+    v["backends"]
+        .as_array()
+        .expect("a list of backends")
+        .clone()
+}
+
+/// The row of backend `id` (its id as text or a port) of the corral at `base`.
+pub async fn backend_row_at(base: &str, id: &str) -> Option<serde_json::Value> {
+    backend_rows_at(base)
+        .await
+        .into_iter()
+        .find(|b| b["id"] == id || b["port"].as_u64().is_some_and(|p| p.to_string() == id))
 }
 
 /// Proxy settings for tests: the fleet's block, fast scans, short timeouts.

@@ -336,6 +336,11 @@ impl<W> Waiters<W> {
             .sum()
     }
 
+    /// The arrival time of the oldest waiter of any tenant.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.tenants.keys().filter_map(|t| self.oldest_of(*t)).min()
+    }
+
     /// The arrival time of a tenant's oldest waiter.
     pub fn oldest_of(&self, tenant: TenantId) -> Option<Instant> {
         let t = self.tenants.get(&tenant)?;
