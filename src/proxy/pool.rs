@@ -1,15 +1,12 @@
 //! corral's own connections to one backend, over hyper's connection-level
 //! HTTP/1 client: a request checks a connection out on its own task (the
-//! last one returned first, else a new one) and drives it there too, the
-//! connection's I/O polled beside the response and then inside the answer's
-//! body, so no other task is woken on the way. The body puts the connection
-//! back once it has been read to the end. A body dropped midway takes its
+//! last one returned first, else a new one), and its answer's body puts the
+//! connection back once it has been read to the end and hyper says the
+//! connection is ready for another request. A body dropped midway takes its
 //! connection with it, which closes it: that is how a backend learns that
-//! the client left. An idle connection is polled once when checked out, so
-//! that one the backend closed meanwhile is seen closed and not used. Idle
-//! connections are bounded and expire (looked at on every checkout and
-//! return, so at least at every scan, whose probes use the same
-//! connections); they go when the backend is forgotten or replaced.
+//! the client left. Idle connections are bounded and expire (looked at on
+//! every checkout and return, so at least at every scan, whose probes use
+//! the same connections); they go when the backend is forgotten or replaced.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,48 +31,11 @@ const MAX_IDLE: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// TCP keepalive on backend connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// How long a connection whose answer ended may take to become ready again
+/// before it is given up (hyper makes it ready in the same turn of its driver).
+const READY_GRACE: Duration = Duration::from_secs(1);
 
-/// One connection: the handle requests are sent through and hyper's
-/// connection future, which does its I/O and is polled by whoever holds it.
-struct Conn {
-    send: SendRequest<Full<Bytes>>,
-    io: http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
-    /// The connection future has ended (closed or failed).
-    ended: bool,
-}
-
-impl Conn {
-    /// Polls the connection's I/O; notes when it ended.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        drive(&mut self.io, &mut self.ended, cx);
-    }
-
-    /// Polls the I/O once (taking in a close that arrived while idle) and
-    /// says whether the connection can take a request now.
-    async fn refresh(&mut self) -> bool {
-        std::future::poll_fn(|cx| {
-            self.drive(cx);
-            Poll::Ready(())
-        })
-        .await;
-        !self.ended && self.send.is_ready()
-    }
-
-    /// Sends `request` and drives the connection until the response head.
-    async fn request(
-        &mut self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Full<Bytes>>>> {
-        let Self { send, io, ended } = self;
-        let mut response = std::pin::pin!(send.try_send_request(request));
-        std::future::poll_fn(|cx| {
-            drive(io, ended, cx);
-            // Once the I/O ended, hyper fails the pending request.
-            response.as_mut().poll(cx)
-        })
-        .await
-    }
-}
+type Conn = SendRequest<Full<Bytes>>;
 
 /// The connections of one backend: its address and the idle ones, newest last.
 pub struct Conns {
@@ -95,23 +55,6 @@ impl std::fmt::Debug for Conns {
             .field("address", &self.address)
             .field("idle", &self.idle_count())
             .finish()
-    }
-}
-
-/// Polls `io` unless it `ended`; notes when it ends.
-fn drive(
-    io: &mut http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
-    ended: &mut bool,
-    cx: &mut Context<'_>,
-) {
-    if *ended {
-        return;
-    }
-    if let Poll::Ready(result) = Pin::new(io).poll(cx) {
-        *ended = true;
-        if let Err(e) = result {
-            tracing::debug!(error = %chain(&e), "backend connection ended");
-        }
     }
 }
 
@@ -201,10 +144,7 @@ impl Conns {
         connect_timeout: Duration,
     ) -> Result<Response<BackendBody>, SendError> {
         while let Some(mut conn) = self.checkout() {
-            if !conn.refresh().await {
-                continue;
-            }
-            match conn.request(request).await {
+            match conn.try_send_request(request).await {
                 Ok(response) => return Ok(self.wrap(response, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => request = unsent,
@@ -213,10 +153,7 @@ impl Conns {
             }
         }
         let mut conn = self.connect(connect_timeout).await?;
-        let response = conn
-            .request(request)
-            .await
-            .map_err(|e| SendError::Http(e.into_error()))?;
+        let response = conn.send_request(request).await.map_err(SendError::Http)?;
         Ok(self.wrap(response, conn))
     }
 
@@ -227,20 +164,24 @@ impl Conns {
         })
     }
 
-    /// The newest idle connection not yet expired; expired ones are closed.
+    /// The newest idle connection that is still ready; expired ones are closed.
     fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut idle = self.lock();
-        let Idle { conn, since } = idle.pop()?;
-        if now.duration_since(since) >= IDLE_TIMEOUT {
-            // The rest are older still.
-            idle.clear();
-            return None;
+        while let Some(Idle { conn, since }) = idle.pop() {
+            if now.duration_since(since) >= IDLE_TIMEOUT {
+                // The rest are older still.
+                idle.clear();
+                return None;
+            }
+            if conn.is_ready() {
+                return Some(conn);
+            }
         }
-        Some(conn)
+        None
     }
 
-    /// A new connection, driven by whoever sends on it.
+    /// A new connection, its driver spawned.
     async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(&self.address)).await {
             Ok(Ok(stream)) => stream,
@@ -261,14 +202,15 @@ impl Conns {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let (send, io) = http1::handshake(TokioIo::new(stream))
+        let (conn, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
-        Ok(Conn {
-            send,
-            io,
-            ended: false,
-        })
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %chain(&e), "backend connection ended");
+            }
+        });
+        Ok(conn)
     }
 
     /// Keeps `conn` for the next request, newest last; the oldest and the
@@ -286,8 +228,8 @@ impl Conns {
     }
 }
 
-/// A backend's answer body: hyper's, holding the connection it came on (and
-/// driving it) until it has been read to the end.
+/// A backend's answer body: hyper's, holding the connection it came on until
+/// it has been read to the end.
 pub struct BackendBody {
     body: Incoming,
     conn: Option<(Conn, Arc<Conns>)>,
@@ -303,18 +245,21 @@ impl std::fmt::Debug for BackendBody {
 }
 
 impl BackendBody {
-    /// The answer was read to the end: the connection goes back unless it
-    /// ended (the next checkout polls it and sees whether it is ready).
-    fn release(&mut self, cx: Option<&mut Context<'_>>) {
+    /// The answer was read to the end: the connection goes back once hyper
+    /// says it can take another request.
+    fn release(&mut self) {
         let Some((mut conn, home)) = self.conn.take() else {
             return;
         };
-        if let Some(cx) = cx {
-            // Lets hyper take the end of the answer in.
-            conn.drive(cx);
-        }
-        if !conn.ended && !conn.send.is_closed() {
+        if conn.is_ready() {
             home.put_back(conn);
+        } else if !conn.is_closed() {
+            // Its driver has not taken the end in yet.
+            tokio::spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(READY_GRACE, conn.ready()).await {
+                    home.put_back(conn);
+                }
+            });
         }
     }
 }
@@ -328,13 +273,10 @@ impl Body for BackendBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if let Some((conn, _)) = &mut this.conn {
-            conn.drive(cx);
-        }
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
         match &frame {
-            None => this.release(Some(cx)),
-            Some(Ok(_)) if this.body.is_end_stream() => this.release(Some(cx)),
+            None => this.release(),
+            Some(Ok(_)) if this.body.is_end_stream() => this.release(),
             Some(Ok(_)) => {}
             // A broken connection is not kept.
             Some(Err(_)) => this.conn = None,
@@ -357,7 +299,7 @@ impl Drop for BackendBody {
         // `Content-Length` body): as good as ended. Otherwise the connection
         // is dropped with the body, which closes it.
         if self.conn.is_some() && self.body.is_end_stream() {
-            self.release(None);
+            self.release();
         }
     }
 }
@@ -442,55 +384,6 @@ mod tests {
         assert_eq!(&first[..], b"hello");
         drop(body);
         assert_eq!(conns.idle_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn an_idle_connection_the_backend_closed_is_not_used() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut close_rx = Some(close_rx);
-            let mut closed_tx = Some(closed_tx);
-            let mut accepted = 0;
-            while let Ok((mut socket, _)) = listener.accept().await {
-                accepted += 1;
-                let mut buf = vec![0u8; 4096];
-                let _ = socket.read(&mut buf).await;
-                let answer = if accepted == 1 {
-                    OK.to_vec()
-                } else {
-                    SECOND.to_vec()
-                };
-                socket.write_all(&answer).await.unwrap();
-                // The first connection is closed after one answer, once idle.
-                if let Some(rx) = close_rx.take() {
-                    let _ = rx.await;
-                }
-                drop(socket);
-                if let Some(tx) = closed_tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        const SECOND: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond";
-        let conns = Arc::new(Conns::new(address.clone()));
-        let response = conns
-            .send(get(&address), Duration::from_secs(1))
-            .await
-            .unwrap();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"hello");
-        assert_eq!(conns.idle_count(), 1);
-        close_tx.send(()).unwrap();
-        closed_rx.await.unwrap();
-        let response = conns
-            .send(get(&address), Duration::from_secs(1))
-            .await
-            .unwrap();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"second");
     }
 
     #[tokio::test]
