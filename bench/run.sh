@@ -745,7 +745,8 @@ profile() {
     CORRAL=$bin start_corral 0 BACKEND_PORT_START=31110 BACKEND_PORT_END=31113 MAX_CONCURRENT_PER_BACKEND=0
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
     DURATION=1 wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >/dev/null
-    perf record -q -F 2000 -g -o "$TMP/perf.data" -p "$CORRAL_PID" -- sleep "$DURATION" 2>/dev/null &
+    # PROFILE_CALL_GRAPH=dwarf finds the callers of libc's functions too.
+    perf record -q -F 2000 --call-graph "${PROFILE_CALL_GRAPH:-fp}" -o "$TMP/perf.data" -p "$CORRAL_PID" -- sleep "$DURATION" 2>/dev/null &
     local perf_pid=$!
     wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >"$TMP/profile-wrk.txt"
     wait "$perf_pid" || true
