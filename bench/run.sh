@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# corral benchmarks: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all
+# corral benchmarks: bench/run.sh overhead|syscalls|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all
 #
 # Each scenario starts what it needs on 127.0.0.1 (release `corral sim`,
 # release `corral`, Debian's nginx), measures with wrk or the loadgen example,
@@ -10,10 +10,12 @@
 # SCAN_WINDOW (seconds of CPU measurement in `discovery`, 10);
 # BUILD=0 to skip the cargo build; TARGET_DIR (default target/release) to
 # run binaries built elsewhere, e.g. a quicker non-LTO build for iteration;
-# BASELINE=/path/to/another/corral for `overhead` to measure that build too,
-# in the same run; BASELINE_DIR (a directory with an earlier build's
-# `corral`) to measure it first, in the same run, in `queue` and the CPU
-# share of `discovery`; PLACEMENT_SEED and PLACEMENT_SCALE for `placement`.
+# BASELINE=/path/to/another/corral for `overhead` and `syscalls` to measure
+# that build too, in the same run; BASELINE_DIR (a directory with an earlier
+# build's `corral`) to measure it first, in the same run, in `queue` and the
+# CPU share of `discovery`; PLACEMENT_SEED and PLACEMENT_SCALE for
+# `placement`; BENCH_PROXY_PORT, BENCH_NGINX_PORT and BENCH_BASELINE_PORT
+# move the proxies off 30990-30992.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,9 +35,9 @@ PIDS=()
 export BENCH_PID_FILE=$TMP/loadgen-children.pids
 
 # Ports below the ephemeral range and above the block the tests draw from.
-PROXY_PORT=30990
-NGINX_PORT=30991
-BASELINE_PORT=30992
+PROXY_PORT=${BENCH_PROXY_PORT:-30990}
+NGINX_PORT=${BENCH_NGINX_PORT:-30991}
+BASELINE_PORT=${BENCH_BASELINE_PORT:-30992}
 
 cleanup() {
     local pid
@@ -379,6 +381,105 @@ EOF
     section overhead "$TMP/overhead.md"
 }
 
+# ctx_switches PID: voluntary and nonvoluntary context switches of all its threads.
+ctx_switches() {
+    cat /proc/"$1"/task/*/status 2>/dev/null |
+        awk '/^voluntary_ctxt_switches/ {v += $2} /^nonvoluntary_ctxt_switches/ {n += $2} END {print v + 0, n + 0}'
+}
+
+# strace_counts PID URL OUT: `strace -f -c` on every thread of PID during
+# one 64-client wrk run on URL; writes "syscall calls-per-request" lines to
+# OUT (plus `requests`).
+strace_counts() {
+    local pid=$1 url=$2 out=$3 spid n
+    strace -f -c -o "$out.raw" -p "$pid" 2>"$out.log" &
+    spid=$!
+    for _ in $(seq 100); do grep -q attached "$out.log" 2>/dev/null && break; sleep 0.05; done
+    read -r _ _ n _ < <(wrk_run 64 "$url")
+    kill -INT "$spid"
+    wait "$spid" || true
+    awk -v n="$n" '$1 ~ /^[0-9.]+$/ && NF >= 5 {calls = $4; name = $NF; printf "%s %.2f\n", name, calls / n}
+        END {print "requests", n}' "$out.raw" >"$out"
+}
+
+# syscalls: what one request costs the kernel behind each proxy on the
+# fixed-body rig: syscalls per request by kind (strace -f -c, which slows
+# the proxy, so only the counts mean anything) and context switches per
+# request (from /proc, in a run without strace).
+syscalls() {
+    local first=31120
+    log "syscalls: 4 fixed-body nginx backends and wrk on CPU 1; proxies on CPU 0; strace -f -c"
+    start_fixed 1 $first 4
+    start_corral 0 BACKEND_PORT_START=$first BACKEND_PORT_END=$((first + 3)) MAX_CONCURRENT_PER_BACKEND=0
+    wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
+    start_nginx 0 $first $((first + 1)) $((first + 2)) $((first + 3))
+    local -A url pid
+    local targets="corral nginx" t
+    url[corral]=http://127.0.0.1:$PROXY_PORT; pid[corral]=$CORRAL_PID
+    url[nginx]=http://127.0.0.1:$NGINX_PORT; pid[nginx]=$NGINX_WORKER
+    if [[ -n ${BASELINE:-} ]]; then
+        ports_free $BASELINE_PORT $BASELINE_PORT
+        start baseline taskset -c 0 env PROXY_HOST=127.0.0.1 PROXY_PORT=$BASELINE_PORT LOG_LEVEL=WARNING \
+            BACKEND_PORT_START=$first BACKEND_PORT_END=$((first + 3)) MAX_CONCURRENT_PER_BACKEND=0 "$BASELINE"
+        pid[baseline]=$LAST_PID; url[baseline]=http://127.0.0.1:$BASELINE_PORT
+        wait_for "${url[baseline]}/__proxy/health" '.healthy_backends == 4'
+        targets="corral baseline nginx"
+    fi
+    local -A vol nonvol threads user sys all ewait rate
+    local c0 c1 u0 u1 n spid
+    for t in $targets; do
+        DURATION=1 wrk_run 64 "${url[$t]}" >/dev/null
+        read -r -a c0 < <(ctx_switches "${pid[$t]}")
+        read -r -a u0 < <(awk '{print $14, $15}' "/proc/${pid[$t]}/stat")
+        perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait -p "${pid[$t]}" \
+            -o "$TMP/perf-$t.csv" &
+        spid=$!
+        read -r _ _ n _ < <(wrk_run 64 "${url[$t]}")
+        kill -INT "$spid"
+        wait "$spid" || true
+        read -r -a u1 < <(awk '{print $14, $15}' "/proc/${pid[$t]}/stat")
+        read -r -a c1 < <(ctx_switches "${pid[$t]}")
+        user[$t]=$(awk -v a="${u0[0]}" -v b="${u1[0]}" -v n="$n" 'BEGIN {printf "%.1f", (b - a) * 10000 / n}')
+        sys[$t]=$(awk -v a="${u0[1]}" -v b="${u1[1]}" -v n="$n" 'BEGIN {printf "%.1f", (b - a) * 10000 / n}')
+        all[$t]=$(awk -F, -v n="$n" '$3 == "raw_syscalls:sys_enter" {printf "%.2f", $1 / n}' "$TMP/perf-$t.csv")
+        ewait[$t]=$(awk -F, -v n="$n" '$3 == "syscalls:sys_enter_epoll_wait" {printf "%.2f", $1 / n}' "$TMP/perf-$t.csv")
+        rate[$t]=$n
+        vol[$t]=$(awk -v a="${c0[0]}" -v b="${c1[0]}" -v n="$n" 'BEGIN {printf "%.2f", (b - a) / n}')
+        nonvol[$t]=$(awk -v a="${c0[1]}" -v b="${c1[1]}" -v n="$n" 'BEGIN {printf "%.2f", (b - a) / n}')
+        threads[$t]=$(ls /proc/"${pid[$t]}"/task | wc -l)
+        strace_counts "${pid[$t]}" "${url[$t]}" "$TMP/strace-$t.txt"
+        log "syscalls $t: $(tr '\n' ' ' <"$TMP/strace-$t.txt")"
+    done
+    # kinds: the syscalls any target makes at least 0.05 times a request.
+    local kinds
+    kinds=$(cat "$TMP"/strace-*.txt | awk '$1 != "requests" && $1 != "total" && $2 >= 0.05 {print $1}' | sort -u)
+    get() { awk -v k="$2" '$1 == k {v = $2} END {printf "%s", (v == "" ? "0" : v)}' "$TMP/strace-$1.txt"; }
+    {
+        echo
+        echo "## Syscalls per request: fixed-body nginx backends, 64 clients, proxy pinned to one core"
+        echo
+        echo "$(machine "one run each") · corral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo
+        printf '| per request |'; for t in $targets; do printf ' %s |' "$t"; done; echo
+        printf '| --- |'; for t in $targets; do printf ' ---: |'; done; echo
+        for k in $kinds total; do
+            printf '| `%s` |' "$k"; for t in $targets; do printf ' %s |' "$(get "$t" "$k")"; done; echo
+        done
+        printf '| all syscalls, untraced (perf stat) |'; for t in $targets; do printf ' %s |' "${all[$t]}"; done; echo
+        printf '| `epoll_wait`, untraced |'; for t in $targets; do printf ' %s |' "${ewait[$t]}"; done; echo
+        printf '| user CPU µs |'; for t in $targets; do printf ' %s |' "${user[$t]}"; done; echo
+        printf '| kernel CPU µs |'; for t in $targets; do printf ' %s |' "${sys[$t]}"; done; echo
+        printf '| voluntary context switches |'; for t in $targets; do printf ' %s |' "${vol[$t]}"; done; echo
+        printf '| involuntary context switches |'; for t in $targets; do printf ' %s |' "${nonvol[$t]}"; done; echo
+        printf '| threads |'; for t in $targets; do printf ' %s |' "${threads[$t]}"; done; echo
+        printf '| requests counted (strace run) |'; for t in $targets; do printf ' %s |' "$(get "$t" requests)"; done; echo
+        printf '| requests counted (untraced run) |'; for t in $targets; do printf ' %s |' "${rate[$t]}"; done; echo
+        echo
+        echo "Counts from \`strace -f -c -p\` over one ${DURATION} s wrk run (64 connections, \`POST /api/generate\`) per target, which slows the traced proxy but not what it calls per request; all syscalls and \`epoll_wait\` (\`perf stat\` tracepoints), user and kernel CPU (\`/proc/PID/stat\`, 10 ms ticks) and context switches (\`/proc/PID/task/*/status\`) over another run of the same length without strace.${BASELINE:+ baseline: \`$BASELINE\`.}"
+    } >"$TMP/syscalls.md"
+    section syscalls "$TMP/syscalls.md"
+}
+
 fleet() {
     log "fleet: 50 one-slot sims, 100 ms per request, 300 clients, 3,000 requests"
     start_sims 31000 50 0-1 --parallel 1 --tokens 10 --tokens-per-second 100
@@ -632,7 +733,7 @@ placement() {
     log "placement: 4 in-process sims per run on ports $first-$((first + 3)), corral in-process, nginx on CPU 0; seed $seed, scale $scale"
     ports_free $first $((first + 3))
     NGINX_NO_WAIT=1 start_nginx 0 $first $((first + 1)) $((first + 2)) $((first + 3))
-    "$ROOT/target/release/examples/placement" --seed "$seed" --scale "$scale" \
+    "$TARGET_DIR/examples/placement" --seed "$seed" --scale "$scale" \
         --port-start $first --nginx-url "http://127.0.0.1:$NGINX_PORT" >"$TMP/placement.out"
     {
         echo "## placement"
@@ -654,7 +755,7 @@ shared() {
     log "shared: SHARED_STATE through redis-server; 10 one-slot sims, 1 instance against 3"
     command -v redis-server >/dev/null || { echo "bench/run.sh shared needs redis-server (apt-get install -y redis-server)" >&2; exit 2; }
     local table
-    table=$("$ROOT/target/release/examples/shared_bench" --backends 10 --requests 2000 --clients 60)
+    table=$("$TARGET_DIR/examples/shared_bench" --backends 10 --requests 2000 --clients 60)
     cat >"$TMP/shared.md" <<EOF
 
 ## Shared state: three instances sharing one fleet through Redis (\`examples/shared_bench.rs\`)
@@ -686,7 +787,8 @@ profile() {
     CORRAL=$bin start_corral 0 BACKEND_PORT_START=31110 BACKEND_PORT_END=31113 MAX_CONCURRENT_PER_BACKEND=0
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 4'
     DURATION=1 wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >/dev/null
-    perf record -q -F 2000 -g -o "$TMP/perf.data" -p "$CORRAL_PID" -- sleep "$DURATION" 2>/dev/null &
+    # PROFILE_CALL_GRAPH=dwarf finds the callers of libc's functions too.
+    perf record -q -F 2000 --call-graph "${PROFILE_CALL_GRAPH:-fp}" -o "$TMP/perf.data" -p "$CORRAL_PID" -- sleep "$DURATION" 2>/dev/null &
     local perf_pid=$!
     wrk_run 64 "http://127.0.0.1:$PROXY_PORT" >"$TMP/profile-wrk.txt"
     wait "$perf_pid" || true
@@ -708,14 +810,14 @@ profile() {
 # ===== main =====
 
 case ${1:-} in
-overhead | fleet | queue | discovery | streaming | fairness | placement | shared | profile | all) ;;
+overhead | syscalls | fleet | queue | discovery | streaming | fairness | placement | shared | profile | all) ;;
 *)
-    echo "usage: bench/run.sh overhead|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all" >&2
+    echo "usage: bench/run.sh overhead|syscalls|fleet|queue|discovery|streaming|fairness|placement|shared|profile|all" >&2
     exit 2
     ;;
 esac
 tools="curl jq taskset"
-case $1 in overhead | profile | all) tools+=" wrk nginx" ;; placement) tools+=" nginx" ;; esac
+case $1 in overhead | profile | all) tools+=" wrk nginx" ;; syscalls) tools+=" wrk nginx strace" ;; placement) tools+=" nginx" ;; esac
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done

@@ -6,7 +6,7 @@
 
 use axum::extract::Request;
 use axum::response::Response;
-use http::{HeaderMap, Method, header};
+use http::{HeaderMap, HeaderName, Method, header};
 use subtle::ConstantTimeEq;
 
 use super::App;
@@ -23,11 +23,14 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     Some(token.trim().as_bytes())
 }
 
+/// Anthropic's key header (a name made at compile time, not parsed per request).
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// The client's key: its bearer token, else Anthropic's `x-api-key`.
 fn client_token(headers: &HeaderMap) -> Option<&[u8]> {
     bearer(headers).or_else(|| {
         headers
-            .get("x-api-key")
+            .get(X_API_KEY)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().as_bytes())
     })

@@ -33,8 +33,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
-use http::HeaderValue;
 use http::request::Parts;
+use http::{HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -50,6 +50,13 @@ use super::responses;
 use super::upstream::{BackendBody, BackendError, FailureKind, strip_hop_by_hop};
 use crate::fleet::{AcquireError, Rejection, Target};
 use crate::model::ModelName;
+
+/// The answer's header naming the backend that answered.
+pub const BACKEND: HeaderName = HeaderName::from_static("x-corral-backend");
+/// The answer's header counting the attempts made.
+const ATTEMPTS: HeaderName = HeaderName::from_static("x-corral-attempts");
+/// The answer's header with the time the request waited for a slot.
+const QUEUE_MS: HeaderName = HeaderName::from_static("x-corral-queue-ms");
 
 /// Handles one routed request on `endpoint`.
 pub async fn forward(
@@ -357,10 +364,11 @@ fn respond(app: &App, mut ctx: RequestContext, claim: Claim, answer: Answer) -> 
     strip_hop_by_hop(&mut head.headers);
     let framing = Framing::of(head.headers.get(http::header::CONTENT_TYPE));
     let headers = &mut head.headers;
-    headers.insert("x-corral-backend", claim.target().header.clone());
-    headers.insert("x-corral-attempts", HeaderValue::from(ctx.attempts));
+    // Names made at compile time: a `&str` name is parsed on every insert.
+    headers.insert(BACKEND, claim.target().header.clone());
+    headers.insert(ATTEMPTS, HeaderValue::from(ctx.attempts));
     headers.insert(
-        "x-corral-queue-ms",
+        QUEUE_MS,
         HeaderValue::from(ctx.queue_wait.as_millis() as u64),
     );
     let read_timeout = app.upstream.read_timeout();

@@ -165,9 +165,11 @@ impl TokenCounts {
     /// (Anthropic Messages and OpenAI Responses usage).
     pub fn find(tail: &[u8]) -> Self {
         // Searched as bytes: this runs once per request, and a UTF-8 check
-        // and copy of the tail showed in the profile of small requests.
+        // and copy of the tail showed in the profile of small requests, as
+        // did comparing each key at every position (memcmp, 2 % of the
+        // proxy's CPU), which memchr's substring search replaces.
         let last = |key: &[u8]| -> Option<u64> {
-            let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
+            let at = memchr::memmem::rfind(tail, key)? + key.len();
             let rest = &tail[at..];
             let start = rest.iter().position(|b| *b != b' ' && *b != b':')?;
             let rest = &rest[start..];

@@ -48,7 +48,7 @@ async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
                 let (mut head, rest) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
-                    .insert("x-corral-backend", target.header.clone());
+                    .insert(super::forward::BACKEND, target.header.clone());
                 return Ok(Response::from_parts(head, Body::new(rest)));
             }
             Err(e) => {

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, delete, get, post};
-use http::{HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::error::{Api, ProxyError};
 use super::{App, admin, aggregate, auth, dashboard, forward, passthrough};
@@ -107,7 +107,7 @@ async fn method_not_allowed() -> Response {
 }
 
 /// The header that carries a request's id, in and out.
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The one middleware, in front of every route (one layer, not two: it runs
 /// on every request). It takes the client's `X-Request-Id` or makes one,
