@@ -123,7 +123,20 @@ impl Fleet {
             return self.acquire_local(want, bytes, ticket).await;
         };
         loop {
-            let mut slot = self.acquire_local(want.clone(), bytes, ticket).await?;
+            let mut slot = {
+                let local = self.acquire_local(want.clone(), bytes, ticket);
+                tokio::pin!(local);
+                // Not granted at once: it waits here, and the other instances
+                // must know before they hand over a slot to a younger waiter.
+                tokio::select! {
+                    biased;
+                    granted = &mut local => granted?,
+                    () = std::future::ready(()) => {
+                        remote.waiting_started();
+                        local.await?
+                    }
+                }
+            };
             let id = slot.target().id.clone();
             // Boxed: the shared-state round trip's future is kilobytes, and
             // without the box every parked request would carry its room.

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 mod scripts;
 
-use scripts::{GIVE_BACK, NOW, REFRESH, REGISTERED, TAKE, TRANSFER};
+use scripts::{GIVE_BACK, NOW, REFRESH, REGISTERED, STAMP, TAKE, TRANSFER};
 
 use super::registry::Registry;
 use super::{BackendId, Fleet, Target};
@@ -124,6 +124,10 @@ pub struct SharedState {
     transfer: Script,
     refresh: Script,
     registered: Script,
+    stamp: Script,
+    /// Set when a request starts waiting here: its stamp is written at once
+    /// (coalesced: one write in flight at a time).
+    stamp_wanted: tokio::sync::Notify,
 }
 
 impl SharedState {
@@ -157,6 +161,8 @@ impl SharedState {
             transfer: Script::new(&format!("{NOW}{TRANSFER}")),
             refresh: Script::new(&format!("{NOW}{REFRESH}")),
             registered: Script::new(&format!("{NOW}{REGISTERED}")),
+            stamp: Script::new(&format!("{NOW}{STAMP}")),
+            stamp_wanted: tokio::sync::Notify::new(),
         }))
     }
 
@@ -191,6 +197,16 @@ impl SharedState {
             }
         });
         let me = Arc::clone(self);
+        let (f, s) = (fleet.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = me.stamp_wanted.notified() => me.stamp(&f).await,
+                    () = s.cancelled() => return,
+                }
+            }
+        });
+        let me = Arc::clone(self);
         tokio::spawn(async move {
             loop {
                 me.listen(&fleet, &stop).await;
@@ -200,6 +216,26 @@ impl SharedState {
                 }
             }
         });
+    }
+
+    /// Says that a request has started waiting on this instance; its
+    /// oldest waiter is stamped in `corral:waiting` soon after, without
+    /// waiting for the next take or renewal.
+    pub(super) fn waiting_started(&self) {
+        self.stamp_wanted.notify_one();
+    }
+
+    /// Writes this instance's oldest waiter to `corral:waiting`. Skipped
+    /// when Redis is out of reach: the next renewal writes it anyway.
+    async fn stamp(&self, fleet: &Fleet) {
+        if !self.status().reachable {
+            return;
+        }
+        let mut inv = self.stamp.key(format!("{PREFIX}waiting"));
+        inv.arg(&self.instance).arg(oldest_age(fleet));
+        if let Err(e) = self.call::<i64>(inv).await {
+            self.mark_down(fleet, &e);
+        }
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {

@@ -33,6 +33,13 @@ else
 end
 return {tostring(ok), table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')}";
 
+/// KEYS[1] waiting; ARGV instance, age of its oldest waiter (ms, -1: none):
+/// the stamp alone, written as soon as a request starts waiting here, so
+/// that a slot freed on another instance before this one's next take or
+/// renewal is yielded to it.
+pub(super) const STAMP: &str = "stamp(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+return 1";
+
 /// KEYS[1] slots; ARGV member, channel, backend -> holders.
 pub(super) const GIVE_BACK: &str = "redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
