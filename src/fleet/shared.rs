@@ -619,7 +619,15 @@ impl SharedState {
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;
             };
-            let (backend, members) = payload.split_once('\n').unwrap_or((&payload, ""));
+            let (backend, rest) = payload.split_once('\n').unwrap_or((&payload, ""));
+            let (members, yielder) = rest.split_once('\n').unwrap_or((rest, ""));
+            if yielder == self.instance {
+                // This instance yielded the slot to an older waiter
+                // elsewhere: it stays counted as taken here (the phantom
+                // of the hand-over) until that instance takes it or the
+                // next renewal says it is still free.
+                continue;
+            }
             let id = fleet.read(|s| {
                 s.backends()
                     .keys()

@@ -51,7 +51,8 @@ return m";
 /// same backend: kept (renewed) in one round trip, unless a live instance
 /// has a waiter older than this one (`corral:waiting`: each instance's
 /// oldest waiter, stamped at every take, transfer and renewal); then it is
-/// given back and published like `GIVE_BACK`, for that instance to take.
+/// given back and published like `GIVE_BACK`, with the yielding instance
+/// on a third line (it does not take the slot back on its own message).
 /// KEYS[1] slots, KEYS[2] instances, KEYS[3] waiting; ARGV member, ttl ms,
 /// instance, age of the waiter (ms), age of the oldest left (ms, -1: none),
 /// channel, backend, margin (ms) -> {'1' kept / '0' yielded / 'gone' expired / 'lost',
@@ -80,7 +81,7 @@ end
 stamp(KEYS[3], ARGV[3], math.max(tonumber(ARGV[5]), tonumber(ARGV[4])))
 redis.call('ZREM', KEYS[1], ARGV[1])
 local m = table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')
-redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. m)
+redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. m .. '\\n' .. ARGV[3])
 return {outcome, m}";
 
 /// ARGV prefix, ttl ms, rewrite 0/1, instance, age of its oldest waiter
