@@ -132,6 +132,24 @@ start_corral() {
     CORRAL_PID=$LAST_PID
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.status == "ok"'
 }
+# The head every nginx.conf here shares: one worker, its files under $1.
+nginx_head() {
+    cat <<EOF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
 
 # start_nginx CPU PORT...: nginx, one worker, least_conn over the ports.
 start_nginx() {
@@ -141,19 +159,7 @@ start_nginx() {
     local servers="" p
     for p in "$@"; do servers+="        server 127.0.0.1:$p;"$'\n'; done
     mkdir -p "$TMP/nginx"
-    cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
+    { nginx_head "$TMP/nginx"; cat <<EOF
     # The name is what \$proxy_host sends as Host; *.localhost passes the
     # Ollama (and sim) check for local host names.
     upstream sims.localhost {
@@ -172,6 +178,7 @@ $servers        keepalive 64;
     }
 }
 EOF
+    } >"$TMP/nginx/nginx.conf"
     start nginx taskset -c "$cpu" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log"
     NGINX_PID=$LAST_PID
     for _ in $(seq 50); do
@@ -246,19 +253,7 @@ start_fixed() {
     for ((p = first; p < first + count; p++)); do listen+="        listen 127.0.0.1:$p;"$'\n'; done
     local model='"name":"llama3.2:latest","model":"llama3.2:latest","size":2019393189,"digest":"eaef5ad540b0","details":{"format":"gguf","family":"llama","parameter_size":"3.2B","quantization_level":"Q4_K_M"}'
     mkdir -p "$TMP/fixed"
-    cat >"$TMP/fixed/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/fixed/nginx.pid;
-error_log $TMP/fixed/error.log warn;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/fixed/body;
-    proxy_temp_path $TMP/fixed/proxy;
-    fastcgi_temp_path $TMP/fixed/fastcgi;
-    uwsgi_temp_path $TMP/fixed/uwsgi;
-    scgi_temp_path $TMP/fixed/scgi;
+    { nginx_head "$TMP/fixed"; cat <<EOF
     keepalive_requests 1000000;
     server {
 $listen        default_type "application/json; charset=utf-8";
@@ -271,6 +266,7 @@ $listen        default_type "application/json; charset=utf-8";
     }
 }
 EOF
+    } >"$TMP/fixed/nginx.conf"
     start fixed taskset -c "$cpu" nginx -p "$TMP/fixed" -c "$TMP/fixed/nginx.conf" -e "$TMP/fixed/error.log"
     FIXED_PID=$LAST_PID
     wait_for "http://127.0.0.1:$((first + count - 1))/api/version" .version

@@ -76,7 +76,7 @@ impl Registrar {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| format!("{url}: {}", describe(&e)))?;
+                .map_err(|e| format!("{url}: {}", crate::proxy::pool::chain(&e)))?;
             let status = response.status();
             let bytes = response
                 .into_body()
@@ -223,18 +223,4 @@ pub async fn run(args: RegisterArgs, shutdown: impl Future<Output = ()>) -> Resu
         Some(id) => registrar.leave(&id).await,
         None => Ok(()),
     }
-}
-
-/// One line for a client error: hyper-util's top level says little ("client
-/// error (Connect)"); its source says what happened.
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

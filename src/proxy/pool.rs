@@ -96,10 +96,10 @@ impl SendError {
     }
 }
 
-/// An error and its sources on one line: hyper's top level says little
-/// ("connection error"); its sources say what happened.
-fn chain(e: &hyper::Error) -> String {
-    use std::error::Error;
+/// An error and its sources on one line: the top level of hyper's and
+/// hyper-util's errors says little ("connection error", "client error
+/// (Connect)"); the sources say what happened.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
