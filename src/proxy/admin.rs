@@ -18,7 +18,8 @@ use serde_json::json;
 
 use super::App;
 use super::auth::{admin_keys, bearer_matches};
-use super::error::{Api, ProxyError};
+use super::endpoint::Api;
+use super::error::ProxyError;
 use crate::fleet::registration::Retired;
 use crate::fleet::registry::Registered;
 use crate::fleet::{Backend, BackendId};

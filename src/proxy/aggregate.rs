@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::App;
-use super::error::{Api, ProxyError};
+use super::endpoint::Api;
+use super::error::ProxyError;
 use crate::model::ModelName;
 
 /// `GET /` and `HEAD /`, as Ollama answers them.

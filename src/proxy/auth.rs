@@ -6,11 +6,13 @@
 
 use axum::extract::Request;
 use axum::response::Response;
-use http::{HeaderMap, HeaderName, Method, header};
+use http::{HeaderMap, Method, header};
 use subtle::ConstantTimeEq;
 
 use super::App;
-use super::error::{Api, ProxyError};
+use super::endpoint::Api;
+use super::error::ProxyError;
+use super::headers::X_API_KEY;
 
 fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     let token = headers
@@ -22,9 +24,6 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
         })?;
     Some(token.trim().as_bytes())
 }
-
-/// Anthropic's key header (a name made at compile time, not parsed per request).
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The client's key: its bearer token, else Anthropic's `x-api-key`.
 fn client_token(headers: &HeaderMap) -> Option<&[u8]> {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
-use super::routes::REQUEST_ID;
+use super::endpoint::Endpoint;
+use super::headers::REQUEST_ID;
 use super::upstream::FailureKind;
 use crate::fleet::Priority;
 use crate::fleet::placement::Placed;
@@ -25,8 +26,8 @@ pub struct RequestContext {
     pub id: Option<HeaderValue>,
     /// The HTTP method.
     pub method: Method,
-    /// The route path.
-    pub endpoint: &'static str,
+    /// The routed endpoint.
+    pub endpoint: Endpoint,
     /// The model asked for, once the body is read.
     pub model: Option<ModelName>,
     /// The tenant, once the headers are checked.
@@ -63,7 +64,7 @@ pub struct Failure {
 
 impl RequestContext {
     /// The context of a request that just arrived on `endpoint`.
-    pub fn new(endpoint: &'static str, head: &http::request::Parts, arrived: Instant) -> Self {
+    pub fn new(endpoint: Endpoint, head: &http::request::Parts, arrived: Instant) -> Self {
         Self {
             id: head.headers.get(REQUEST_ID).cloned(),
             method: head.method.clone(),
@@ -126,7 +127,7 @@ impl RequestContext {
         tracing::info!(
             request_id = self.request_id(),
             method = %self.method,
-            path = self.endpoint,
+            path = self.endpoint.path(),
             tenant = self.tenant_name(),
             model = %done.model,
             backend = self.backend.as_deref().unwrap_or_default(),
@@ -155,7 +156,7 @@ impl RequestContext {
     ) {
         tracing::info!(
             request_id = self.request_id(),
-            endpoint = self.endpoint,
+            endpoint = self.endpoint.path(),
             tenant = self.tenant_name(),
             model,
             status,
@@ -214,7 +215,7 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        RequestContext::new("/api/chat", &head, Instant::now())
+        RequestContext::new(Endpoint::Chat, &head, Instant::now())
     }
 
     fn failure(backend: &str, kind: FailureKind) -> Failure {

@@ -1,36 +1,14 @@
 //! Errors the proxy itself answers with, and their one rendering: the status,
-//! `Retry-After` where waiting helps, and the body in Ollama's shape
-//! (`{"error": "..."}`), on `/v1/*` OpenAI's
-//! (`{"error": {"message", "type", "param", "code"}}`), and on `/v1/messages`
+//! `Retry-After` where waiting helps, and the body in the shape of the
+//! request's [`Api`]: Ollama's (`{"error": "..."}`), OpenAI's (also for the
+//! Responses API: `{"error": {"message", "type", "param", "code"}}`) or
 //! Anthropic's (`{"type": "error", "error": {"type", "message"}, "request_id"}`).
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
-/// Which API family a path belongs to, for the error shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    /// `/api/*` and everything else: Ollama's shape.
-    Ollama,
-    /// `/v1/*`: OpenAI's shape.
-    OpenAi,
-    /// `/v1/messages`: Anthropic's shape.
-    Anthropic,
-}
-
-impl Api {
-    /// The family of a request path.
-    pub fn of(path: &str) -> Self {
-        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
-            Self::Anthropic
-        } else if path.starts_with("/v1/") {
-            Self::OpenAi
-        } else {
-            Self::Ollama
-        }
-    }
-}
+use super::endpoint::Api;
 
 /// What went wrong, as the client is told.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +116,7 @@ impl ProxyError {
                 "error": { "type": anthropic_type(status), "message": message },
                 "request_id": format!("req_{:024x}", rand::random::<u128>() >> 32),
             }),
-            Api::OpenAi => json!({ "error": {
+            Api::OpenAi | Api::Responses => json!({ "error": {
                 "message": message,
                 "type": openai_type(status),
                 "param": null,

@@ -33,8 +33,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
+use http::HeaderValue;
 use http::request::Parts;
-use http::{HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -42,26 +42,21 @@ use super::App;
 use super::claim::Claim;
 use super::context::{Failure, RequestContext};
 use super::course::Refused;
-use super::error::{Api, ProxyError};
+use super::endpoint::{Endpoint, Framing};
+use super::error::ProxyError;
+use super::headers::{ATTEMPTS, BACKEND, QUEUE_MS};
 use super::ledger::Ledger;
 use super::outbound::{Outbound, prepare};
-use super::relay::{Framing, Relay};
+use super::relay::Relay;
 use super::responses;
 use super::upstream::{BackendBody, BackendError, FailureKind, strip_hop_by_hop};
 use crate::fleet::{AcquireError, Rejection, Target};
 use crate::model::ModelName;
 
-/// The answer's header naming the backend that answered.
-pub const BACKEND: HeaderName = HeaderName::from_static("x-corral-backend");
-/// The answer's header counting the attempts made.
-const ATTEMPTS: HeaderName = HeaderName::from_static("x-corral-attempts");
-/// The answer's header with the time the request waited for a slot.
-const QUEUE_MS: HeaderName = HeaderName::from_static("x-corral-queue-ms");
-
 /// Handles one routed request on `endpoint`.
 pub async fn forward(
     State(app): State<Arc<App>>,
-    endpoint: &'static str,
+    endpoint: Endpoint,
     request: Request,
 ) -> Response {
     let (head, body) = request.into_parts();
@@ -162,7 +157,8 @@ async fn claim(
 }
 
 /// Counts a failed attempt and lets its backend go (marked failed, busy or
-/// without the model); whether another attempt may be made.
+/// without the model); whether another attempt may be made: every failure
+/// before the client has a byte may be retried, within MAX_RETRIES.
 fn failed(
     app: &App,
     ctx: &mut RequestContext,
@@ -171,7 +167,7 @@ fn failed(
     error: &BackendError,
 ) -> bool {
     let backend = Arc::clone(&claim.target().label);
-    tracing::warn!(endpoint = ctx.endpoint, %backend, attempt = ctx.attempts, error = %error, "attempt failed");
+    tracing::warn!(endpoint = ctx.endpoint.path(), %backend, attempt = ctx.attempts, error = %error, "attempt failed");
     app.metrics.backend_failed(&backend, error.kind());
     let id = claim.target().id.clone();
     match (error.kind(), &out.want.model) {
@@ -189,7 +185,7 @@ fn failed(
         backend,
         kind: error.kind(),
     });
-    error.is_retryable() && ctx.retries_spent() <= app.args.max_retries
+    ctx.retries_spent() <= app.args.max_retries
 }
 
 /// The client's answer to a request turned away, its log line and count. A
@@ -201,12 +197,12 @@ fn refuse(app: &App, ctx: &RequestContext, error: &ProxyError) -> Response {
         Some(m) if app.fleet.read(|s| s.is_known(m)) => m.display(),
         Some(_) => "unknown",
     };
-    let response = error.render(Api::of(ctx.endpoint));
+    let response = error.render(ctx.endpoint.api());
     let status = response.status().as_u16();
     let duration = ctx.arrived.elapsed();
     ctx.log_refused(model, status, duration, error);
     app.metrics
-        .series(ctx.endpoint, model)
+        .series(ctx.endpoint.path(), model)
         .request_done(&app.metrics, status, duration);
     response
 }
@@ -351,12 +347,12 @@ fn respond(app: &App, mut ctx: RequestContext, claim: Claim, answer: Answer) -> 
     let status = head.status.as_u16();
     // A backend that listed the model took it: it is known.
     let model = ctx.model.as_ref().map_or("none", ModelName::display);
-    let series = app.metrics.series(ctx.endpoint, model);
+    let series = app.metrics.series(ctx.endpoint.path(), model);
     let first_byte = ctx.arrived.elapsed();
     ctx.first_byte = Some(first_byte);
     series.first_byte(&app.metrics, first_byte);
-    tracing::debug!(endpoint = ctx.endpoint, backend = %claim.target().label, attempts = ctx.attempts, queue_wait_ms = ctx.queue_wait.as_millis() as u64, status, "answering");
-    if ctx.endpoint == responses::ENDPOINT && head.status.is_success() {
+    tracing::debug!(endpoint = ctx.endpoint.path(), backend = %claim.target().label, attempts = ctx.attempts, queue_wait_ms = ctx.queue_wait.as_millis() as u64, status, "answering");
+    if ctx.endpoint.keeps_answers() && head.status.is_success() {
         if let Some(id) = first.as_deref().and_then(responses::response_id) {
             app.responses.remember(id, claim.target().id.clone());
         }

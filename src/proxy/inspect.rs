@@ -1,7 +1,8 @@
-//! The routing fields of bodies that are not plain JSON: `/v1/*` bodies
-//! sent with `Content-Encoding: zstd` (decoded only to be read; the original
-//! bytes are forwarded) and the multipart form of `/v1/audio/transcriptions`,
-//! whose `model` is a form field.
+//! The routing fields of bodies that are not plain JSON (the endpoint's
+//! [`Format`] says which may come): JSON sent with `Content-Encoding: zstd`
+//! (decoded only to be read; the original bytes are forwarded) and the
+//! multipart form of `/v1/audio/transcriptions`, whose `model` is a form
+//! field.
 
 use std::io::Read;
 
@@ -9,28 +10,26 @@ use bytes::Bytes;
 use http::HeaderMap;
 
 use super::body::{self, Peek};
+use super::endpoint::{Endpoint, Format};
 use super::error::ProxyError;
-
-/// The endpoint whose model is a multipart form field.
-pub const TRANSCRIPTIONS: &str = "/v1/audio/transcriptions";
 
 /// The routing fields of a request to `endpoint`.
 pub async fn peek(
-    endpoint: &str,
+    endpoint: Endpoint,
     headers: &HeaderMap,
     bytes: &Bytes,
     limit: usize,
 ) -> Result<(Peek, Option<Bytes>), ProxyError> {
-    if endpoint == TRANSCRIPTIONS {
+    match endpoint.format() {
         // Boxed: the multipart reader's state is kilobytes, which would
         // otherwise size every routed request's future, parked ones too.
-        return Ok((Box::pin(form_model(headers, bytes.clone())).await?, None));
+        Format::Form => Ok((Box::pin(form_model(headers, bytes.clone())).await?, None)),
+        Format::JsonOrZstd if is_zstd(headers) => {
+            let plain = unzstd(bytes, limit)?;
+            Ok((body::peek(&plain)?, Some(plain)))
+        }
+        Format::Json | Format::JsonOrZstd => Ok((body::peek(bytes)?, None)),
     }
-    if endpoint.starts_with("/v1/") && is_zstd(headers) {
-        let plain = unzstd(bytes, limit)?;
-        return Ok((body::peek(&plain)?, Some(plain)));
-    }
-    Ok((body::peek(bytes)?, None))
 }
 
 fn is_zstd(headers: &HeaderMap) -> bool {
@@ -112,17 +111,27 @@ mod tests {
             "multipart/form-data; boundary=XyZ".parse().unwrap(),
         );
         let form = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\0\0\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XyZ--\r\n";
-        let (peek, _) = peek(TRANSCRIPTIONS, &headers, &Bytes::from(form), 1 << 20)
-            .await
-            .unwrap();
+        let (peek, _) = peek(
+            Endpoint::Transcriptions,
+            &headers,
+            &Bytes::from(form),
+            1 << 20,
+        )
+        .await
+        .unwrap();
         assert_eq!(peek.model.as_deref(), Some("whisper"));
         let e = peek_err(&headers, "garbage").await;
         assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
     }
 
     async fn peek_err(headers: &HeaderMap, body: &'static str) -> ProxyError {
-        peek(TRANSCRIPTIONS, headers, &Bytes::from(body), 1 << 20)
-            .await
-            .unwrap_err()
+        peek(
+            Endpoint::Transcriptions,
+            headers,
+            &Bytes::from(body),
+            1 << 20,
+        )
+        .await
+        .unwrap_err()
     }
 }

@@ -13,7 +13,7 @@ use crate::metrics::{Metrics, RequestSeries};
 
 /// How a relayed response ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Ending {
     /// The backend's body ended cleanly.
     Complete,
     /// The backend broke or went silent after the first byte.
@@ -22,7 +22,7 @@ pub enum Outcome {
     ClientGone,
 }
 
-impl Outcome {
+impl Ending {
     fn label(self) -> &'static str {
         match self {
             Self::Complete => "complete",
@@ -38,7 +38,7 @@ pub struct Ledger {
     series: Arc<RequestSeries>,
     context: RequestContext,
     status: u16,
-    outcome: Outcome,
+    ending: Ending,
     /// The last bytes of the body, where the final chunk's counts are.
     tail: Vec<u8>,
     /// The counts found in `tail`, until it changes.
@@ -62,7 +62,7 @@ impl Ledger {
             series,
             context,
             status,
-            outcome: Outcome::ClientGone,
+            ending: Ending::ClientGone,
             tail: Vec::new(),
             counts: None,
         }
@@ -101,12 +101,12 @@ impl Ledger {
 
     /// The body ended cleanly and is a whole answer.
     pub fn complete(&mut self) {
-        self.outcome = Outcome::Complete;
+        self.ending = Ending::Complete;
     }
 
     /// The answer broke after its first byte, or ended without being whole.
     pub fn broken(&mut self) {
-        self.outcome = Outcome::Broken;
+        self.ending = Ending::Broken;
     }
 
     /// Counts a break (`kind`: [`FailureKind::MidStream`] or
@@ -138,7 +138,7 @@ impl Drop for Ledger {
             duration,
             tokens_in: counts.prompt,
             tokens_out: counts.generated,
-            outcome: self.outcome.label(),
+            outcome: self.ending.label(),
         });
     }
 }
@@ -200,6 +200,7 @@ impl TokenCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::endpoint::Endpoint;
 
     #[test]
     fn counts_come_from_the_final_ollama_chunk() {
@@ -243,7 +244,7 @@ data: [DONE]
             .unwrap()
             .into_parts()
             .0;
-        let ctx = RequestContext::new("/api/generate", &head, tokio::time::Instant::now());
+        let ctx = RequestContext::new(Endpoint::Generate, &head, tokio::time::Instant::now());
         let series = metrics.series("/api/generate", "llama3.2:latest");
         Ledger::new(Arc::clone(metrics), series, ctx, 200)
     }

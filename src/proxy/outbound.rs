@@ -15,23 +15,12 @@ use super::App;
 use super::body;
 use super::context::RequestContext;
 use super::course::{Course, pinned_backend};
+use super::endpoint::{Endpoint, Format, Streaming};
 use super::error::ProxyError;
 use super::{cloud, inspect, responses};
 use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{Ticket, Want};
 use crate::model::ModelName;
-
-/// Endpoints that stream when `stream` is absent.
-const STREAM_BY_DEFAULT: [&str; 2] = ["/api/generate", "/api/chat"];
-/// Endpoints that can stream at all.
-const CAN_STREAM: [&str; 6] = [
-    "/api/generate",
-    "/api/chat",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/messages",
-    "/v1/responses",
-];
 
 /// What a request sends and where it may still go, once its body is read.
 pub struct Outbound {
@@ -85,15 +74,17 @@ pub async fn prepare(
     ctx.model = model.clone();
     let text = plain.as_deref().unwrap_or(&bytes);
     let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
-    let previous = match ctx.endpoint {
-        responses::ENDPOINT => responses::previous_id(text),
-        _ => None,
-    };
+    let previous = ctx
+        .endpoint
+        .keeps_answers()
+        .then(|| responses::previous_id(text))
+        .flatten();
     let pin = match &previous {
         Some(id) => pinned_backend(app, id)?,
         None => None,
     };
-    let signature = (args.routing == Routing::CacheAware)
+    let prompted = ctx.endpoint.format() != Format::Form;
+    let signature = (args.routing == Routing::CacheAware && prompted)
         .then(|| Signature::of(text, &head.headers))
         .flatten()
         .map(Arc::new);
@@ -124,17 +115,18 @@ pub async fn prepare(
 /// on an endpoint that would stream becomes `false`.
 fn apply_stream_rule(
     reject: bool,
-    endpoint: &str,
+    endpoint: Endpoint,
     stream: Option<bool>,
     bytes: Bytes,
 ) -> Result<Bytes, ProxyError> {
-    if !reject || !CAN_STREAM.contains(&endpoint) {
+    if !reject {
         return Ok(bytes);
     }
-    match stream {
-        Some(true) => Err(ProxyError::StreamingRefused),
-        None if STREAM_BY_DEFAULT.contains(&endpoint) => Ok(body::with_stream_false(&bytes)),
-        _ => Ok(bytes),
+    match (endpoint.streaming(), stream) {
+        (Streaming::Never, _) | (_, Some(false)) => Ok(bytes),
+        (_, Some(true)) => Err(ProxyError::StreamingRefused),
+        (Streaming::ByDefault(_), None) => Ok(body::with_stream_false(&bytes)),
+        (Streaming::Asked(_), None) => Ok(bytes),
     }
 }
 
@@ -146,27 +138,27 @@ mod tests {
     fn reject_streaming_refuses_true_and_defaults_missing_to_false() {
         let b = || Bytes::from_static(br#"{"model":"m"}"#);
         assert!(matches!(
-            apply_stream_rule(true, "/api/chat", Some(true), b()),
+            apply_stream_rule(true, Endpoint::Chat, Some(true), b()),
             Err(ProxyError::StreamingRefused)
         ));
         assert!(matches!(
-            apply_stream_rule(true, "/v1/chat/completions", Some(true), b()),
+            apply_stream_rule(true, Endpoint::ChatCompletions, Some(true), b()),
             Err(ProxyError::StreamingRefused)
         ));
-        let out = apply_stream_rule(true, "/api/generate", None, b()).unwrap();
+        let out = apply_stream_rule(true, Endpoint::Generate, None, b()).unwrap();
         assert_eq!(&out[..], br#"{"stream":false,"model":"m"}"#);
         // /v1 does not stream by default; embeddings never stream.
         assert_eq!(
-            apply_stream_rule(true, "/v1/completions", None, b()).unwrap(),
+            apply_stream_rule(true, Endpoint::Completions, None, b()).unwrap(),
             b()
         );
         assert_eq!(
-            apply_stream_rule(true, "/api/embed", Some(true), b()).unwrap(),
+            apply_stream_rule(true, Endpoint::Embed, Some(true), b()).unwrap(),
             b()
         );
         // Off: everything passes unchanged.
         assert_eq!(
-            apply_stream_rule(false, "/api/chat", Some(true), b()).unwrap(),
+            apply_stream_rule(false, Endpoint::Chat, Some(true), b()).unwrap(),
             b()
         );
     }

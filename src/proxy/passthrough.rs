@@ -11,7 +11,9 @@ use axum::response::Response;
 use super::App;
 use super::body;
 use super::cloud;
-use super::error::{Api, ProxyError};
+use super::endpoint::Api;
+use super::error::ProxyError;
+use super::headers::BACKEND;
 use super::upstream::strip_hop_by_hop;
 
 /// Forwards the request to a healthy backend.
@@ -47,8 +49,7 @@ async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
             Ok(response) => {
                 let (mut head, rest) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
-                head.headers
-                    .insert(super::forward::BACKEND, target.header.clone());
+                head.headers.insert(BACKEND, target.header.clone());
                 return Ok(Response::from_parts(head, Body::new(rest)));
             }
             Err(e) => {

@@ -20,9 +20,6 @@ pub const TTL: Duration = Duration::from_secs(30 * 60);
 /// Ids remembered at most.
 pub const CAPACITY: usize = 65_536;
 
-/// The endpoint.
-pub const ENDPOINT: &str = "/v1/responses";
-
 /// The body Ollama answers for an unknown or expired `previous_response_id`.
 pub const NOT_FOUND_BODY: &str = r#"{"error":{"type":"invalid_request_error","code":"previous_response_not_found","param":"previous_response_id","message":"previous_response_id was not found or has expired; resend the full conversation"}}"#;
 

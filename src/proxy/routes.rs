@@ -1,5 +1,5 @@
-//! PRODUCT.md's endpoint table, one route per line, and the middleware
-//! order: request id (outermost, so even refusals carry one), then API keys.
+//! PRODUCT.md's endpoint table (the routed ones are [`Endpoint::ALL`], the
+//! rest one route per line), and the middleware order: request id (outermost, so even refusals carry one), then API keys.
 
 use std::sync::Arc;
 
@@ -8,26 +8,12 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, delete, get, post};
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderValue, StatusCode};
 
-use super::error::{Api, ProxyError};
+use super::endpoint::{Api, Endpoint};
+use super::error::ProxyError;
+use super::headers::REQUEST_ID;
 use super::{App, admin, aggregate, auth, dashboard, forward, passthrough};
-
-/// Endpoints routed to one backend, chosen per request.
-pub const ROUTED: [&str; 12] = [
-    "/api/generate",
-    "/api/chat",
-    "/api/embed",
-    "/api/embeddings",
-    "/api/show",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/messages",
-    "/v1/responses",
-    "/v1/audio/transcriptions",
-    "/v1/audio/speech",
-];
 
 /// The whole router.
 pub fn router(app: Arc<App>) -> Router {
@@ -61,9 +47,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/__proxy/backends/{id}/drain", post(admin::drain))
         .route("/__proxy/backends/{id}/undrain", post(admin::undrain))
         .route("/metrics", get(admin::metrics));
-    for endpoint in ROUTED {
+    for endpoint in Endpoint::ALL {
         router = router.route(
-            endpoint,
+            endpoint.path(),
             post(move |state, request| forward::forward(state, endpoint, request)),
         );
     }
@@ -74,11 +60,9 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Model management answers 403 whatever the method.
+/// Model management (all Ollama's) answers 403 whatever the method.
 fn management(what: &'static str) -> MethodRouter<Arc<App>> {
-    any(move |request: Request| async move {
-        ProxyError::ModelManagement(what).render(Api::of(request.uri().path()))
-    })
+    any(move || async move { ProxyError::ModelManagement(what).render(Api::Ollama) })
 }
 
 /// Account endpoints answer 403: sign-in state belongs to each backend.
@@ -105,9 +89,6 @@ async fn method_not_allowed() -> Response {
     )
         .into_response()
 }
-
-/// The header that carries a request's id, in and out.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The one middleware, in front of every route (one layer, not two: it runs
 /// on every request). It takes the client's `X-Request-Id` or makes one,

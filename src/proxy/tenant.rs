@@ -10,19 +10,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
-use http::HeaderName;
 use http::request::Parts;
 
 use super::auth::matching_key;
 use super::error::ProxyError;
+use super::headers::{PRIORITY, TENANT};
 use crate::config::ServeArgs;
 use crate::config::tenancy::{self, ApiKey};
 use crate::fleet::{Policy, Priority};
 
-/// The header naming a tenant when no API keys are set.
-pub const TENANT: HeaderName = HeaderName::from_static("x-corral-tenant");
-/// The header asking for a priority.
-pub const PRIORITY: HeaderName = HeaderName::from_static("x-corral-priority");
 /// The metric label of every tenant not named in the settings.
 pub const OTHER: &str = "other";
 /// Longest tenant name a header may give.

@@ -1,7 +1,9 @@
 //! The client side: requests to backends on corral's own connections
 //! ([`pool`](super::pool)), the request as a backend must see it (its own
 //! `Host`, no hop-by-hop headers, no proxy credentials), and
-//! [`BackendError`], which says whether an attempt may be retried elsewhere.
+//! [`BackendError`], why an attempt failed (every such failure, before the
+//! client has a byte, may be retried elsewhere; a backend's 4xx is no
+//! failure at all).
 
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use http::{Method, Request, Response};
 use http_body_util::Full;
 
 pub use super::failure::FailureKind;
+use super::headers::X_API_KEY;
 pub use super::pool::BackendBody;
 use crate::fleet::Target;
 
@@ -36,12 +39,6 @@ impl BackendError {
     /// The kind of failure.
     pub fn kind(&self) -> FailureKind {
         self.kind
-    }
-
-    /// Whether another backend may be tried. Every failure before the first
-    /// byte reached the client is; a backend's 4xx is not a failure at all.
-    pub fn is_retryable(&self) -> bool {
-        true
     }
 }
 
@@ -200,7 +197,7 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
     name == header::HOST
         || name == header::CONTENT_LENGTH
         || name == header::AUTHORIZATION
-        || name == "x-api-key"
+        || name == X_API_KEY
         || name == header::ORIGIN
         || name == header::ACCEPT_ENCODING
 }
