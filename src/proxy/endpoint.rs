@@ -78,8 +78,7 @@ pub enum Format {
     /// placement's signature reads (`messages`, `prompt`, `system`,
     /// `instructions`, `input`).
     Json,
-    /// The same JSON, which OpenAI clients may send with
-    /// `Content-Encoding: zstd`.
+    /// The same JSON, or that JSON in `Content-Encoding: zstd`.
     JsonOrZstd,
     /// `multipart/form-data`: the model is a form field; there is no prompt.
     Form,
@@ -152,19 +151,12 @@ impl Endpoint {
         }
     }
 
-    /// How its request body is written.
+    /// How its request body is written (OpenAI's clients may compress).
     pub fn format(self) -> Format {
-        match self {
-            Self::Transcriptions => Format::Form,
-            Self::Generate | Self::Chat | Self::Embed | Self::Embeddings | Self::Show => {
-                Format::Json
-            }
-            Self::ChatCompletions
-            | Self::Completions
-            | Self::OpenAiEmbeddings
-            | Self::Messages
-            | Self::Responses
-            | Self::Speech => Format::JsonOrZstd,
+        match (self, self.api()) {
+            (Self::Transcriptions, _) => Format::Form,
+            (_, Api::Ollama) => Format::Json,
+            (_, Api::OpenAi | Api::Anthropic | Api::Responses) => Format::JsonOrZstd,
         }
     }
 
