@@ -18,7 +18,8 @@
 //!
 //! # The request path
 //!
-//! 1. `proxy::routes` matches the path; auth and body-size limits apply.
+//! 1. `proxy::routes` matches the path to a `proxy::endpoint::Endpoint` (all
+//!    corral knows of each API); auth and body-size limits apply.
 //! 2. `proxy::tenant` names its tenant and priority; `proxy::body` reads the
 //!    body once and peeks `model` and `stream` (`proxy::inspect` for zstd
 //!    `/v1` bodies and multipart audio forms);

@@ -1,8 +1,7 @@
 //! The routing fields of bodies that are not plain JSON (the endpoint's
-//! [`Format`] says which may come): JSON sent with `Content-Encoding: zstd`
-//! (decoded only to be read; the original bytes are forwarded) and the
-//! multipart form of `/v1/audio/transcriptions`, whose `model` is a form
-//! field.
+//! [`Format`] says which may come): zstd-encoded JSON (decoded only to be
+//! read; the original bytes are forwarded) and multipart forms, whose
+//! `model` is a form field.
 
 use std::io::Read;
 
@@ -89,6 +88,9 @@ async fn form_model(headers: &HeaderMap, bytes: Bytes) -> Result<Peek, ProxyErro
 mod tests {
     use super::*;
 
+    /// The endpoint whose model is a form field.
+    const FORM: Endpoint = Endpoint::Transcriptions;
+
     #[test]
     fn zstd_bodies_decode_and_junk_is_400() {
         let body = br#"{"model":"llama3.2","input":"hi"}"#;
@@ -111,27 +113,17 @@ mod tests {
             "multipart/form-data; boundary=XyZ".parse().unwrap(),
         );
         let form = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\0\0\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XyZ--\r\n";
-        let (peek, _) = peek(
-            Endpoint::Transcriptions,
-            &headers,
-            &Bytes::from(form),
-            1 << 20,
-        )
-        .await
-        .unwrap();
+        let (peek, _) = peek(FORM, &headers, &Bytes::from(form), 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(peek.model.as_deref(), Some("whisper"));
         let e = peek_err(&headers, "garbage").await;
         assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
     }
 
     async fn peek_err(headers: &HeaderMap, body: &'static str) -> ProxyError {
-        peek(
-            Endpoint::Transcriptions,
-            headers,
-            &Bytes::from(body),
-            1 << 20,
-        )
-        .await
-        .unwrap_err()
+        peek(FORM, headers, &Bytes::from(body), 1 << 20)
+            .await
+            .unwrap_err()
     }
 }

@@ -1,5 +1,6 @@
 //! PRODUCT.md's endpoint table (the routed ones are [`Endpoint::ALL`], the
-//! rest one route per line), and the middleware order: request id (outermost, so even refusals carry one), then API keys.
+//! rest one route per line), and the middleware order: request id
+//! (outermost, so even refusals carry one), then API keys.
 
 use std::sync::Arc;
 
