@@ -6,32 +6,24 @@
 use bytes::Bytes;
 use serde_json::json;
 
-/// An endpoint routed to one backend, chosen per request.
+/// An endpoint routed to one backend, chosen per request; each is named
+/// after its [`path`](Endpoint::path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    /// `/api/generate`.
     Generate,
-    /// `/api/chat`.
     Chat,
-    /// `/api/embed`.
     Embed,
-    /// `/api/embeddings`, the older embedding call.
+    /// The older embedding call.
     Embeddings,
-    /// `/api/show`.
     Show,
-    /// `/v1/chat/completions`.
     ChatCompletions,
-    /// `/v1/completions`.
     Completions,
-    /// `/v1/embeddings`.
     OpenAiEmbeddings,
-    /// `/v1/messages`, Anthropic's Messages API.
+    /// Anthropic's Messages API.
     Messages,
-    /// `/v1/responses`, OpenAI's Responses API.
+    /// OpenAI's Responses API.
     Responses,
-    /// `/v1/audio/transcriptions`.
     Transcriptions,
-    /// `/v1/audio/speech`.
     Speech,
 }
 
