@@ -35,7 +35,6 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::HeaderValue;
 use http::request::Parts;
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::App;
@@ -49,7 +48,7 @@ use super::ledger::Ledger;
 use super::outbound::{Outbound, prepare};
 use super::relay::Relay;
 use super::responses;
-use super::upstream::{BackendBody, BackendError, FailureKind, strip_hop_by_hop};
+use super::upstream::{BackendBody, BackendError, Cut, FailureKind, next_chunk, strip_hop_by_hop};
 use crate::fleet::{AcquireError, Rejection, Target};
 use crate::model::ModelName;
 
@@ -298,41 +297,18 @@ async fn attempt(
     }
     let (head, mut rest) = response.into_parts();
     let read_timeout = app.upstream.read_timeout();
-    loop {
-        match tokio::time::timeout(read_timeout, rest.frame()).await {
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    if !data.is_empty() {
-                        return Ok(Answer {
-                            head,
-                            rest,
-                            first: Some(data),
-                        });
-                    }
-                }
-            }
-            Ok(None) => {
-                return Ok(Answer {
-                    head,
-                    rest,
-                    first: None,
-                });
-            }
-            Ok(Some(Err(e))) => {
-                return Err(BackendError::new(
-                    FailureKind::Reset,
-                    target,
-                    format!("connection broke before the first byte: {e}"),
-                ));
-            }
-            Err(_) => {
-                return Err(BackendError::new(
-                    FailureKind::Timeout,
-                    target,
-                    format!("no body within {read_timeout:.0?}"),
-                ));
-            }
-        }
+    match next_chunk(&mut rest, read_timeout).await {
+        Ok(first) => Ok(Answer { head, rest, first }),
+        Err(Cut::Broke(e)) => Err(BackendError::new(
+            FailureKind::Reset,
+            target,
+            format!("connection broke before the first byte: {e}"),
+        )),
+        Err(Cut::Silent) => Err(BackendError::new(
+            FailureKind::Timeout,
+            target,
+            format!("no body within {read_timeout:.0?}"),
+        )),
     }
 }
 

@@ -13,13 +13,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http_body_util::BodyExt;
 
 use super::claim::Claim;
 use super::context::RequestContext;
 use super::endpoint::Framing;
 use super::ledger::{Ledger, TokenCounts};
-use super::upstream::{BackendBody, FailureKind};
+use super::upstream::{BackendBody, Cut, FailureKind, next_chunk};
 use crate::fleet::placement::Observed;
 
 /// The relay state: the backend body and what rides along with it.
@@ -74,31 +73,21 @@ impl Relay {
         if self.ended {
             return None;
         }
-        loop {
-            match tokio::time::timeout(self.read_timeout, self.body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        if !data.is_empty() {
-                            self.ledger.observe(&data);
-                            self.finish_if_ended();
-                            return Some(Ok(data));
-                        }
-                    }
-                }
-                Ok(None) => {
-                    self.finish();
-                    return None;
-                }
-                Ok(Some(Err(e))) => {
-                    return self.fail(&format!("connection broke mid-response: {e}"));
-                }
-                Err(_) => {
-                    return self.fail(&format!(
-                        "silent for {:.0?} mid-response",
-                        self.read_timeout
-                    ));
-                }
+        match next_chunk(&mut self.body, self.read_timeout).await {
+            Ok(Some(data)) => {
+                self.ledger.observe(&data);
+                self.finish_if_ended();
+                Some(Ok(data))
             }
+            Ok(None) => {
+                self.finish();
+                None
+            }
+            Err(Cut::Broke(e)) => self.fail(&format!("connection broke mid-response: {e}")),
+            Err(Cut::Silent) => self.fail(&format!(
+                "silent for {:.0?} mid-response",
+                self.read_timeout
+            )),
         }
     }
 

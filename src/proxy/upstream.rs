@@ -1,6 +1,7 @@
 //! The client side: requests to backends on corral's own connections
 //! ([`pool`](super::pool)), the request as a backend must see it (its own
-//! `Host`, no hop-by-hop headers, no proxy credentials), and
+//! `Host`, no hop-by-hop headers, no proxy credentials), their bodies read
+//! chunk by chunk under the read timeout ([`next_chunk`]), and
 //! [`BackendError`], why an attempt failed (every such failure, before the
 //! client has a byte, may be retried elsewhere; a backend's 4xx is no
 //! failure at all).
@@ -10,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 
 pub use super::failure::FailureKind;
 use super::headers::X_API_KEY;
@@ -39,6 +40,31 @@ impl BackendError {
     /// The kind of failure.
     pub fn kind(&self) -> FailureKind {
         self.kind
+    }
+}
+
+/// Why a backend's body stopped short of its end.
+#[derive(Debug)]
+pub enum Cut {
+    /// The connection broke.
+    Broke(hyper::Error),
+    /// Nothing came for the read timeout.
+    Silent,
+}
+
+/// The next non-empty data chunk of `body` (`None` at its end), waiting at
+/// most `timeout` for each frame.
+pub async fn next_chunk(body: &mut BackendBody, timeout: Duration) -> Result<Option<Bytes>, Cut> {
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => return Ok(Some(data)),
+                _ => {}
+            },
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err(Cut::Broke(e)),
+            Err(_) => return Err(Cut::Silent),
+        }
     }
 }
 
@@ -143,7 +169,6 @@ impl Upstream {
     /// Whether a 503 is Ollama's `server busy, please try again.  maximum
     /// pending requests exceeded` (a short body, read with the read timeout).
     async fn is_busy(&self, response: Response<BackendBody>) -> bool {
-        use http_body_util::BodyExt;
         let body = http_body_util::Limited::new(response.into_body(), 4096).collect();
         match tokio::time::timeout(self.read_timeout, body).await {
             Ok(Ok(body)) => {
