@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::protocol::{self, CHANNEL, INSTANCES, Released, Take, Transfer, WAITING};
-use super::scripts::SCRIPTS;
+use super::protocol::{self, CHANNEL, INSTANCES_KEY, Released, Take, Transfer, WAITING_KEY};
+use super::scripts;
 use super::{LEASE_TTL, SharedState, YIELD_MARGIN};
 use crate::fleet::{BackendId, Fleet};
 
@@ -44,9 +44,9 @@ impl SharedState {
             backend: id.clone(),
         };
         if shares {
-            let mut inv = SCRIPTS.take.key(protocol::slots(id));
-            inv.key(INSTANCES)
-                .key(WAITING)
+            let mut inv = scripts::TAKE.key(protocol::slots_key(id));
+            inv.key(INSTANCES_KEY)
+                .key(WAITING_KEY)
                 .arg(self.cap)
                 .arg(LEASE_TTL.as_millis() as u64)
                 .arg(&lease.member)
@@ -107,9 +107,9 @@ impl SharedState {
             return None;
         }
         let member = pending.lease.as_ref().map(|l| l.member.clone())?;
-        let mut inv = SCRIPTS.transfer.key(protocol::slots(id));
-        inv.key(INSTANCES)
-            .key(WAITING)
+        let mut inv = scripts::TRANSFER.key(protocol::slots_key(id));
+        inv.key(INSTANCES_KEY)
+            .key(WAITING_KEY)
             .arg(&member)
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(&self.instance)
@@ -152,7 +152,7 @@ impl SharedState {
             if !me.inner().link.reachable() {
                 return;
             }
-            let mut inv = SCRIPTS.give_back.key(protocol::slots(&lease.backend));
+            let mut inv = scripts::GIVE_BACK.key(protocol::slots_key(&lease.backend));
             inv.arg(&lease.member)
                 .arg(CHANNEL)
                 .arg(lease.backend.to_string());
@@ -162,20 +162,13 @@ impl SharedState {
         });
     }
 
-    /// The leases held here, as (backend, member), for a renewal.
-    pub(super) fn held(&self) -> Vec<(String, String)> {
-        let inner = self.inner();
-        let held = inner.held.iter();
-        held.map(|(m, b)| (b.to_string(), m.clone())).collect()
-    }
-
     /// Writes this instance's oldest waiter to `corral:waiting`. Skipped
     /// when Redis is out of reach: the next renewal writes it anyway.
     pub(super) async fn stamp(&self, fleet: &Fleet) {
         if !self.inner().link.reachable() {
             return;
         }
-        let mut inv = SCRIPTS.stamp.key(WAITING);
+        let mut inv = scripts::STAMP.key(WAITING_KEY);
         inv.arg(&self.instance).arg(oldest_age(fleet));
         if let Err(e) = self.redis.run::<()>(inv).await {
             self.mark_down(fleet, &e);

@@ -62,7 +62,6 @@ use super::registry::Registry;
 use super::{BackendId, Fleet};
 use degraded::Link;
 use protocol::{PREFIX, Redis, Refreshed};
-use scripts::SCRIPTS;
 
 /// How long a slot lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -196,16 +195,13 @@ impl SharedState {
     /// drains, then syncs the registrations.
     async fn renew(&self, fleet: &Fleet) {
         let ids: Vec<BackendId> = fleet.read(|s| s.backends().keys().cloned().collect());
-        let held = self.held();
-        let (rewrite, seen, drains) = {
+        let (held, rewrite, seen, drains) = {
             let inner = self.inner();
-            (
-                inner.link.stale(),
-                inner.instances > 0,
-                inner.drains.known(),
-            )
+            let held = inner.held.clone();
+            let seen = inner.instances > 0;
+            (held, inner.link.stale(), seen, inner.drains.known())
         };
-        let mut inv = SCRIPTS.refresh.prepare_invoke();
+        let mut inv = scripts::REFRESH.prepare_invoke();
         inv.arg(PREFIX)
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(u8::from(rewrite))
@@ -220,8 +216,8 @@ impl SharedState {
         for d in &drains {
             inv.arg(d.to_string());
         }
-        for (b, m) in &held {
-            inv.arg(b).arg(m);
+        for (member, backend) in &held {
+            inv.arg(backend.to_string()).arg(member);
         }
         let out: Refreshed = match self.redis.run(inv).await {
             Ok(out) => out,
@@ -229,10 +225,8 @@ impl SharedState {
         };
         let was = {
             let mut inner = self.inner();
-            let was = inner.link;
-            inner.link = Link::renewed(out.settling);
             inner.instances = out.instances;
-            was
+            std::mem::replace(&mut inner.link, Link::renewed(out.settling))
         };
         if !was.reachable() {
             tracing::info!("shared state reachable again");

@@ -18,13 +18,13 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 pub(super) const PREFIX: &str = "corral:";
 /// Where freed slots are announced.
 pub(super) const CHANNEL: &str = "corral:released";
-pub(super) const INSTANCES: &str = "corral:instances";
-pub(super) const WAITING: &str = "corral:waiting";
-pub(super) const DRAINED: &str = "corral:drained";
-pub(super) const REGISTERED: &str = "corral:registered";
+pub(super) const INSTANCES_KEY: &str = "corral:instances";
+pub(super) const WAITING_KEY: &str = "corral:waiting";
+pub(super) const DRAINED_KEY: &str = "corral:drained";
+pub(super) const REGISTERED_KEY: &str = "corral:registered";
 
 /// The sorted set of the leases taken on `id`.
-pub(super) fn slots(id: &BackendId) -> String {
+pub(super) fn slots_key(id: &BackendId) -> String {
     format!("{PREFIX}slots:{id}")
 }
 

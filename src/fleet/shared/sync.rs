@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::SharedState;
-use super::protocol::{DRAINED, REGISTERED, Registrations};
-use super::scripts::SCRIPTS;
+use super::protocol::{DRAINED_KEY, REGISTERED_KEY, Registrations};
+use super::scripts;
 use crate::fleet::{BackendId, Fleet, Target};
 
 /// The drains this instance knows of.
@@ -60,7 +60,7 @@ impl SharedState {
         let (me, id) = (Arc::clone(self), id.clone());
         runtime.spawn(async move {
             let mut cmd = redis::cmd(if draining { "SADD" } else { "SREM" });
-            cmd.arg(DRAINED).arg(id.to_string());
+            cmd.arg(DRAINED_KEY).arg(id.to_string());
             if me.redis.query::<()>(&cmd).await.is_err() {
                 tracing::warn!(backend = %id, draining, "shared state: drain not shared (Redis unreachable)");
             }
@@ -134,7 +134,7 @@ impl SharedState {
             inner.link.reachable()
         };
         if reachable {
-            let mut inv = SCRIPTS.registered.key(REGISTERED);
+            let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
             inv.arg("set").arg(1);
             registration_args(&mut inv, target, lease);
             if let Err(e) = self.redis.run::<()>(inv).await {
@@ -155,7 +155,7 @@ impl SharedState {
             inner.link.reachable()
         };
         if reachable {
-            let mut inv = SCRIPTS.registered.key(REGISTERED);
+            let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
             inv.arg("set").arg(0).arg(id.to_string());
             match self.redis.run::<()>(inv).await {
                 Ok(()) => {
@@ -188,7 +188,7 @@ impl SharedState {
         } else {
             Vec::new()
         };
-        let mut inv = SCRIPTS.registered.key(REGISTERED);
+        let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
         inv.arg("keep").arg(writes.len());
         for (target, left) in &writes {
             registration_args(&mut inv, target, *left);
