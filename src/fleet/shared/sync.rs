@@ -128,46 +128,46 @@ impl SharedState {
         target: &Target,
         lease: Option<Duration>,
     ) {
-        let reachable = {
-            let mut inner = self.inner();
-            inner.registering.writes += 1;
-            inner.link.reachable()
-        };
-        if reachable {
-            let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
-            inv.arg("set").arg(1);
-            registration_args(&mut inv, target, lease);
-            if let Err(e) = self.redis.run::<()>(inv).await {
-                tracing::warn!(backend = %target.id, "shared state: registration not shared yet");
-                self.mark_stale(&e);
-            }
+        let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
+        inv.arg("set").arg(1);
+        registration_args(&mut inv, target, lease);
+        if self.write_registered(inv).await == Some(false) {
+            tracing::warn!(backend = %target.id, "shared state: registration not shared yet");
         }
-        self.inner().registering.writes += 1;
     }
 
     /// Shares a deregistration made on this instance (written at the next
     /// renewal when Redis is unreachable now).
     pub(in crate::fleet) async fn share_deregistration(&self, id: &BackendId) {
+        self.inner().registering.deregistered.insert(id.clone());
+        let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
+        inv.arg("set").arg(0).arg(id.to_string());
+        match self.write_registered(inv).await {
+            Some(true) => {
+                self.inner().registering.deregistered.remove(id);
+            }
+            Some(false) => {
+                tracing::warn!(backend = %id, "shared state: deregistration not shared yet");
+            }
+            None => {}
+        }
+    }
+
+    /// Writes a registration change made here, counted before and after in
+    /// `writes`: whether it was written, `None` when Redis is out of reach.
+    async fn write_registered(&self, inv: redis::ScriptInvocation<'_>) -> Option<bool> {
         let reachable = {
             let mut inner = self.inner();
             inner.registering.writes += 1;
-            inner.registering.deregistered.insert(id.clone());
             inner.link.reachable()
         };
+        let mut written = None;
         if reachable {
-            let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
-            inv.arg("set").arg(0).arg(id.to_string());
-            match self.redis.run::<()>(inv).await {
-                Ok(()) => {
-                    self.inner().registering.deregistered.remove(id);
-                }
-                Err(e) => {
-                    tracing::warn!(backend = %id, "shared state: deregistration not shared yet");
-                    self.mark_stale(&e);
-                }
-            }
+            let result = self.redis.run::<()>(inv).await;
+            written = Some(result.inspect_err(|e| self.mark_stale(e)).is_ok());
         }
         self.inner().registering.writes += 1;
+        written
     }
 
     /// Writes what is pending (deregistrations; every live registration
