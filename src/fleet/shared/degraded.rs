@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::SharedState;
+use crate::fleet::scheduler::Scheduler;
 use crate::fleet::{BackendId, Fleet};
 
 /// Where this instance stands with Redis.
@@ -112,10 +113,8 @@ impl SharedState {
         let instances = self.inner().instances;
         fleet.update(|s| {
             let ids: Vec<BackendId> = s.backends().keys().cloned().collect();
-            for id in ids {
-                let holders = s.backends()[&id].holders.clone();
-                let foreign = degraded_foreign(self.cap, instances, &self.instance, &holders);
-                s.set_foreign(&id, foreign, holders);
+            for id in &ids {
+                self.hold_one(s, id, instances);
             }
         });
     }
@@ -124,13 +123,18 @@ impl SharedState {
     /// grant made before the mode changed, too).
     pub(super) fn fits_local_cap(&self, fleet: &Fleet, id: &BackendId) -> bool {
         let instances = self.inner().instances;
-        let fits = fleet.update(|s| {
-            let holders = s.backends().get(id).map(|b| b.holders.clone())?;
-            let foreign = degraded_foreign(self.cap, instances, &self.instance, &holders);
-            s.set_foreign(id, foreign, holders);
-            Some(s.within_cap(id))
-        });
-        fits == Some(true)
+        fleet.update(|s| self.hold_one(s, id, instances) && s.within_cap(id))
+    }
+
+    /// Counts on `id` the slots others may hold; false when there is no
+    /// such backend.
+    fn hold_one<W>(&self, s: &mut Scheduler<W>, id: &BackendId, instances: usize) -> bool {
+        let Some(holders) = s.backends().get(id).map(|b| b.holders.clone()) else {
+            return false;
+        };
+        let foreign = degraded_foreign(self.cap, instances, &self.instance, &holders);
+        s.set_foreign(id, foreign, holders);
+        true
     }
 }
 
