@@ -15,11 +15,11 @@
 use std::sync::Arc;
 
 use super::scheduler::Lease;
-use super::shared::{RemoteLease, SharedState};
+use super::shared::{RedisLease, SharedState};
 use super::{Fleet, Target};
 
 /// A slot's lease in the shared state, and where to give it back.
-pub(super) type Remote = (Arc<SharedState>, RemoteLease);
+pub(super) type Remote = (Arc<SharedState>, RedisLease);
 
 /// A slot on one backend. Dropping it gives the slot back (after the settle
 /// time unless it was [finished](Slot::finish)).
@@ -48,7 +48,7 @@ impl Slot {
     }
 
     /// Ties the slot to its lease in the shared state.
-    pub(super) fn set_remote(&mut self, state: Arc<SharedState>, lease: RemoteLease) {
+    pub(super) fn set_remote(&mut self, state: Arc<SharedState>, lease: RedisLease) {
         self.remote = Some((state, lease));
     }
 

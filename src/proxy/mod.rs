@@ -186,11 +186,7 @@ async fn run(
     let background = CancellationToken::new();
     tasks.spawn(discovery.run(background.clone(), ready));
     if let Some(shared) = app.fleet.shared_state() {
-        shared.start(
-            app.fleet.clone(),
-            Arc::clone(&app.registry),
-            background.clone(),
-        );
+        shared.start(&app.fleet, Arc::clone(&app.registry), &tasks, &background);
     }
     let sampler = Sampler::new(
         app.fleet.clone(),

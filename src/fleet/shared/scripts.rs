@@ -1,8 +1,25 @@
 //! The Lua scripts of the shared state, each run atomically by Redis on
 //! its own clock (`NOW`, prepended to every one, also defines `stamp`, which
-//! records an instance's oldest waiter in `corral:waiting`).
+//! records an instance's oldest waiter in `corral:waiting`). Their replies
+//! are read into the types of [`super::protocol`].
 
-pub(super) const NOW: &str = "local t = redis.call('TIME')
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// A script with the clock in front, hashed once.
+fn timed(body: &str) -> Script {
+    Script::new(&format!("{NOW}{body}"))
+}
+
+pub(super) static TAKE: LazyLock<Script> = LazyLock::new(|| timed(TAKE_LUA));
+pub(super) static STAMP: LazyLock<Script> = LazyLock::new(|| timed(STAMP_LUA));
+pub(super) static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| timed(GIVE_BACK_LUA));
+pub(super) static TRANSFER: LazyLock<Script> = LazyLock::new(|| timed(TRANSFER_LUA));
+pub(super) static REFRESH: LazyLock<Script> = LazyLock::new(|| timed(REFRESH_LUA));
+pub(super) static REGISTERED: LazyLock<Script> = LazyLock::new(|| timed(REGISTERED_LUA));
+
+const NOW: &str = "local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function stamp(key, instance, age)
   if age >= 0 then
@@ -19,7 +36,7 @@ end
 /// longer lists this instance (it restarted empty): its leases must be
 /// written again first. Refused, the request waits again: it counts in the
 /// instance's oldest waiter.
-pub(super) const TAKE: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+const TAKE_LUA: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
   return {'lost', ''}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -37,11 +54,11 @@ return {tostring(ok), table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')}";
 /// the stamp alone, written as soon as a request starts waiting here, so
 /// that a slot freed on another instance before this one's next take or
 /// renewal is yielded to it.
-pub(super) const STAMP: &str = "stamp(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+const STAMP_LUA: &str = "stamp(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 return 1";
 
 /// KEYS[1] slots; ARGV member, channel, backend -> holders.
-pub(super) const GIVE_BACK: &str = "redis.call('ZREM', KEYS[1], ARGV[1])
+const GIVE_BACK_LUA: &str = "redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local m = table.concat(redis.call('ZRANGE', KEYS[1], 0, -1), ',')
 redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\n' .. m)
@@ -57,7 +74,7 @@ return m";
 /// instance, age of the waiter (ms), age of the oldest left (ms, -1: none),
 /// channel, backend, margin (ms) -> {'1' kept / '0' yielded / 'gone' expired / 'lost',
 /// holders}.
-pub(super) const TRANSFER: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
+const TRANSFER_LUA: &str = "if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
   return {'lost', ''}
 end
 local mine = now - tonumber(ARGV[4]) - tonumber(ARGV[8])
@@ -94,7 +111,7 @@ return {outcome, m}";
 /// Redis lost everything (restarted empty): for one lease TTL
 /// (`corral:settling`) nothing is taken through it, so that every live
 /// instance writes its leases again first.
-pub(super) const REFRESH: &str = "local p = ARGV[1]
+const REFRESH_LUA: &str = "local p = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local missing = not redis.call('ZSCORE', p .. 'instances', ARGV[4])
 if missing and ARGV[6] == '1' then
@@ -141,7 +158,7 @@ return out";
 /// delete -> (id, url, lease ms left or -1) per live registration; the
 /// expired ones are deleted. A value is the url, a newline, and the
 /// expiry on Redis time (`-`: no lease).
-pub(super) const REGISTERED: &str = "local n = tonumber(ARGV[2])
+const REGISTERED_LUA: &str = "local n = tonumber(ARGV[2])
 for k = 0, n - 1 do
   local id, url, lease = ARGV[3 + 3 * k], ARGV[4 + 3 * k], tonumber(ARGV[5 + 3 * k])
   local exp = '-'
