@@ -8,7 +8,6 @@
 //! sent as it is generated.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -18,7 +17,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::reply::{self, Shape, v1_json};
-use super::server::ServerState;
+use super::state::SharedState;
 use super::turn::{Ask, Step, Turn, respond};
 
 fn bad(msg: &str) -> Response {
@@ -60,7 +59,7 @@ async fn read_form(headers: &HeaderMap, body: Bytes) -> Result<Form, String> {
 
 /// `POST /v1/audio/transcriptions`.
 pub(crate) async fn transcriptions(
-    State(state): State<Arc<ServerState>>,
+    State(state): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -146,11 +145,7 @@ fn tone(token: &str) -> Vec<u8> {
 }
 
 /// `POST /v1/audio/speech`.
-pub(crate) async fn speech(
-    State(state): State<Arc<ServerState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn speech(State(state): SharedState, headers: HeaderMap, body: Bytes) -> Response {
     let req: Value = match reply::parse(Shape::OpenAi, &body) {
         Ok(v) => v,
         Err(resp) => return resp,

@@ -23,8 +23,8 @@ use serde_json::{Value, json};
 
 use super::generate::{Message, Metrics, NativeChunk, now_rfc3339};
 use super::reply::native_json;
-use super::server::ServerState;
 use super::spec::CloudAccess;
+use super::state::{ServerState, SharedState};
 use super::turn::{Ask, Step, Turn};
 
 /// Where a model name says it runs.
@@ -108,7 +108,7 @@ fn base64_url(bytes: &[u8]) -> String {
 }
 
 /// `GET /api/status`.
-pub(crate) async fn status(State(state): State<Arc<ServerState>>) -> Response {
+pub(crate) async fn status(State(state): SharedState) -> Response {
     let disabled = state.spec.cloud == CloudAccess::Disabled;
     let source = if disabled { "config" } else { "none" };
     native_json(
@@ -154,11 +154,7 @@ const MODEL_ROUTES: [&str; 9] = [
 /// decompress request body`), then cloud names checked: a conflict is 400,
 /// a refused cloud request gets this server's cloud error, and native
 /// chat/generate on a cloud name are answered here without a slot.
-pub(crate) async fn layer(
-    State(state): State<Arc<ServerState>>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub(crate) async fn layer(State(state): SharedState, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     if req.method() != Method::POST || !MODEL_ROUTES.contains(&path.as_str()) {
         return next.run(req).await;

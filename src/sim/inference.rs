@@ -18,20 +18,18 @@ use tokio::time::Instant;
 
 use super::answer::{Answer, Api, Job};
 use super::cache::Lease;
-use super::faults::{self, Fault};
+use super::faults::Fault;
 use super::generate::{
     Message, NativeChunk, count_tokens, expected_embedding, now_rfc3339, raw_embedding,
 };
 use super::name::Name;
 use super::reply::{self, BUSY, Shape, native_json, v1_json};
 use super::sched::Slot;
-use super::server::ServerState;
 use super::spec::parse_go_duration;
+use super::state::{ServerState, SharedState};
 use super::stats::InferenceGuard;
 use super::tokens::Token;
 use super::tokens::{render_chat, render_prompt};
-
-type St = State<Arc<ServerState>>;
 
 #[derive(Deserialize, Default)]
 struct Options {
@@ -166,20 +164,6 @@ fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
     } else {
         Some(Duration::from_secs_f64(secs.min(1e12)))
     }))
-}
-
-/// The fault of this request: the `x-sim-fault` header, else the plan.
-pub(crate) fn pick_fault(state: &ServerState, headers: &HeaderMap) -> Option<Fault> {
-    let n = state.inference_seq.fetch_add(1, Ordering::Relaxed);
-    let header = headers
-        .get("x-sim-fault")
-        .and_then(|v| v.to_str().ok())
-        .and_then(Fault::parse);
-    let fault = header.or_else(|| faults::planned(&state.faults(), n));
-    if let Some(f) = fault {
-        state.counters.fault(f.name());
-    }
-    fault
 }
 
 /// Delay, then the faults that strike before any byte. `Err` is the answer.
@@ -339,7 +323,7 @@ async fn text_answer(
         keep_alive: ka,
     };
     let guard = state.counters.inference();
-    let fault = pick_fault(&state, &headers);
+    let fault = state.pick_fault(&headers);
     let seq = state.inference_seq.load(Ordering::Relaxed);
     let guard = match before_first_byte(&headers, fault, guard, shape).await {
         Ok(g) => g,
@@ -437,37 +421,37 @@ async fn shortcut(
 }
 
 /// `POST /api/generate`.
-pub(crate) async fn generate(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn generate(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::Generate).await
 }
 
 /// `POST /api/chat`.
-pub(crate) async fn chat(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn chat(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::Chat).await
 }
 
 /// `POST /v1/chat/completions`.
-pub(crate) async fn v1_chat(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn v1_chat(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::V1Chat).await
 }
 
 /// `POST /v1/completions`.
-pub(crate) async fn v1_completions(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn v1_completions(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::V1Completions).await
 }
 
 /// `POST /api/embed`.
-pub(crate) async fn embed(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn embed(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     embed_answer(s, h, b, Kind::Embed, Shape::Native).await
 }
 
 /// `POST /api/embeddings` (legacy).
-pub(crate) async fn embeddings(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn embeddings(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     embed_answer(s, h, b, Kind::Embeddings, Shape::Native).await
 }
 
 /// `POST /v1/embeddings`.
-pub(crate) async fn v1_embeddings(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn v1_embeddings(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     embed_answer(s, h, b, Kind::Embed, Shape::OpenAi).await
 }
 
@@ -529,7 +513,7 @@ async fn embed_answer(
         };
     }
     let guard = state.counters.inference();
-    let fault = pick_fault(&state, &headers);
+    let fault = state.pick_fault(&headers);
     let guard = match before_first_byte(&headers, fault, guard, shape).await {
         Ok(g) => g,
         Err(resp) => return resp,

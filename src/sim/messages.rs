@@ -7,8 +7,6 @@
 //! `message_stop`. Tools: when the request declares tools and its last turn
 //! is not a tool result, the answer is one call of the first tool.
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -16,7 +14,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::cloud;
-use super::server::ServerState;
+use super::state::SharedState;
 use super::turn::{self, Ask, J, Step, Turn, event_stream, respond, sse, v};
 
 /// An Anthropic error body; `gin` is the middleware's rendering (charset,
@@ -78,7 +76,7 @@ fn tool_to_call(req: &Value) -> Option<(String, Option<String>)> {
 
 /// `POST /v1/messages`.
 pub(crate) async fn messages(
-    State(state): State<Arc<ServerState>>,
+    State(state): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

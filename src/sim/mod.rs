@@ -40,6 +40,7 @@ mod routes;
 mod sched;
 pub mod server;
 pub mod spec;
+mod state;
 pub mod stats;
 pub mod tokens;
 mod turn;

@@ -8,64 +8,19 @@
 //! gets Ollama's 404. A mid-stream failure is lost: the stream ends without
 //! `response.completed`.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 use super::cloud;
 use super::reply::{self, Shape};
-use super::server::ServerState;
+use super::state::{ServerState, SharedState};
 use super::turn::{self, Ask, J, Step, Turn, event_stream, respond, sorted, sse, v};
-
-/// How long a response is kept.
-const TTL: Duration = Duration::from_secs(30 * 60);
-/// Responses kept at most.
-const CAPACITY: usize = 1024;
 
 /// The 404 for an unknown or expired `previous_response_id`.
 pub(crate) const NOT_FOUND: &str = r#"{"error":{"type":"invalid_request_error","code":"previous_response_not_found","param":"previous_response_id","message":"previous_response_id was not found or has expired; resend the full conversation"}}"#;
-
-/// The responses one server keeps: the conversation text so far, by
-/// (response id, `Authorization`).
-#[derive(Default)]
-pub(crate) struct History {
-    inner: Mutex<Kept>,
-}
-
-/// The kept conversations and their keys, oldest first.
-#[derive(Default)]
-struct Kept {
-    by_key: HashMap<(String, String), (String, Instant)>,
-    order: VecDeque<(String, String)>,
-}
-
-impl History {
-    fn get(&self, id: &str, auth: &str) -> Option<String> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (text, at) = inner.by_key.get(&(id.to_string(), auth.to_string()))?;
-        (at.elapsed() < TTL).then(|| text.clone())
-    }
-
-    fn put(&self, id: String, auth: String, text: String) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (id, auth);
-        inner.order.push_back(key.clone());
-        inner.by_key.insert(key, (text, Instant::now()));
-        while inner.by_key.len() > CAPACITY {
-            let Some(old) = inner.order.pop_front() else {
-                break;
-            };
-            inner.by_key.remove(&old);
-        }
-    }
-}
 
 fn text_of(content: &Value) -> String {
     match content {
@@ -254,7 +209,7 @@ fn openai_error(status: StatusCode, msg: &str) -> Response {
 
 /// `POST /v1/responses`.
 pub(crate) async fn responses(
-    State(state): State<Arc<ServerState>>,
+    State(state): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

@@ -20,11 +20,10 @@ use tokio::time::Instant;
 
 use super::faults::Fault;
 use super::generate::Tokens;
-use super::inference::pick_fault;
 use super::name::Name;
 use super::reply::BUSY;
 use super::sched::Slot;
-use super::server::ServerState;
+use super::state::ServerState;
 use super::stats::InferenceGuard;
 
 /// JSON with keys in the order given, whatever serde_json's map type is.
@@ -187,7 +186,7 @@ impl Turn {
         let fault = if ask.cloud {
             None
         } else {
-            pick_fault(state, headers)
+            state.pick_fault(headers)
         };
         match fault {
             Some(Fault::Error) => {
