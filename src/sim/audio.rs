@@ -16,11 +16,12 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::reply::{self, Shape, v1_json};
+use super::events::connection_reset;
+use super::generation::{Ask, Generation, Step};
+use super::reply::{self, Shape, respond, v1_json};
 use super::state::SharedState;
-use super::turn::{Ask, Step, Turn, respond};
 
-fn bad(msg: &str) -> Response {
+fn bad_request(msg: &str) -> Response {
     reply::error(Shape::OpenAi, StatusCode::BAD_REQUEST, msg)
 }
 
@@ -65,16 +66,16 @@ pub(crate) async fn transcriptions(
 ) -> Response {
     let form = match read_form(&headers, body).await {
         Ok(f) => f,
-        Err(e) => return bad(&format!("failed to parse multipart form: {e}")),
+        Err(e) => return bad_request(&format!("failed to parse multipart form: {e}")),
     };
     if form.model.is_empty() {
-        return bad("model is required");
+        return bad_request("model is required");
     }
     let Some(file) = form.file else {
-        return bad("file is required: http: no such file");
+        return bad_request("file is required: http: no such file");
     };
     if file.is_empty() {
-        return bad("audio file is empty");
+        return bad_request("audio file is empty");
     }
     let mut h = DefaultHasher::new();
     file.hash(&mut h);
@@ -86,7 +87,7 @@ pub(crate) async fn transcriptions(
         limit: None,
         cloud: false,
     };
-    let mut turn = match Turn::start(&state, &headers, ask).await {
+    let mut turn = match Generation::start(&state, &headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return reply::error(Shape::OpenAi, status, &msg),
     };
@@ -152,18 +153,18 @@ pub(crate) async fn speech(State(state): SharedState, headers: HeaderMap, body: 
     };
     let model = req["model"].as_str().unwrap_or_default();
     if model.is_empty() {
-        return bad("model is required");
+        return bad_request("model is required");
     }
     let input = req["input"].as_str().unwrap_or_default();
     if input.trim().is_empty() {
-        return bad("input is required");
+        return bad_request("input is required");
     }
     if input.chars().count() > 4096 {
-        return bad("input must be at most 4096 characters");
+        return bad_request("input must be at most 4096 characters");
     }
     let voice = req["voice"].as_str().unwrap_or("Freya");
     if !VOICES.contains(&voice) {
-        return bad(&format!("voice {} not found", json!(voice)));
+        return bad_request(&format!("voice {} not found", json!(voice)));
     }
     let wav = !matches!(req["response_format"].as_str(), Some("pcm"));
     let text = format!("{voice} {input}");
@@ -174,7 +175,7 @@ pub(crate) async fn speech(State(state): SharedState, headers: HeaderMap, body: 
         limit: None,
         cloud: false,
     };
-    let mut turn = match Turn::start(&state, &headers, ask).await {
+    let mut turn = match Generation::start(&state, &headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return reply::error(Shape::OpenAi, status, &msg),
     };
@@ -194,10 +195,7 @@ pub(crate) async fn speech(State(state): SharedState, headers: HeaderMap, body: 
     let rest = futures_util::stream::unfold(turn, |mut turn| async move {
         match turn.next().await {
             Step::Token(t) => Some((Ok(Bytes::from(tone(&t))), turn)),
-            Step::Reset => {
-                let e = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated reset");
-                Some((Err(e), turn))
-            }
+            Step::Reset => Some((Err(connection_reset()), turn)),
             Step::Done | Step::Lost => None,
         }
     });

@@ -21,11 +21,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::generate::{Message, Metrics, NativeChunk, now_rfc3339};
-use super::reply::native_json;
+use super::generate::{Message, Metrics, NativeChunk, SSE_DONE, now_rfc3339, sse_event};
+use super::generation::{Ask, Generation, Step};
+use super::reply::{native_json, respond, v1_json};
 use super::spec::CloudAccess;
 use super::state::{ServerState, SharedState};
-use super::turn::{Ask, Step, Turn};
 
 /// Where a model name says it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +161,7 @@ pub(crate) async fn layer(State(state): SharedState, req: Request, next: Next) -
     }
     let (mut parts, body) = req.into_parts();
     let Ok(mut bytes) = axum::body::to_bytes(body, 256 << 20).await else {
-        return bad("failed to read request body");
+        return bad_request("failed to read request body");
     };
     let zstd = parts
         .headers
@@ -172,7 +172,7 @@ pub(crate) async fn layer(State(state): SharedState, req: Request, next: Next) -
         let decoded = zstd::stream::read::Decoder::new(&bytes[..])
             .and_then(|d| d.take(20 << 20).read_to_end(&mut out));
         if decoded.is_err() {
-            return bad("failed to decompress request body");
+            return bad_request("failed to decompress request body");
         }
         bytes = Bytes::from(out);
         parts.headers.remove(header::CONTENT_ENCODING);
@@ -192,7 +192,7 @@ pub(crate) async fn layer(State(state): SharedState, req: Request, next: Next) -
         .and_then(|m| m.as_str().map(str::to_string));
     if let Some(model) = model.filter(|m| is_cloud(m)) {
         if let Err(msg) = parse(&model) {
-            return bad(&msg);
+            return bad_request(&msg);
         }
         if let Some(refused) = refusal(&state) {
             return refused;
@@ -233,7 +233,7 @@ async fn v1_chat(
         limit: limit.map(|n| n as usize),
         cloud: true,
     };
-    let mut turn = match Turn::start(state, headers, ask).await {
+    let mut turn = match Generation::start(state, headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return native_json(status, &json!({ "error": msg })),
     };
@@ -245,17 +245,13 @@ async fn v1_chat(
     };
     if req["stream"] != json!(true) {
         let text = turn.whole().await.unwrap_or_default();
-        let reason = if turn.length_limited {
-            "length"
-        } else {
-            "stop"
-        };
+        let reason = turn.done_reason();
         let (p, c) = (turn.prompt_tokens, turn.emitted());
         let mut v = head("chat.completion");
         v["choices"] = json!([{"index": 0, "message": {"role": "assistant", "content": text},
                                "finish_reason": reason}]);
         v["usage"] = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
-        return super::reply::v1_json(StatusCode::OK, &v);
+        return v1_json(StatusCode::OK, &v);
     }
     let mut out = Vec::new();
     let mut first = true;
@@ -268,21 +264,17 @@ async fn v1_chat(
         first = false;
         let mut v = head("chat.completion.chunk");
         v["choices"] = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
-        out.extend_from_slice(&super::generate::sse_event(&v));
+        out.extend_from_slice(&sse_event(&v));
     }
-    let reason = if turn.length_limited {
-        "length"
-    } else {
-        "stop"
-    };
+    let reason = turn.done_reason();
     let mut v = head("chat.completion.chunk");
     v["choices"] = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
-    out.extend_from_slice(&super::generate::sse_event(&v));
-    out.extend_from_slice(super::generate::SSE_DONE);
-    super::turn::respond(StatusCode::OK, "text/event-stream", out)
+    out.extend_from_slice(&sse_event(&v));
+    out.extend_from_slice(SSE_DONE);
+    respond(StatusCode::OK, "text/event-stream", out)
 }
 
-fn bad(msg: &str) -> Response {
+fn bad_request(msg: &str) -> Response {
     native_json(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
 }
 
@@ -312,12 +304,12 @@ async fn native(
         limit: req["options"]["num_predict"].as_u64().map(|n| n as usize),
         cloud: true,
     };
-    let mut turn = match Turn::start(state, headers, ask).await {
+    let mut turn = match Generation::start(state, headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return native_json(status, &json!({ "error": msg })),
     };
     let model = model.to_string();
-    let chunk = move |text: &str, done: bool, turn: &Turn| {
+    let chunk = move |text: &str, done: bool, turn: &Generation| {
         NativeChunk {
             model: &model,
             created_at: now_rfc3339(),
@@ -327,11 +319,7 @@ async fn native(
                 content: text,
             }),
             done,
-            done_reason: done.then_some(if turn.length_limited {
-                "length"
-            } else {
-                "stop"
-            }),
+            done_reason: done.then_some(turn.done_reason()),
             context: None,
             metrics: done.then(|| Metrics {
                 total_duration: 1,
@@ -347,7 +335,7 @@ async fn native(
     if req["stream"] == json!(false) {
         let text = turn.whole().await.unwrap_or_default();
         let line = chunk(&text, true, &turn);
-        return super::turn::respond(StatusCode::OK, "application/json; charset=utf-8", line);
+        return respond(StatusCode::OK, "application/json; charset=utf-8", line);
     }
     let mut lines = Vec::new();
     while let Step::Token(t) = turn.next().await {
@@ -356,7 +344,7 @@ async fn native(
     }
     lines.extend(chunk("", true, &turn));
     lines.push(b'\n');
-    super::turn::respond(StatusCode::OK, "application/x-ndjson", lines)
+    respond(StatusCode::OK, "application/x-ndjson", lines)
 }
 
 trait PipeBytes {

@@ -1,7 +1,7 @@
 //! Inference handlers: `/api/generate`, `/api/chat`, `/api/embed`,
 //! `/api/embeddings` and their `/v1` twins. Each validates as Ollama does
 //! (exact error strings of OLLAMA_API.md §5), applies the fault plan, takes
-//! a slot, and hands over to [`Answer`] or answers embeddings itself.
+//! a slot, and hands over to [`Completion`] or answers embeddings itself.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,14 +16,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::answer::{Answer, Api, Job};
 use super::cache::Lease;
+use super::completion::{Api, Completion, Job};
 use super::faults::Fault;
 use super::generate::{
     Message, NativeChunk, count_tokens, expected_embedding, now_rfc3339, raw_embedding,
 };
+use super::generation::{Generation, Held, asked_delay};
 use super::name::Name;
-use super::reply::{self, BUSY, Shape, native_json, v1_json};
+use super::reply::{self, BUSY, MID_STREAM, RUNNER_DIED, Shape, native_json, text_of, v1_json};
 use super::sched::Slot;
 use super::spec::parse_go_duration;
 use super::state::{ServerState, SharedState};
@@ -50,7 +51,7 @@ struct StreamOptions {
 
 /// Every field any inference endpoint reads; unknown fields are ignored.
 #[derive(Deserialize)]
-struct Req {
+struct InferenceRequest {
     model: Option<String>,
     prompt: Option<Value>,
     system: Option<String>,
@@ -75,10 +76,6 @@ enum Kind {
     Embeddings,
 }
 
-fn bad(shape: Shape, status: StatusCode, msg: &str) -> Response {
-    reply::error(shape, status, msg)
-}
-
 /// Finds the model or answers the error Ollama gives for `kind`.
 #[expect(
     clippy::result_large_err,
@@ -88,13 +85,19 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
     if raw.is_empty() {
         return Err(match kind {
             Kind::Chat | Kind::Embeddings => {
-                bad(shape, StatusCode::BAD_REQUEST, "model is required")
+                reply::error(shape, StatusCode::BAD_REQUEST, "model is required")
             }
-            Kind::Generate | Kind::Embed => bad(shape, StatusCode::NOT_FOUND, "model '' not found"),
+            Kind::Generate | Kind::Embed => {
+                reply::error(shape, StatusCode::NOT_FOUND, "model '' not found")
+            }
         });
     }
     let Some(name) = Name::parse(raw) else {
-        return Err(bad(shape, StatusCode::BAD_REQUEST, "invalid model name"));
+        return Err(reply::error(
+            shape,
+            StatusCode::BAD_REQUEST,
+            "invalid model name",
+        ));
     };
     let Some(index) = state.find(&name) else {
         let msg = match kind {
@@ -103,7 +106,7 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
                 format!("model \"{raw}\" not found, try pulling it first")
             }
         };
-        return Err(bad(shape, StatusCode::NOT_FOUND, &msg));
+        return Err(reply::error(shape, StatusCode::NOT_FOUND, &msg));
     };
     if state.model(index).embedding_only && matches!(kind, Kind::Generate | Kind::Chat) {
         let what = if kind == Kind::Generate {
@@ -112,7 +115,7 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
             "chat"
         };
         let msg = format!("\"{raw}\" does not support {what}");
-        return Err(bad(shape, StatusCode::BAD_REQUEST, &msg));
+        return Err(reply::error(shape, StatusCode::BAD_REQUEST, &msg));
     }
     Ok(index)
 }
@@ -125,7 +128,7 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
 )]
 fn model_and_keep_alive(
     state: &ServerState,
-    req: &Req,
+    req: &InferenceRequest,
     kind: Kind,
     shape: Shape,
 ) -> Result<(String, usize, Option<Option<Duration>>), Response> {
@@ -149,10 +152,10 @@ fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
             } else {
                 format!("time: invalid duration \"{s}\"")
             };
-            bad(Shape::Native, StatusCode::BAD_REQUEST, &msg)
+            reply::error(Shape::Native, StatusCode::BAD_REQUEST, &msg)
         })?,
         Some(_) => {
-            return Err(bad(
+            return Err(reply::error(
                 Shape::Native,
                 StatusCode::BAD_REQUEST,
                 "invalid keep_alive",
@@ -173,19 +176,9 @@ async fn before_first_byte(
     guard: InferenceGuard,
     shape: Shape,
 ) -> Result<InferenceGuard, Response> {
-    let delay = headers
-        .get("x-sim-delay-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(ms) = delay {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    asked_delay(headers).await;
     let resp = match fault {
-        Some(Fault::Error) => reply::error(
-            shape,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "llama runner process has terminated: simulated fault",
-        ),
+        Some(Fault::Error) => reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED),
         Some(Fault::Busy) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
         Some(Fault::Garbage) => reply::stream(
             "application/json; charset=utf-8",
@@ -202,7 +195,7 @@ async fn before_first_byte(
     Err(resp)
 }
 
-fn num_predict(req: &Req) -> Option<usize> {
+fn num_predict(req: &InferenceRequest) -> Option<usize> {
     let n = req
         .options
         .as_ref()
@@ -210,18 +203,6 @@ fn num_predict(req: &Req) -> Option<usize> {
         .or(req.max_tokens)
         .or(req.max_completion_tokens)?;
     usize::try_from(n).ok()
-}
-
-fn content_text(v: &Option<Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
-    }
 }
 
 async fn text_answer(
@@ -232,7 +213,7 @@ async fn text_answer(
 ) -> Response {
     let start = Instant::now();
     let shape = api.shape();
-    let req: Req = match reply::parse(shape, &body) {
+    let req: InferenceRequest = match reply::parse(shape, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -252,14 +233,14 @@ async fn text_answer(
                 Some(Value::String(s)) => s.clone(),
                 None | Some(Value::Null) => String::new(),
                 Some(_) if api == Api::V1Completions => {
-                    return bad(
+                    return reply::error(
                         shape,
                         StatusCode::BAD_REQUEST,
                         "invalid type for 'prompt' field",
                     );
                 }
                 Some(_) => {
-                    return bad(
+                    return reply::error(
                         shape,
                         StatusCode::BAD_REQUEST,
                         "json: cannot unmarshal prompt",
@@ -274,14 +255,14 @@ async fn text_answer(
                 .iter()
                 .rev()
                 .find(|m| m.role.as_deref() == Some("user"))
-                .map(|m| content_text(&m.content))
+                .map(|m| text_of(m.content.as_ref().unwrap_or(&Value::Null)))
                 .unwrap_or_default();
             let all: Vec<(&str, String)> = messages
                 .iter()
                 .map(|m| {
                     (
                         m.role.as_deref().unwrap_or("user"),
-                        content_text(&m.content),
+                        text_of(m.content.as_ref().unwrap_or(&Value::Null)),
                     )
                 })
                 .collect();
@@ -290,7 +271,7 @@ async fn text_answer(
         }
     };
     if api == Api::V1Chat && messages.is_empty() {
-        return bad(
+        return reply::error(
             shape,
             StatusCode::BAD_REQUEST,
             "[] is too short - 'messages'",
@@ -308,12 +289,8 @@ async fn text_answer(
     let mut job = Job {
         api,
         model,
-        input,
-        prompt_tokens: rendered.len() as u64,
         prompt_eval_count: 0,
         prompt_eval_ns: 0,
-        tokens: limit.unwrap_or(state.spec.tokens),
-        length_limited: limit.is_some(),
         stream: match api {
             Api::Generate | Api::Chat => req.stream != Some(false),
             _ => req.stream == Some(true),
@@ -339,14 +316,20 @@ async fn text_answer(
         Ok(a) => a,
         Err(_) => {
             guard.abandon();
-            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+            return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
     let lease = evaluate_prompt(&state, index, &acquired, &rendered, &mut job).await;
+    let held = Held {
+        guard,
+        lease: Some(lease),
+        slot: Some(acquired),
+    };
+    let words = (job.model.as_str(), input.as_str());
+    let prompt_tokens = rendered.len() as u64;
+    let generation = Generation::new(&state, words, limit, prompt_tokens, fault, held);
     let stream = job.stream;
-    let (seed, interval) = (state.spec.seed, state.spec.token_interval);
-    let held = (lease, acquired);
-    let answer = Answer::new(job, seed, interval, start, fault, guard, held, seq);
+    let answer = Completion::new(job, generation, start, seq);
     if stream {
         answer.stream().await
     } else {
@@ -355,7 +338,7 @@ async fn text_answer(
 }
 
 /// The request's `options.num_ctx`, raised to at least 4 as Ollama does.
-fn num_ctx(req: &Req) -> Option<u64> {
+fn num_ctx(req: &InferenceRequest) -> Option<u64> {
     let n = req.options.as_ref()?.num_ctx?;
     Some(u64::try_from(n.max(4)).unwrap_or(4))
 }
@@ -400,7 +383,7 @@ async fn shortcut(
         "unload"
     } else {
         if state.sched.preload(index, ka).await.is_err() {
-            return bad(Shape::Native, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+            return reply::error(Shape::Native, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
         "load"
     };
@@ -463,7 +446,7 @@ async fn embed_answer(
     shape: Shape,
 ) -> Response {
     let start = Instant::now();
-    let req: Req = match reply::parse(shape, &body) {
+    let req: InferenceRequest = match reply::parse(shape, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -478,7 +461,7 @@ async fn embed_answer(
     };
     let inputs: Vec<String> = match source {
         None | Some(Value::Null) if shape == Shape::OpenAi => {
-            return bad(shape, StatusCode::BAD_REQUEST, "invalid input");
+            return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
         }
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) if s.is_empty() && shape == Shape::Native => Vec::new(),
@@ -488,24 +471,24 @@ async fn embed_answer(
                 a.iter().map(|v| v.as_str().map(str::to_owned)).collect();
             match strings {
                 Some(s) if s.is_empty() && shape == Shape::OpenAi => {
-                    return bad(shape, StatusCode::BAD_REQUEST, "invalid input");
+                    return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
                 }
                 Some(s) => s,
-                None => return bad(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+                None => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
             }
         }
-        Some(_) => return bad(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+        Some(_) => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
     };
     let format = req.encoding_format.as_deref().unwrap_or("float");
     if shape == Shape::OpenAi && format != "float" && format != "base64" {
         let msg = format!(
             "Invalid value for 'encoding_format' = {format}. Supported values: ['float', 'base64']."
         );
-        return bad(shape, StatusCode::BAD_REQUEST, &msg);
+        return reply::error(shape, StatusCode::BAD_REQUEST, &msg);
     }
     if inputs.is_empty() {
         if state.sched.preload(index, ka).await.is_err() {
-            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+            return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
         return match kind {
             Kind::Embeddings => native_json(StatusCode::OK, &json!({ "embedding": [] })),
@@ -526,7 +509,7 @@ async fn embed_answer(
         Ok(a) => a,
         Err(_) => {
             guard.abandon();
-            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+            return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
     };
     let load_ns = (start.elapsed().as_nanos() as u64).max(1);
@@ -536,11 +519,7 @@ async fn embed_answer(
     if matches!(fault, Some(Fault::Reset | Fault::MidStreamError)) {
         drop(acquired);
         guard.abandon();
-        return bad(
-            shape,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "an error was encountered while running the model: simulated fault",
-        );
+        return reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, MID_STREAM);
     }
     let dim = req
         .dimensions

@@ -25,12 +25,14 @@
 //! the first token. Dropping the handler future or body (client gone) frees
 //! the slot and counts a cancel.
 
-mod answer;
 mod audio;
 mod cache;
 mod cloud;
+mod completion;
+mod events;
 pub mod faults;
 pub mod generate;
+mod generation;
 mod inference;
 mod messages;
 mod name;
@@ -43,7 +45,7 @@ pub mod spec;
 mod state;
 pub mod stats;
 pub mod tokens;
-mod turn;
+mod tools;
 
 use std::future::Future;
 use std::io::Write;

@@ -1,0 +1,71 @@
+//! Server-sent events of the Messages and Responses endpoints: one named
+//! frame, and an event-stream answer fed by a task whose head waits for
+//! the first event; also the error that resets a streamed connection.
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::reply::respond;
+
+/// One `event: <name>\ndata: <json>\n\n` frame.
+pub(crate) fn sse(name: &str, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + name.len() + 16);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The body error that resets the connection.
+pub(crate) fn connection_reset() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "simulated connection reset",
+    )
+}
+
+/// Sender side of an event stream.
+pub(crate) type Events = mpsc::Sender<std::io::Result<Bytes>>;
+
+/// Ends an event stream the way a reset connection does.
+pub(crate) async fn reset(tx: &Events) {
+    let _ = tx.send(Err(connection_reset())).await;
+}
+
+/// Sends a step's frames; false when the client has gone.
+pub(crate) async fn send_all(tx: &Events, frames: Vec<Bytes>) -> bool {
+    for frame in frames {
+        if tx.send(Ok(frame)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// An SSE answer fed by `produce`, which runs as its own task: the head is
+/// sent with the first event (nothing before the first token), and a client
+/// that goes away stops the task at its next event.
+pub(crate) async fn event_stream<F, Fut>(produce: F) -> Response
+where
+    F: FnOnce(Events) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(produce(tx));
+    let first = rx.recv().await;
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let body = futures_util::stream::iter(first).chain(rest);
+    let mut response = respond(StatusCode::OK, "text/event-stream", Body::from_stream(body));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
