@@ -1,6 +1,7 @@
 //! Server-sent events of the Messages and Responses endpoints: one named
-//! frame, and an event-stream answer fed by a task whose head waits for
-//! the first event; also the error that resets a streamed connection.
+//! frame, an event-stream answer fed by a task whose head waits for the
+//! first event, and [`feed`], which turns a generation's steps into
+//! frames; also the error that resets a streamed connection.
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use super::generation::{Generation, Step};
 use super::reply::respond;
 
 /// One `event: <name>\ndata: <json>\n\n` frame.
@@ -33,19 +35,49 @@ pub(crate) fn connection_reset() -> std::io::Error {
 /// Sender side of an event stream.
 pub(crate) type Events = mpsc::Sender<std::io::Result<Bytes>>;
 
-/// Ends an event stream the way a reset connection does.
-pub(crate) async fn reset(tx: &Events) {
-    let _ = tx.send(Err(connection_reset())).await;
+/// What an endpoint frames while [`feed`] runs a generation.
+pub(crate) enum Moment {
+    /// Before the first token, or the end of an empty answer.
+    Open,
+    /// One token.
+    Token(String),
+    /// The answer is complete.
+    Done,
 }
 
-/// Sends a step's frames; false when the client has gone.
-pub(crate) async fn send_all(tx: &Events, frames: Vec<Bytes>) -> bool {
-    for frame in frames {
-        if tx.send(Ok(frame)).await.is_err() {
-            return false;
+/// Runs `turn` into `tx`, each moment framed by `frames`: a reset resets
+/// the connection, a lost mid-stream error just ends the stream, and a
+/// client that went away stops it.
+pub(crate) async fn feed(
+    tx: Events,
+    mut turn: Generation,
+    mut frames: impl FnMut(Moment, &Generation) -> Vec<Bytes>,
+) {
+    let mut opened = false;
+    loop {
+        let (moment, last) = match turn.next().await {
+            Step::Token(t) => (Moment::Token(t), false),
+            Step::Done => (Moment::Done, true),
+            Step::Lost => return,
+            Step::Reset => {
+                let _ = tx.send(Err(connection_reset())).await;
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        if !std::mem::replace(&mut opened, true) {
+            out.extend(frames(Moment::Open, &turn));
+        }
+        out.extend(frames(moment, &turn));
+        for frame in out {
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+        if last {
+            return;
         }
     }
-    true
 }
 
 /// An SSE answer fed by `produce`, which runs as its own task: the head is

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::cloud;
-use super::events::{self, event_stream, sse};
-use super::generation::{Ask, Generation, Step};
+use super::events::{Moment, event_stream, feed, sse};
+use super::generation::{Ask, Generation};
 use super::reply::{self, MID_STREAM, Ordered, plain, respond, text_of};
 use super::state::SharedState;
 use super::tools::{self, arguments};
@@ -32,14 +32,13 @@ pub(crate) fn error(status: StatusCode, message: &str, gin: bool) -> Response {
         503 | 529 => "overloaded_error",
         _ => "api_error",
     };
-    let body = Ordered::Object(vec![
-        ("type", plain("error")),
-        (
-            "error",
-            Ordered::Object(vec![("type", plain(kind)), ("message", plain(message))]),
-        ),
-        ("request_id", plain(format!("req_{}", reply::hex(24)))),
-    ]);
+    let body = typed(
+        "error",
+        vec![
+            ("error", typed(kind, vec![("message", plain(message))])),
+            ("request_id", plain(format!("req_{}", reply::hex(24)))),
+        ],
+    );
     let mut bytes = body.to_vec();
     if gin {
         respond(status, "application/json; charset=utf-8", bytes)
@@ -126,10 +125,7 @@ pub(crate) async fn messages(
             ),
             None if text.is_empty() => (plain(Value::Null), stop_reason(&turn)),
             None => (
-                Ordered::Array(vec![Ordered::Object(vec![
-                    ("type", plain("text")),
-                    ("text", plain(text)),
-                ])]),
+                Ordered::Array(vec![typed("text", vec![("text", plain(text))])]),
                 stop_reason(&turn),
             ),
         };
@@ -146,123 +142,77 @@ pub(crate) async fn messages(
         bytes.push(b'\n');
         return respond(StatusCode::OK, "application/json", bytes);
     }
-    event_stream(move |tx| async move {
-        let send = |name: &str, j: Ordered| sse(name, &j.to_vec());
-        let start = Ordered::Object(vec![
-            ("type", plain("message_start")),
-            (
-                "message",
-                Ordered::Object(vec![
-                    ("id", plain(id)),
+    let mut text = String::new();
+    event_stream(move |tx| {
+        feed(tx, turn, move |moment, turn| match moment {
+            Moment::Open => {
+                let message = Ordered::Object(vec![
+                    ("id", plain(id.clone())),
                     ("type", plain("message")),
                     ("role", plain("assistant")),
-                    ("model", plain(model)),
+                    ("model", plain(model.clone())),
                     ("content", Ordered::Array(vec![])),
                     ("usage", usage(estimate, 0)),
-                ]),
-            ),
-        ]);
-        let start = sse("message_start", &start.to_vec());
-        let mut opened = false;
-        let mut text = String::new();
-        loop {
-            let step = turn.next().await;
-            let last = !matches!(step, Step::Token(_));
-            let mut out = Vec::new();
-            if !opened && matches!(step, Step::Token(_) | Step::Done) {
-                opened = true;
-                out.push(start.clone());
+                ]);
+                let mut out = vec![event("message_start", vec![("message", message)])];
                 if tool.is_none() {
-                    out.push(send(
-                        "content_block_start",
-                        Ordered::Object(vec![
-                            ("type", plain("content_block_start")),
-                            ("index", plain(0)),
-                            (
-                                "content_block",
-                                Ordered::Object(vec![("type", plain("text")), ("text", plain(""))]),
-                            ),
-                        ]),
-                    ));
+                    out.push(block_start(typed("text", vec![("text", plain(""))])));
                 }
+                out
             }
-            match step {
-                Step::Token(t) if tool.is_some() => text.push_str(&t),
-                Step::Token(t) => out.push(send(
-                    "content_block_delta",
-                    Ordered::Object(vec![
-                        ("type", plain("content_block_delta")),
-                        ("index", plain(0)),
-                        (
-                            "delta",
-                            Ordered::Object(vec![
-                                ("type", plain("text_delta")),
-                                ("text", plain(t)),
-                            ]),
-                        ),
-                    ]),
-                )),
-                Step::Done => {
-                    let stop = match &tool {
-                        Some((name, param)) => {
-                            out.push(send(
-                                "content_block_start",
-                                Ordered::Object(vec![
-                                    ("type", plain("content_block_start")),
-                                    ("index", plain(0)),
-                                    ("content_block", tool_block(name, param, &text, false)),
-                                ]),
-                            ));
-                            out.push(send(
-                                "content_block_delta",
-                                Ordered::Object(vec![
-                                    ("type", plain("content_block_delta")),
-                                    ("index", plain(0)),
-                                    (
-                                        "delta",
-                                        Ordered::Object(vec![
-                                            ("type", plain("input_json_delta")),
-                                            (
-                                                "partial_json",
-                                                plain(arguments(param, &text).to_string()),
-                                            ),
-                                        ]),
-                                    ),
-                                ]),
-                            ));
-                            "tool_use"
-                        }
-                        None => stop_reason(&turn),
-                    };
-                    out.push(send(
-                        "content_block_stop",
-                        Ordered::Object(vec![
-                            ("type", plain("content_block_stop")),
-                            ("index", plain(0)),
-                        ]),
-                    ));
-                    out.push(send(
-                        "message_delta",
-                        Ordered::Object(vec![
-                            ("type", plain("message_delta")),
-                            ("delta", Ordered::Object(vec![("stop_reason", plain(stop))])),
-                            ("usage", usage(turn.prompt_tokens, turn.emitted())),
-                        ]),
-                    ));
-                    out.push(send(
-                        "message_stop",
-                        Ordered::Object(vec![("type", plain("message_stop"))]),
-                    ));
-                }
-                Step::Lost => {}
-                Step::Reset => return events::reset(&tx).await,
+            Moment::Token(t) if tool.is_some() => {
+                text.push_str(&t);
+                vec![]
             }
-            if !events::send_all(&tx, out).await || last {
-                return;
+            Moment::Token(t) => vec![block_delta(typed("text_delta", vec![("text", plain(t))]))],
+            Moment::Done => {
+                let mut out = Vec::new();
+                let stop = match &tool {
+                    Some((name, param)) => {
+                        out.push(block_start(tool_block(name, param, &text, false)));
+                        let json = arguments(param, &text).to_string();
+                        let delta = typed("input_json_delta", vec![("partial_json", plain(json))]);
+                        out.push(block_delta(delta));
+                        "tool_use"
+                    }
+                    None => stop_reason(turn),
+                };
+                out.push(event("content_block_stop", vec![("index", plain(0))]));
+                let delta = Ordered::Object(vec![("stop_reason", plain(stop))]);
+                let usage = usage(turn.prompt_tokens, turn.emitted());
+                out.push(event(
+                    "message_delta",
+                    vec![("delta", delta), ("usage", usage)],
+                ));
+                out.push(event("message_stop", vec![]));
+                out
             }
-        }
+        })
     })
     .await
+}
+
+/// An object whose `type` comes first, then `fields`.
+fn typed(kind: &'static str, mut fields: Vec<(&'static str, Ordered)>) -> Ordered {
+    fields.insert(0, ("type", plain(kind)));
+    Ordered::Object(fields)
+}
+
+/// One event: its name is its `type`.
+fn event(kind: &'static str, fields: Vec<(&'static str, Ordered)>) -> Bytes {
+    sse(kind, &typed(kind, fields).to_vec())
+}
+
+fn block_start(block: Ordered) -> Bytes {
+    let fields = vec![("index", plain(0)), ("content_block", block)];
+    event("content_block_start", fields)
+}
+
+fn block_delta(delta: Ordered) -> Bytes {
+    event(
+        "content_block_delta",
+        vec![("index", plain(0)), ("delta", delta)],
+    )
 }
 
 fn stop_reason(turn: &Generation) -> &'static str {
@@ -286,10 +236,10 @@ fn tool_block(name: &str, param: &Option<String>, text: &str, whole: bool) -> Or
     } else {
         json!({})
     };
-    Ordered::Object(vec![
-        ("type", plain("tool_use")),
+    let fields = vec![
         ("id", plain(tools::call_id())),
         ("name", plain(name)),
         ("input", plain(input)),
-    ])
+    ];
+    typed("tool_use", fields)
 }

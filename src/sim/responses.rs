@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::cloud;
-use super::events::{self, event_stream, sse};
-use super::generation::{Ask, Generation, Step};
+use super::events::{Moment, event_stream, feed, sse};
+use super::generation::{Ask, Generation};
 use super::reply::{self, MID_STREAM, Ordered, Shape, plain, respond, text_of};
 use super::state::{ServerState, SharedState};
 use super::tools;
@@ -320,39 +320,28 @@ pub(crate) async fn responses(
         bytes.push(b'\n');
         return respond(StatusCode::OK, "application/json", bytes);
     }
-    event_stream(move |tx| async move {
-        let mut seq = 0u64;
-        let mut frame = |kind: &str, mut data: Value| {
-            data["type"] = json!(kind);
-            data["sequence_number"] = json!(seq);
-            seq += 1;
-            data.sort_all_objects();
-            sse(kind, &serde_json::to_vec(&data).unwrap_or_default())
-        };
-        let value = |j: Ordered| serde_json::to_value(&j).unwrap_or_default();
-        let mut text = String::new();
-        let mut opened = false;
-        loop {
-            let step = turn.next().await;
-            let last = !matches!(step, Step::Token(_));
+    let mut seq = 0u64;
+    let mut text = String::new();
+    event_stream(move |tx| {
+        feed(tx, turn, move |moment, turn| {
+            let mut frame = |kind: &str, data: Value| numbered(&mut seq, kind, data);
             let mut out = Vec::new();
-            if !opened && matches!(step, Step::Token(_) | Step::Done) {
-                opened = true;
-                let r = value(response(&echo, "in_progress", false, vec![], plain(Value::Null)));
-                out.push(frame("response.created", json!({ "response": r })));
-                out.push(frame("response.in_progress", json!({ "response": r })));
-                if tool.is_none() {
-                    let item = value(message_item(&msg_id, "in_progress", None));
-                    out.push(frame("response.output_item.added", json!({"item": item, "output_index": 0})));
-                    let part = value(text_part(""));
-                    out.push(frame(
-                        "response.content_part.added",
-                        json!({"content_index": 0, "item_id": msg_id, "output_index": 0, "part": part}),
-                    ));
+            match moment {
+                Moment::Open => {
+                    let r = value(response(&echo, "in_progress", false, vec![], plain(Value::Null)));
+                    out.push(frame("response.created", json!({ "response": r })));
+                    out.push(frame("response.in_progress", json!({ "response": r })));
+                    if tool.is_none() {
+                        let item = value(message_item(&msg_id, "in_progress", None));
+                        out.push(frame("response.output_item.added", json!({"item": item, "output_index": 0})));
+                        let part = value(text_part(""));
+                        out.push(frame(
+                            "response.content_part.added",
+                            json!({"content_index": 0, "item_id": msg_id, "output_index": 0, "part": part}),
+                        ));
+                    }
                 }
-            }
-            match step {
-                Step::Token(t) => {
+                Moment::Token(t) => {
                     text.push_str(&t);
                     if tool.is_none() {
                         out.push(frame(
@@ -361,7 +350,7 @@ pub(crate) async fn responses(
                         ));
                     }
                 }
-                Step::Done => {
+                Moment::Done => {
                     let item = match &tool {
                         Some((name, param)) => {
                             let (id, call) = (format!("fc_{}_0", reply::hex(8)), tools::call_id());
@@ -397,16 +386,27 @@ pub(crate) async fn responses(
                         }
                     };
                     keep(&state, &echo, &text);
-                    let r = value(response(&echo, "completed", true, vec![plain(item)], usage(turn.prompt_tokens, turn.emitted())));
+                    let usage = usage(turn.prompt_tokens, turn.emitted());
+                    let r = value(response(&echo, "completed", true, vec![plain(item)], usage));
                     out.push(frame("response.completed", json!({ "response": r })));
                 }
-                Step::Lost => {}
-                Step::Reset => return events::reset(&tx).await,
             }
-            if !events::send_all(&tx, out).await || last {
-                return;
-            }
-        }
+            out
+        })
     })
     .await
+}
+
+/// One streamed event: `type` and `sequence_number` added, keys sorted.
+fn numbered(seq: &mut u64, kind: &str, mut data: Value) -> Bytes {
+    data["type"] = json!(kind);
+    data["sequence_number"] = json!(*seq);
+    *seq += 1;
+    data.sort_all_objects();
+    sse(kind, &serde_json::to_vec(&data).unwrap_or_default())
+}
+
+/// An ordered value as a plain one, to be sorted.
+fn value(ordered: Ordered) -> Value {
+    serde_json::to_value(&ordered).unwrap_or_default()
 }
