@@ -16,9 +16,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::events::connection_reset;
-use super::generate::{
-    Message, Metrics, NativeChunk, SSE_DONE, ndjson_line, now_rfc3339, sse_event,
-};
+use super::generate::{Metrics, NativeChunk, SSE_DONE, ndjson_line, now_rfc3339, sse_event};
 use super::generation::{Generation, Step};
 use super::reply::{self, MID_STREAM, Shape};
 
@@ -116,18 +114,11 @@ impl Completion {
     /// A native object (generate or chat) carrying `text`.
     fn native_bytes(&self, text: &str, done: bool, line: bool) -> Bytes {
         let chat = self.job.api == Api::Chat;
+        let reason = done.then(|| self.generation.done_reason());
         let c = NativeChunk {
-            model: &self.job.model,
-            created_at: now_rfc3339(),
-            response: (!chat).then_some(text),
-            message: chat.then_some(Message {
-                role: "assistant",
-                content: text,
-            }),
-            done,
-            done_reason: done.then(|| self.generation.done_reason()),
             context: if done { self.context() } else { None },
             metrics: done.then(|| self.metrics()),
+            ..NativeChunk::new(&self.job.model, chat, text, reason)
         };
         if line {
             ndjson_line(&c)

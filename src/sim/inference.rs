@@ -19,9 +19,7 @@ use tokio::time::Instant;
 use super::cache::Lease;
 use super::completion::{Api, Completion, Job};
 use super::faults::Fault;
-use super::generate::{
-    Message, NativeChunk, count_tokens, expected_embedding, now_rfc3339, raw_embedding,
-};
+use super::generate::{NativeChunk, count_tokens, expected_embedding, raw_embedding};
 use super::generation::{Generation, Held, asked_delay};
 use super::name::Name;
 use super::reply::{self, BUSY, MID_STREAM, RUNNER_DIED, Shape, native_json, text_of, v1_json};
@@ -387,20 +385,10 @@ async fn shortcut(
         }
         "load"
     };
-    let chunk = NativeChunk {
-        model,
-        created_at: now_rfc3339(),
-        response: (!chat).then_some(""),
-        message: chat.then_some(Message {
-            role: "assistant",
-            content: "",
-        }),
-        done: true,
-        done_reason: Some(reason),
-        context: None,
-        metrics: None,
-    };
-    native_json(StatusCode::OK, &chunk)
+    native_json(
+        StatusCode::OK,
+        &NativeChunk::new(model, chat, "", Some(reason)),
+    )
 }
 
 /// `POST /api/generate`.
