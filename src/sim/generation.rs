@@ -162,11 +162,7 @@ impl Generation {
         }
         let slot = match index {
             None => None,
-            Some(i) => match state
-                .sched
-                .acquire(i, None, None, || state.counters.oversubscribed())
-                .await
-            {
+            Some(i) => match state.acquire(i, None, None).await {
                 Ok(slot) => Some(slot),
                 Err(_) => {
                     guard.abandon();

@@ -304,18 +304,9 @@ async fn text_answer(
         Ok(g) => g,
         Err(resp) => return resp,
     };
-    let acquired = match state
-        .sched
-        .acquire(index, job.keep_alive, num_ctx(&req), || {
-            state.counters.oversubscribed()
-        })
-        .await
-    {
-        Ok(a) => a,
-        Err(_) => {
-            guard.abandon();
-            return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
-        }
+    let Ok(acquired) = state.acquire(index, job.keep_alive, num_ctx(&req)).await else {
+        guard.abandon();
+        return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
     };
     let lease = evaluate_prompt(&state, index, &acquired, &rendered, &mut job).await;
     let held = Held {
@@ -489,16 +480,9 @@ async fn embed_answer(
         Ok(g) => g,
         Err(resp) => return resp,
     };
-    let acquired = match state
-        .sched
-        .acquire(index, ka, None, || state.counters.oversubscribed())
-        .await
-    {
-        Ok(a) => a,
-        Err(_) => {
-            guard.abandon();
-            return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
-        }
+    let Ok(acquired) = state.acquire(index, ka, None).await else {
+        guard.abandon();
+        return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
     };
     let load_ns = (start.elapsed().as_nanos() as u64).max(1);
     if !state.spec.token_interval.is_zero() {

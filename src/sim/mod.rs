@@ -3,20 +3,27 @@
 //!
 //! # Layout
 //!
+//! Imports point one way: `server` → `routes` → the handlers → the
+//! generator, the framing helpers and `state`.
+//!
 //! - [`spec`]: what a server is ([`ServerSpec`], [`ModelSpec`], [`FaultSpec`])
 //!   and the TOML fleet file ([`FleetSpec`]).
-//! - [`server`]: the accept loop and the [`SimServer`] handle (kill, restart).
+//! - [`server`]: the accept loop and the [`SimServer`] handle (kill, restart);
+//!   `state`: what the handlers of one server share.
 //! - `routes`: the router, Host check, listing endpoints; `inference`: the
-//!   generate/chat/embed handlers; `answer`: one answer in progress.
+//!   generate/chat/embed handlers, answered by `completion`.
+//! - `messages` (Anthropic), `responses` (OpenAI Responses, with per-server
+//!   history), `audio` (transcriptions, speech): the endpoints Ollama layers
+//!   on chat; `cloud`: cloud names and access, zstd bodies, `/api/status`
+//!   and the cloud answers.
+//! - `generation`: the one token generator every answer runs (pacing,
+//!   mid-stream faults, the slot it holds). `reply`: wire shapes and error
+//!   texts; `events`: SSE streams; `tools`: the simulated tool call.
 //! - `sched`: slots, load queue, keep-alive, `max_loaded` and reloads.
 //!   `cache`: the per-slot and host-memory prompt cache; `tokens`: the
 //!   deterministic tokenizer and prompt rendering. `name`: model-name matching.
 //! - [`generate`]: deterministic tokens and embeddings, wire shapes.
 //! - [`faults`]: the deterministic fault plan. [`stats`]: the counters.
-//! - `messages` (Anthropic), `responses` (OpenAI Responses, with per-server
-//!   history), `audio` (transcriptions, speech): the newer endpoints, on
-//!   `turn` (one generated turn); `cloud`: cloud names and access, zstd
-//!   bodies, `/api/status`.
 //!
 //! A request: count it and check `Host` → parse and validate (exact Ollama
 //! errors) → pick a fault → take a slot (loading the model through the load

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::cache::PromptCache;
 use super::faults::{self, Fault};
 use super::name::Name;
-use super::sched::{ModelInit, Scheduler};
+use super::sched::{ModelInit, QueueFull, Scheduler, Slot};
 use super::spec::{FaultSpec, ModelSpec, ServerSpec};
 use super::stats::Counters;
 
@@ -106,6 +106,20 @@ impl ServerState {
     /// Replaces the fault rates.
     pub fn set_faults(&self, faults: FaultSpec) {
         *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    /// A slot on model `index` for an inference request (see
+    /// [`Scheduler::acquire`]), counting an arrival that finds every slot taken.
+    pub async fn acquire(
+        &self,
+        index: usize,
+        keep_alive: Option<Option<Duration>>,
+        ctx: Option<u64>,
+    ) -> Result<Slot, QueueFull> {
+        let oversubscribed = || self.counters.oversubscribed();
+        self.sched
+            .acquire(index, keep_alive, ctx, oversubscribed)
+            .await
     }
 
     /// The fault of this inference request, counted: the `x-sim-fault`
