@@ -179,14 +179,14 @@ pub(crate) async fn layer(State(state): SharedState, req: Request, next: Next) -
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     #[derive(Deserialize)]
-    struct M {
+    struct ModelField {
         model: Option<Value>,
     }
     // Only a body that mentions `cloud` (any case) can name a cloud model:
     // the others are not parsed twice.
     let mentions_cloud = bytes.windows(5).any(|w| w.eq_ignore_ascii_case(b"cloud"));
     let model = mentions_cloud
-        .then(|| serde_json::from_slice::<M>(&bytes).ok())
+        .then(|| serde_json::from_slice::<ModelField>(&bytes).ok())
         .flatten()
         .and_then(|m| m.model)
         .and_then(|m| m.as_str().map(str::to_string));

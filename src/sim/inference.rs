@@ -167,13 +167,27 @@ fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
     }))
 }
 
-/// Delay, then the faults that strike before any byte. `Err` is the answer.
-async fn before_first_byte(
-    headers: &HeaderMap,
-    fault: Option<Fault>,
+/// What an admitted inference request holds.
+struct Admitted {
     guard: InferenceGuard,
+    fault: Option<Fault>,
+    slot: Slot,
+    /// The fault plan's request count just after this request's pick.
+    seq: u64,
+}
+
+/// Counts the request in flight and picks its fault, waits any asked
+/// delay, answers the faults that strike before any byte, then takes a
+/// slot. `Err` is the answer.
+async fn admit(
+    state: &ServerState,
+    headers: &HeaderMap,
     shape: Shape,
-) -> Result<InferenceGuard, Response> {
+    (index, keep_alive, ctx): (usize, Option<Option<Duration>>, Option<u64>),
+) -> Result<Admitted, Response> {
+    let guard = state.counters.inference();
+    let fault = state.pick_fault(headers);
+    let seq = state.inference_seq.load(Ordering::Relaxed);
     asked_delay(headers).await;
     let resp = match fault {
         Some(Fault::Error) => reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED),
@@ -187,7 +201,17 @@ async fn before_first_byte(
             std::future::pending::<()>().await;
             unreachable!("pending never completes")
         }
-        _ => return Ok(guard),
+        _ => match state.acquire(index, keep_alive, ctx).await {
+            Ok(slot) => {
+                return Ok(Admitted {
+                    guard,
+                    fault,
+                    slot,
+                    seq,
+                });
+            }
+            Err(_) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
+        },
     };
     guard.abandon();
     Err(resp)
@@ -297,22 +321,21 @@ async fn text_answer(
         raw: req.raw == Some(true),
         keep_alive: ka,
     };
-    let guard = state.counters.inference();
-    let fault = state.pick_fault(&headers);
-    let seq = state.inference_seq.load(Ordering::Relaxed);
-    let guard = match before_first_byte(&headers, fault, guard, shape).await {
-        Ok(g) => g,
+    let asked = (index, job.keep_alive, num_ctx(&req));
+    let Admitted {
+        guard,
+        fault,
+        slot,
+        seq,
+    } = match admit(&state, &headers, shape, asked).await {
+        Ok(admitted) => admitted,
         Err(resp) => return resp,
     };
-    let Ok(acquired) = state.acquire(index, job.keep_alive, num_ctx(&req)).await else {
-        guard.abandon();
-        return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
-    };
-    let lease = evaluate_prompt(&state, index, &acquired, &rendered, &mut job).await;
+    let lease = evaluate_prompt(&state, index, &slot, &rendered, &mut job).await;
     let held = Held {
         guard,
         lease: Some(lease),
-        slot: Some(acquired),
+        slot: Some(slot),
     };
     let words = (job.model.as_str(), input.as_str());
     let prompt_tokens = rendered.len() as u64;
@@ -474,15 +497,14 @@ async fn embed_answer(
             _ => native_json(StatusCode::OK, &json!({ "model": model, "embeddings": [] })),
         };
     }
-    let guard = state.counters.inference();
-    let fault = state.pick_fault(&headers);
-    let guard = match before_first_byte(&headers, fault, guard, shape).await {
-        Ok(g) => g,
+    let Admitted {
+        guard,
+        fault,
+        slot: acquired,
+        ..
+    } = match admit(&state, &headers, shape, (index, ka, None)).await {
+        Ok(admitted) => admitted,
         Err(resp) => return resp,
-    };
-    let Ok(acquired) = state.acquire(index, ka, None).await else {
-        guard.abandon();
-        return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
     };
     let load_ns = (start.elapsed().as_nanos() as u64).max(1);
     if !state.spec.token_interval.is_zero() {

@@ -171,10 +171,10 @@ fn go_message(e: &serde_json::Error, body: &[u8]) -> String {
     match e.classify() {
         Category::Eof => "unexpected EOF".into(),
         Category::Syntax => {
-            // serde_json's column is 1-based and points at the bad byte on its line.
+            // serde_json's column is 1-based and points at the offending byte on its line.
             let line = body.split(|&b| b == b'\n').nth(e.line().saturating_sub(1));
-            let bad = line.and_then(|l| l.get(e.column().saturating_sub(1)).copied());
-            match bad {
+            let offending = line.and_then(|l| l.get(e.column().saturating_sub(1)).copied());
+            match offending {
                 Some(b) if b.is_ascii_graphic() => {
                     format!(
                         "invalid character '{}' looking for beginning of value",

@@ -240,10 +240,10 @@ async fn show(State(state): SharedState, body: Bytes) -> Response {
 
 async fn progress(body: Bytes) -> Response {
     #[derive(Deserialize)]
-    struct P {
+    struct Progress {
         stream: Option<bool>,
     }
-    let req: P = match reply::parse(Shape::Native, &body) {
+    let req: Progress = match reply::parse(Shape::Native, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
