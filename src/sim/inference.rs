@@ -322,26 +322,22 @@ async fn text_answer(
         keep_alive: ka,
     };
     let asked = (index, job.keep_alive, num_ctx(&req));
-    let Admitted {
-        guard,
-        fault,
-        slot,
-        seq,
-    } = match admit(&state, &headers, shape, asked).await {
+    let admitted = match admit(&state, &headers, shape, asked).await {
         Ok(admitted) => admitted,
         Err(resp) => return resp,
     };
-    let lease = evaluate_prompt(&state, index, &slot, &rendered, &mut job).await;
+    let lease = evaluate_prompt(&state, index, &admitted.slot, &rendered, &mut job).await;
     let held = Held {
-        guard,
+        guard: admitted.guard,
         lease: Some(lease),
-        slot: Some(slot),
+        slot: Some(admitted.slot),
     };
     let words = (job.model.as_str(), input.as_str());
     let prompt_tokens = rendered.len() as u64;
+    let fault = admitted.fault;
     let generation = Generation::new(&state, words, limit, prompt_tokens, fault, held);
     let stream = job.stream;
-    let answer = Completion::new(job, generation, start, seq);
+    let answer = Completion::new(job, generation, start, admitted.seq);
     if stream {
         answer.stream().await
     } else {
@@ -497,12 +493,7 @@ async fn embed_answer(
             _ => native_json(StatusCode::OK, &json!({ "model": model, "embeddings": [] })),
         };
     }
-    let Admitted {
-        guard,
-        fault,
-        slot: acquired,
-        ..
-    } = match admit(&state, &headers, shape, (index, ka, None)).await {
+    let admitted = match admit(&state, &headers, shape, (index, ka, None)).await {
         Ok(admitted) => admitted,
         Err(resp) => return resp,
     };
@@ -510,9 +501,9 @@ async fn embed_answer(
     if !state.spec.token_interval.is_zero() {
         tokio::time::sleep(state.spec.token_interval).await;
     }
-    if matches!(fault, Some(Fault::Reset | Fault::MidStreamError)) {
-        drop(acquired);
-        guard.abandon();
+    if matches!(admitted.fault, Some(Fault::Reset | Fault::MidStreamError)) {
+        drop(admitted.slot);
+        admitted.guard.abandon();
         return reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, MID_STREAM);
     }
     let dim = req
@@ -560,7 +551,7 @@ async fn embed_answer(
             )
         }
     };
-    drop(acquired);
-    guard.complete();
+    drop(admitted.slot);
+    admitted.guard.complete();
     resp
 }
