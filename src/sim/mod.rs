@@ -94,7 +94,7 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
     } else {
         Duration::ZERO
     };
-    let spec = ServerSpec {
+    ServerSpec {
         models: args.models.iter().map(|m| ModelSpec::named(m)).collect(),
         loaded: args.loaded.clone(),
         parallel: args.parallel,
@@ -123,18 +123,14 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
             lifetime: args.lifetime,
             start_delay: args.start_delay,
         },
-        ..ServerSpec::default()
-    };
-    ServerSpec {
         version: args.ollama_version.clone(),
         cloud_models: args.cloud_models.clone(),
         cloud: match args.cloud.as_str() {
-            "signed-out" => spec::CloudAccess::SignedOut,
-            "disabled" => spec::CloudAccess::Disabled,
-            "rate-limited" => spec::CloudAccess::RateLimited,
-            _ => spec::CloudAccess::SignedIn,
+            "signed-out" => CloudAccess::SignedOut,
+            "disabled" => CloudAccess::Disabled,
+            "rate-limited" => CloudAccess::RateLimited,
+            _ => CloudAccess::SignedIn,
         },
-        ..spec
     }
 }
 
