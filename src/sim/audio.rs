@@ -8,7 +8,6 @@
 //! sent as it is generated.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -17,11 +16,12 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::reply::{self, Shape, v1_json};
-use super::server::ServerState;
-use super::turn::{Ask, Step, Turn, respond};
+use super::events::connection_reset;
+use super::generation::{Ask, Generation, Step};
+use super::reply::{self, Shape, respond, v1_json};
+use super::state::SharedState;
 
-fn bad(msg: &str) -> Response {
+fn bad_request(msg: &str) -> Response {
     reply::error(Shape::OpenAi, StatusCode::BAD_REQUEST, msg)
 }
 
@@ -60,22 +60,22 @@ async fn read_form(headers: &HeaderMap, body: Bytes) -> Result<Form, String> {
 
 /// `POST /v1/audio/transcriptions`.
 pub(crate) async fn transcriptions(
-    State(state): State<Arc<ServerState>>,
+    State(state): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let form = match read_form(&headers, body).await {
         Ok(f) => f,
-        Err(e) => return bad(&format!("failed to parse multipart form: {e}")),
+        Err(e) => return bad_request(&format!("failed to parse multipart form: {e}")),
     };
     if form.model.is_empty() {
-        return bad("model is required");
+        return bad_request("model is required");
     }
     let Some(file) = form.file else {
-        return bad("file is required: http: no such file");
+        return bad_request("file is required: http: no such file");
     };
     if file.is_empty() {
-        return bad("audio file is empty");
+        return bad_request("audio file is empty");
     }
     let mut h = DefaultHasher::new();
     file.hash(&mut h);
@@ -87,7 +87,7 @@ pub(crate) async fn transcriptions(
         limit: None,
         cloud: false,
     };
-    let mut turn = match Turn::start(&state, &headers, ask).await {
+    let mut turn = match Generation::start(&state, &headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return reply::error(Shape::OpenAi, status, &msg),
     };
@@ -146,29 +146,25 @@ fn tone(token: &str) -> Vec<u8> {
 }
 
 /// `POST /v1/audio/speech`.
-pub(crate) async fn speech(
-    State(state): State<Arc<ServerState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn speech(State(state): SharedState, headers: HeaderMap, body: Bytes) -> Response {
     let req: Value = match reply::parse(Shape::OpenAi, &body) {
         Ok(v) => v,
         Err(resp) => return resp,
     };
     let model = req["model"].as_str().unwrap_or_default();
     if model.is_empty() {
-        return bad("model is required");
+        return bad_request("model is required");
     }
     let input = req["input"].as_str().unwrap_or_default();
     if input.trim().is_empty() {
-        return bad("input is required");
+        return bad_request("input is required");
     }
     if input.chars().count() > 4096 {
-        return bad("input must be at most 4096 characters");
+        return bad_request("input must be at most 4096 characters");
     }
     let voice = req["voice"].as_str().unwrap_or("Freya");
     if !VOICES.contains(&voice) {
-        return bad(&format!("voice {} not found", json!(voice)));
+        return bad_request(&format!("voice {} not found", json!(voice)));
     }
     let wav = !matches!(req["response_format"].as_str(), Some("pcm"));
     let text = format!("{voice} {input}");
@@ -179,7 +175,7 @@ pub(crate) async fn speech(
         limit: None,
         cloud: false,
     };
-    let mut turn = match Turn::start(&state, &headers, ask).await {
+    let mut turn = match Generation::start(&state, &headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return reply::error(Shape::OpenAi, status, &msg),
     };
@@ -199,10 +195,7 @@ pub(crate) async fn speech(
     let rest = futures_util::stream::unfold(turn, |mut turn| async move {
         match turn.next().await {
             Step::Token(t) => Some((Ok(Bytes::from(tone(&t))), turn)),
-            Step::Reset => {
-                let e = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated reset");
-                Some((Err(e), turn))
-            }
+            Step::Reset => Some((Err(connection_reset()), turn)),
             Step::Done | Step::Lost => None,
         }
     });

@@ -10,22 +10,22 @@
 //! (their handlers answer 404 for the name).
 
 use std::io::Read;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::generate::{Message, Metrics, NativeChunk, now_rfc3339};
-use super::reply::native_json;
-use super::server::ServerState;
+use super::completion::Api;
+use super::generate::{Metrics, NativeChunk, SSE_DONE, sse_event};
+use super::generation::{Ask, Generation, Step};
+use super::reply::{native_json, respond, v1_json};
 use super::spec::CloudAccess;
-use super::turn::{Ask, Step, Turn};
+use super::state::{ServerState, SharedState};
 
 /// Where a model name says it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +108,7 @@ fn base64_url(bytes: &[u8]) -> String {
 }
 
 /// `GET /api/status`.
-pub(crate) async fn status(State(state): State<Arc<ServerState>>) -> Response {
+pub(crate) async fn status(State(state): SharedState) -> Response {
     let disabled = state.spec.cloud == CloudAccess::Disabled;
     let source = if disabled { "config" } else { "none" };
     native_json(
@@ -154,18 +154,14 @@ const MODEL_ROUTES: [&str; 9] = [
 /// decompress request body`), then cloud names checked: a conflict is 400,
 /// a refused cloud request gets this server's cloud error, and native
 /// chat/generate on a cloud name are answered here without a slot.
-pub(crate) async fn layer(
-    State(state): State<Arc<ServerState>>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub(crate) async fn layer(State(state): SharedState, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     if req.method() != Method::POST || !MODEL_ROUTES.contains(&path.as_str()) {
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();
     let Ok(mut bytes) = axum::body::to_bytes(body, 256 << 20).await else {
-        return bad("failed to read request body");
+        return bad_request("failed to read request body");
     };
     let zstd = parts
         .headers
@@ -176,90 +172,107 @@ pub(crate) async fn layer(
         let decoded = zstd::stream::read::Decoder::new(&bytes[..])
             .and_then(|d| d.take(20 << 20).read_to_end(&mut out));
         if decoded.is_err() {
-            return bad("failed to decompress request body");
+            return bad_request("failed to decompress request body");
         }
         bytes = Bytes::from(out);
         parts.headers.remove(header::CONTENT_ENCODING);
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     #[derive(Deserialize)]
-    struct M {
+    struct ModelField {
         model: Option<Value>,
     }
     // Only a body that mentions `cloud` (any case) can name a cloud model:
     // the others are not parsed twice.
     let mentions_cloud = bytes.windows(5).any(|w| w.eq_ignore_ascii_case(b"cloud"));
     let model = mentions_cloud
-        .then(|| serde_json::from_slice::<M>(&bytes).ok())
+        .then(|| serde_json::from_slice::<ModelField>(&bytes).ok())
         .flatten()
         .and_then(|m| m.model)
         .and_then(|m| m.as_str().map(str::to_string));
     if let Some(model) = model.filter(|m| is_cloud(m)) {
         if let Err(msg) = parse(&model) {
-            return bad(&msg);
+            return bad_request(&msg);
         }
         if let Some(refused) = refusal(&state) {
             return refused;
         }
-        match path.as_str() {
-            "/api/chat" | "/api/generate" => {
-                return native(&state, &parts.headers, &bytes, &model, path == "/api/chat").await;
-            }
-            "/v1/chat/completions" => return v1_chat(&state, &parts.headers, &bytes, &model).await,
-            _ => {}
+        let api = match path.as_str() {
+            "/api/chat" => Some(Api::Chat),
+            "/api/generate" => Some(Api::Generate),
+            "/v1/chat/completions" => Some(Api::V1Chat),
+            _ => None,
+        };
+        if let Some(api) = api {
+            return answer(&state, &parts.headers, &bytes, &model, api).await;
         }
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }
 
-/// A `/v1/chat/completions` answer from "ollama.com": no slot, no load.
-async fn v1_chat(
-    state: &Arc<ServerState>,
-    headers: &axum::http::HeaderMap,
+fn bad_request(msg: &str) -> Response {
+    native_json(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
+}
+
+/// A chat, generate or `/v1/chat/completions` answer from "ollama.com": no
+/// slot, no load, the whole body at once.
+async fn answer(
+    state: &ServerState,
+    headers: &HeaderMap,
     body: &[u8],
     model: &str,
+    api: Api,
 ) -> Response {
     let req: Value = serde_json::from_slice(body).unwrap_or_default();
-    let input = req["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or_default()
-        .to_string();
-    let limit = req["max_tokens"]
-        .as_u64()
-        .or(req["max_completion_tokens"].as_u64());
+    let input = match api {
+        Api::Generate => req["prompt"].as_str(),
+        _ => req["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str()),
+    };
+    let input = input.unwrap_or_default();
+    let limit = match api {
+        Api::V1Chat => req["max_tokens"]
+            .as_u64()
+            .or(req["max_completion_tokens"].as_u64()),
+        _ => req["options"]["num_predict"].as_u64(),
+    };
     let ask = Ask {
         model,
-        input: &input,
-        all_text: &input,
+        input,
+        all_text: input,
         limit: limit.map(|n| n as usize),
         cloud: true,
     };
-    let mut turn = match Turn::start(state, headers, ask).await {
+    let turn = match Generation::start(state, headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return native_json(status, &json!({ "error": msg })),
     };
+    match api {
+        Api::V1Chat => v1_chat(turn, model, req["stream"] == json!(true)).await,
+        _ => native(turn, model, api == Api::Chat, req["stream"] != json!(false)).await,
+    }
+}
+
+/// The `/v1/chat/completions` answer.
+async fn v1_chat(mut turn: Generation, model: &str, stream: bool) -> Response {
     let id = format!("chatcmpl-{}", rand::random::<u16>() % 999);
     let created = chrono::Utc::now().timestamp();
     let head = |object: &str| {
         json!({"id": id, "object": object, "created": created, "model": model,
                "system_fingerprint": "fp_ollama"})
     };
-    if req["stream"] != json!(true) {
+    if !stream {
         let text = turn.whole().await.unwrap_or_default();
-        let reason = if turn.length_limited {
-            "length"
-        } else {
-            "stop"
-        };
+        let reason = turn.done_reason();
         let (p, c) = (turn.prompt_tokens, turn.emitted());
         let mut v = head("chat.completion");
         v["choices"] = json!([{"index": 0, "message": {"role": "assistant", "content": text},
                                "finish_reason": reason}]);
         v["usage"] = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
-        return super::reply::v1_json(StatusCode::OK, &v);
+        return v1_json(StatusCode::OK, &v);
     }
     let mut out = Vec::new();
     let mut first = true;
@@ -272,86 +285,38 @@ async fn v1_chat(
         first = false;
         let mut v = head("chat.completion.chunk");
         v["choices"] = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
-        out.extend_from_slice(&super::generate::sse_event(&v));
+        out.extend_from_slice(&sse_event(&v));
     }
-    let reason = if turn.length_limited {
-        "length"
-    } else {
-        "stop"
-    };
+    let reason = turn.done_reason();
     let mut v = head("chat.completion.chunk");
     v["choices"] = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
-    out.extend_from_slice(&super::generate::sse_event(&v));
-    out.extend_from_slice(super::generate::SSE_DONE);
-    super::turn::respond(StatusCode::OK, "text/event-stream", out)
+    out.extend_from_slice(&sse_event(&v));
+    out.extend_from_slice(SSE_DONE);
+    respond(StatusCode::OK, "text/event-stream", out)
 }
 
-fn bad(msg: &str) -> Response {
-    native_json(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
-}
-
-/// A native chat or generate answer from "ollama.com": no slot, no load.
-async fn native(
-    state: &Arc<ServerState>,
-    headers: &axum::http::HeaderMap,
-    body: &[u8],
-    model: &str,
-    chat: bool,
-) -> Response {
-    let req: Value = serde_json::from_slice(body).unwrap_or_default();
-    let input = if chat {
-        req["messages"]
-            .as_array()
-            .and_then(|m| m.last())
-            .and_then(|m| m["content"].as_str())
-            .unwrap_or_default()
-            .to_string()
-    } else {
-        req["prompt"].as_str().unwrap_or_default().to_string()
+/// The native chat or generate answer, with fixed metrics.
+async fn native(mut turn: Generation, model: &str, chat: bool, stream: bool) -> Response {
+    let chunk = |text: &str, done: bool, turn: &Generation| {
+        let metrics = Metrics {
+            total_duration: 1,
+            load_duration: 0,
+            prompt_eval_count: turn.prompt_tokens,
+            prompt_eval_duration: 1,
+            eval_count: turn.emitted(),
+            eval_duration: 1,
+        };
+        let reason = done.then_some(turn.done_reason());
+        let chunk = NativeChunk {
+            metrics: done.then_some(metrics),
+            ..NativeChunk::new(model, chat, text, reason)
+        };
+        serde_json::to_vec(&chunk).unwrap_or_default()
     };
-    let ask = Ask {
-        model,
-        input: &input,
-        all_text: &input,
-        limit: req["options"]["num_predict"].as_u64().map(|n| n as usize),
-        cloud: true,
-    };
-    let mut turn = match Turn::start(state, headers, ask).await {
-        Ok(t) => t,
-        Err((status, msg)) => return native_json(status, &json!({ "error": msg })),
-    };
-    let model = model.to_string();
-    let chunk = move |text: &str, done: bool, turn: &Turn| {
-        NativeChunk {
-            model: &model,
-            created_at: now_rfc3339(),
-            response: (!chat).then_some(text),
-            message: chat.then_some(Message {
-                role: "assistant",
-                content: text,
-            }),
-            done,
-            done_reason: done.then_some(if turn.length_limited {
-                "length"
-            } else {
-                "stop"
-            }),
-            context: None,
-            metrics: done.then(|| Metrics {
-                total_duration: 1,
-                load_duration: 0,
-                prompt_eval_count: turn.prompt_tokens,
-                prompt_eval_duration: 1,
-                eval_count: turn.emitted(),
-                eval_duration: 1,
-            }),
-        }
-        .pipe_bytes()
-    };
-    if req["stream"] == json!(false) {
+    if !stream {
         let text = turn.whole().await.unwrap_or_default();
         let line = chunk(&text, true, &turn);
-        return super::turn::respond(StatusCode::OK, "application/json; charset=utf-8", line);
+        return respond(StatusCode::OK, "application/json; charset=utf-8", line);
     }
     let mut lines = Vec::new();
     while let Step::Token(t) = turn.next().await {
@@ -360,17 +325,7 @@ async fn native(
     }
     lines.extend(chunk("", true, &turn));
     lines.push(b'\n');
-    super::turn::respond(StatusCode::OK, "application/x-ndjson", lines)
-}
-
-trait PipeBytes {
-    fn pipe_bytes(self) -> Vec<u8>;
-}
-
-impl PipeBytes for NativeChunk<'_> {
-    fn pipe_bytes(self) -> Vec<u8> {
-        serde_json::to_vec(&self).unwrap_or_default()
-    }
+    respond(StatusCode::OK, "application/x-ndjson", lines)
 }
 
 #[cfg(test)]

@@ -185,6 +185,31 @@ pub struct NativeChunk<'a> {
     pub metrics: Option<Metrics>,
 }
 
+impl<'a> NativeChunk<'a> {
+    /// A generate (or, with `chat`, a chat) object carrying `text`, stamped
+    /// now; done when it has a `done_reason`. No context, no metrics.
+    pub(crate) fn new(
+        model: &'a str,
+        chat: bool,
+        text: &'a str,
+        done_reason: Option<&'a str>,
+    ) -> NativeChunk<'a> {
+        NativeChunk {
+            model,
+            created_at: now_rfc3339(),
+            response: (!chat).then_some(text),
+            message: chat.then_some(Message {
+                role: "assistant",
+                content: text,
+            }),
+            done: done_reason.is_some(),
+            done_reason,
+            context: None,
+            metrics: None,
+        }
+    }
+}
+
 /// Serialises `value` as one NDJSON line.
 pub fn ndjson_line(value: &impl Serialize) -> Bytes {
     let mut v = serde_json::to_vec(value).unwrap_or_default();

@@ -1,7 +1,7 @@
 //! Inference handlers: `/api/generate`, `/api/chat`, `/api/embed`,
 //! `/api/embeddings` and their `/v1` twins. Each validates as Ollama does
 //! (exact error strings of OLLAMA_API.md §5), applies the fault plan, takes
-//! a slot, and hands over to [`Answer`] or answers embeddings itself.
+//! a slot, and hands over to [`Completion`] or answers embeddings itself.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,22 +16,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::answer::{Answer, Api, Job};
 use super::cache::Lease;
-use super::faults::{self, Fault};
-use super::generate::{
-    Message, NativeChunk, count_tokens, expected_embedding, now_rfc3339, raw_embedding,
-};
+use super::completion::{Api, Completion, Job};
+use super::faults::Fault;
+use super::generate::{NativeChunk, count_tokens, expected_embedding, raw_embedding};
+use super::generation::{Generation, Held, asked_delay};
 use super::name::Name;
-use super::reply::{self, BUSY, Shape, native_json, v1_json};
+use super::reply::{self, BUSY, MID_STREAM, RUNNER_DIED, Shape, native_json, text_of, v1_json};
 use super::sched::Slot;
-use super::server::ServerState;
 use super::spec::parse_go_duration;
+use super::state::{ServerState, SharedState};
 use super::stats::InferenceGuard;
 use super::tokens::Token;
 use super::tokens::{render_chat, render_prompt};
-
-type St = State<Arc<ServerState>>;
 
 #[derive(Deserialize, Default)]
 struct Options {
@@ -52,7 +49,7 @@ struct StreamOptions {
 
 /// Every field any inference endpoint reads; unknown fields are ignored.
 #[derive(Deserialize)]
-struct Req {
+struct InferenceRequest {
     model: Option<String>,
     prompt: Option<Value>,
     system: Option<String>,
@@ -77,10 +74,6 @@ enum Kind {
     Embeddings,
 }
 
-fn bad(shape: Shape, status: StatusCode, msg: &str) -> Response {
-    reply::error(shape, status, msg)
-}
-
 /// Finds the model or answers the error Ollama gives for `kind`.
 #[expect(
     clippy::result_large_err,
@@ -90,13 +83,19 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
     if raw.is_empty() {
         return Err(match kind {
             Kind::Chat | Kind::Embeddings => {
-                bad(shape, StatusCode::BAD_REQUEST, "model is required")
+                reply::error(shape, StatusCode::BAD_REQUEST, "model is required")
             }
-            Kind::Generate | Kind::Embed => bad(shape, StatusCode::NOT_FOUND, "model '' not found"),
+            Kind::Generate | Kind::Embed => {
+                reply::error(shape, StatusCode::NOT_FOUND, "model '' not found")
+            }
         });
     }
     let Some(name) = Name::parse(raw) else {
-        return Err(bad(shape, StatusCode::BAD_REQUEST, "invalid model name"));
+        return Err(reply::error(
+            shape,
+            StatusCode::BAD_REQUEST,
+            "invalid model name",
+        ));
     };
     let Some(index) = state.find(&name) else {
         let msg = match kind {
@@ -105,7 +104,7 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
                 format!("model \"{raw}\" not found, try pulling it first")
             }
         };
-        return Err(bad(shape, StatusCode::NOT_FOUND, &msg));
+        return Err(reply::error(shape, StatusCode::NOT_FOUND, &msg));
     };
     if state.model(index).embedding_only && matches!(kind, Kind::Generate | Kind::Chat) {
         let what = if kind == Kind::Generate {
@@ -114,7 +113,7 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
             "chat"
         };
         let msg = format!("\"{raw}\" does not support {what}");
-        return Err(bad(shape, StatusCode::BAD_REQUEST, &msg));
+        return Err(reply::error(shape, StatusCode::BAD_REQUEST, &msg));
     }
     Ok(index)
 }
@@ -127,7 +126,7 @@ fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<u
 )]
 fn model_and_keep_alive(
     state: &ServerState,
-    req: &Req,
+    req: &InferenceRequest,
     kind: Kind,
     shape: Shape,
 ) -> Result<(String, usize, Option<Option<Duration>>), Response> {
@@ -151,10 +150,10 @@ fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
             } else {
                 format!("time: invalid duration \"{s}\"")
             };
-            bad(Shape::Native, StatusCode::BAD_REQUEST, &msg)
+            reply::error(Shape::Native, StatusCode::BAD_REQUEST, &msg)
         })?,
         Some(_) => {
-            return Err(bad(
+            return Err(reply::error(
                 Shape::Native,
                 StatusCode::BAD_REQUEST,
                 "invalid keep_alive",
@@ -168,40 +167,30 @@ fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
     }))
 }
 
-/// The fault of this request: the `x-sim-fault` header, else the plan.
-pub(crate) fn pick_fault(state: &ServerState, headers: &HeaderMap) -> Option<Fault> {
-    let n = state.inference_seq.fetch_add(1, Ordering::Relaxed);
-    let header = headers
-        .get("x-sim-fault")
-        .and_then(|v| v.to_str().ok())
-        .and_then(Fault::parse);
-    let fault = header.or_else(|| faults::planned(&state.faults(), n));
-    if let Some(f) = fault {
-        state.counters.fault(f.name());
-    }
-    fault
+/// What an admitted inference request holds.
+struct Admitted {
+    guard: InferenceGuard,
+    fault: Option<Fault>,
+    slot: Slot,
+    /// The fault plan's request count just after this request's pick.
+    seq: u64,
 }
 
-/// Delay, then the faults that strike before any byte. `Err` is the answer.
-async fn before_first_byte(
+/// Counts the request in flight and picks its fault, waits any asked
+/// delay, answers the faults that strike before any byte, then takes a
+/// slot. `Err` is the answer.
+async fn admit(
+    state: &ServerState,
     headers: &HeaderMap,
-    fault: Option<Fault>,
-    guard: InferenceGuard,
     shape: Shape,
-) -> Result<InferenceGuard, Response> {
-    let delay = headers
-        .get("x-sim-delay-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(ms) = delay {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    (index, keep_alive, ctx): (usize, Option<Option<Duration>>, Option<u64>),
+) -> Result<Admitted, Response> {
+    let guard = state.counters.inference();
+    let fault = state.pick_fault(headers);
+    let seq = state.inference_seq.load(Ordering::Relaxed);
+    asked_delay(headers).await;
     let resp = match fault {
-        Some(Fault::Error) => reply::error(
-            shape,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "llama runner process has terminated: simulated fault",
-        ),
+        Some(Fault::Error) => reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED),
         Some(Fault::Busy) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
         Some(Fault::Garbage) => reply::stream(
             "application/json; charset=utf-8",
@@ -212,13 +201,23 @@ async fn before_first_byte(
             std::future::pending::<()>().await;
             unreachable!("pending never completes")
         }
-        _ => return Ok(guard),
+        _ => match state.acquire(index, keep_alive, ctx).await {
+            Ok(slot) => {
+                return Ok(Admitted {
+                    guard,
+                    fault,
+                    slot,
+                    seq,
+                });
+            }
+            Err(_) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
+        },
     };
     guard.abandon();
     Err(resp)
 }
 
-fn num_predict(req: &Req) -> Option<usize> {
+fn num_predict(req: &InferenceRequest) -> Option<usize> {
     let n = req
         .options
         .as_ref()
@@ -226,18 +225,6 @@ fn num_predict(req: &Req) -> Option<usize> {
         .or(req.max_tokens)
         .or(req.max_completion_tokens)?;
     usize::try_from(n).ok()
-}
-
-fn content_text(v: &Option<Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
-    }
 }
 
 async fn text_answer(
@@ -248,7 +235,7 @@ async fn text_answer(
 ) -> Response {
     let start = Instant::now();
     let shape = api.shape();
-    let req: Req = match reply::parse(shape, &body) {
+    let req: InferenceRequest = match reply::parse(shape, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -268,14 +255,14 @@ async fn text_answer(
                 Some(Value::String(s)) => s.clone(),
                 None | Some(Value::Null) => String::new(),
                 Some(_) if api == Api::V1Completions => {
-                    return bad(
+                    return reply::error(
                         shape,
                         StatusCode::BAD_REQUEST,
                         "invalid type for 'prompt' field",
                     );
                 }
                 Some(_) => {
-                    return bad(
+                    return reply::error(
                         shape,
                         StatusCode::BAD_REQUEST,
                         "json: cannot unmarshal prompt",
@@ -290,14 +277,14 @@ async fn text_answer(
                 .iter()
                 .rev()
                 .find(|m| m.role.as_deref() == Some("user"))
-                .map(|m| content_text(&m.content))
+                .map(|m| text_of(m.content.as_ref().unwrap_or(&Value::Null)))
                 .unwrap_or_default();
             let all: Vec<(&str, String)> = messages
                 .iter()
                 .map(|m| {
                     (
                         m.role.as_deref().unwrap_or("user"),
-                        content_text(&m.content),
+                        text_of(m.content.as_ref().unwrap_or(&Value::Null)),
                     )
                 })
                 .collect();
@@ -306,7 +293,7 @@ async fn text_answer(
         }
     };
     if api == Api::V1Chat && messages.is_empty() {
-        return bad(
+        return reply::error(
             shape,
             StatusCode::BAD_REQUEST,
             "[] is too short - 'messages'",
@@ -324,12 +311,8 @@ async fn text_answer(
     let mut job = Job {
         api,
         model,
-        input,
-        prompt_tokens: rendered.len() as u64,
         prompt_eval_count: 0,
         prompt_eval_ns: 0,
-        tokens: limit.unwrap_or(state.spec.tokens),
-        length_limited: limit.is_some(),
         stream: match api {
             Api::Generate | Api::Chat => req.stream != Some(false),
             _ => req.stream == Some(true),
@@ -338,31 +321,23 @@ async fn text_answer(
         raw: req.raw == Some(true),
         keep_alive: ka,
     };
-    let guard = state.counters.inference();
-    let fault = pick_fault(&state, &headers);
-    let seq = state.inference_seq.load(Ordering::Relaxed);
-    let guard = match before_first_byte(&headers, fault, guard, shape).await {
-        Ok(g) => g,
+    let asked = (index, job.keep_alive, num_ctx(&req));
+    let admitted = match admit(&state, &headers, shape, asked).await {
+        Ok(admitted) => admitted,
         Err(resp) => return resp,
     };
-    let acquired = match state
-        .sched
-        .acquire(index, job.keep_alive, num_ctx(&req), || {
-            state.counters.oversubscribed()
-        })
-        .await
-    {
-        Ok(a) => a,
-        Err(_) => {
-            guard.abandon();
-            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
-        }
+    let lease = evaluate_prompt(&state, index, &admitted.slot, &rendered, &mut job).await;
+    let held = Held {
+        guard: admitted.guard,
+        lease: Some(lease),
+        slot: Some(admitted.slot),
     };
-    let lease = evaluate_prompt(&state, index, &acquired, &rendered, &mut job).await;
+    let words = (job.model.as_str(), input.as_str());
+    let prompt_tokens = rendered.len() as u64;
+    let fault = admitted.fault;
+    let generation = Generation::new(&state, words, limit, prompt_tokens, fault, held);
     let stream = job.stream;
-    let (seed, interval) = (state.spec.seed, state.spec.token_interval);
-    let held = (lease, acquired);
-    let answer = Answer::new(job, seed, interval, start, fault, guard, held, seq);
+    let answer = Completion::new(job, generation, start, admitted.seq);
     if stream {
         answer.stream().await
     } else {
@@ -371,7 +346,7 @@ async fn text_answer(
 }
 
 /// The request's `options.num_ctx`, raised to at least 4 as Ollama does.
-fn num_ctx(req: &Req) -> Option<u64> {
+fn num_ctx(req: &InferenceRequest) -> Option<u64> {
     let n = req.options.as_ref()?.num_ctx?;
     Some(u64::try_from(n.max(4)).unwrap_or(4))
 }
@@ -416,58 +391,48 @@ async fn shortcut(
         "unload"
     } else {
         if state.sched.preload(index, ka).await.is_err() {
-            return bad(Shape::Native, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+            return reply::error(Shape::Native, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
         "load"
     };
-    let chunk = NativeChunk {
-        model,
-        created_at: now_rfc3339(),
-        response: (!chat).then_some(""),
-        message: chat.then_some(Message {
-            role: "assistant",
-            content: "",
-        }),
-        done: true,
-        done_reason: Some(reason),
-        context: None,
-        metrics: None,
-    };
-    native_json(StatusCode::OK, &chunk)
+    native_json(
+        StatusCode::OK,
+        &NativeChunk::new(model, chat, "", Some(reason)),
+    )
 }
 
 /// `POST /api/generate`.
-pub(crate) async fn generate(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn generate(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::Generate).await
 }
 
 /// `POST /api/chat`.
-pub(crate) async fn chat(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn chat(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::Chat).await
 }
 
 /// `POST /v1/chat/completions`.
-pub(crate) async fn v1_chat(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn v1_chat(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::V1Chat).await
 }
 
 /// `POST /v1/completions`.
-pub(crate) async fn v1_completions(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn v1_completions(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     text_answer(s, h, b, Api::V1Completions).await
 }
 
 /// `POST /api/embed`.
-pub(crate) async fn embed(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn embed(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     embed_answer(s, h, b, Kind::Embed, Shape::Native).await
 }
 
 /// `POST /api/embeddings` (legacy).
-pub(crate) async fn embeddings(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn embeddings(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     embed_answer(s, h, b, Kind::Embeddings, Shape::Native).await
 }
 
 /// `POST /v1/embeddings`.
-pub(crate) async fn v1_embeddings(State(s): St, h: HeaderMap, b: Bytes) -> Response {
+pub(crate) async fn v1_embeddings(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
     embed_answer(s, h, b, Kind::Embed, Shape::OpenAi).await
 }
 
@@ -479,7 +444,7 @@ async fn embed_answer(
     shape: Shape,
 ) -> Response {
     let start = Instant::now();
-    let req: Req = match reply::parse(shape, &body) {
+    let req: InferenceRequest = match reply::parse(shape, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -494,7 +459,7 @@ async fn embed_answer(
     };
     let inputs: Vec<String> = match source {
         None | Some(Value::Null) if shape == Shape::OpenAi => {
-            return bad(shape, StatusCode::BAD_REQUEST, "invalid input");
+            return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
         }
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) if s.is_empty() && shape == Shape::Native => Vec::new(),
@@ -504,59 +469,42 @@ async fn embed_answer(
                 a.iter().map(|v| v.as_str().map(str::to_owned)).collect();
             match strings {
                 Some(s) if s.is_empty() && shape == Shape::OpenAi => {
-                    return bad(shape, StatusCode::BAD_REQUEST, "invalid input");
+                    return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
                 }
                 Some(s) => s,
-                None => return bad(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+                None => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
             }
         }
-        Some(_) => return bad(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+        Some(_) => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
     };
     let format = req.encoding_format.as_deref().unwrap_or("float");
     if shape == Shape::OpenAi && format != "float" && format != "base64" {
         let msg = format!(
             "Invalid value for 'encoding_format' = {format}. Supported values: ['float', 'base64']."
         );
-        return bad(shape, StatusCode::BAD_REQUEST, &msg);
+        return reply::error(shape, StatusCode::BAD_REQUEST, &msg);
     }
     if inputs.is_empty() {
         if state.sched.preload(index, ka).await.is_err() {
-            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
+            return reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
         }
         return match kind {
             Kind::Embeddings => native_json(StatusCode::OK, &json!({ "embedding": [] })),
             _ => native_json(StatusCode::OK, &json!({ "model": model, "embeddings": [] })),
         };
     }
-    let guard = state.counters.inference();
-    let fault = pick_fault(&state, &headers);
-    let guard = match before_first_byte(&headers, fault, guard, shape).await {
-        Ok(g) => g,
+    let admitted = match admit(&state, &headers, shape, (index, ka, None)).await {
+        Ok(admitted) => admitted,
         Err(resp) => return resp,
-    };
-    let acquired = match state
-        .sched
-        .acquire(index, ka, None, || state.counters.oversubscribed())
-        .await
-    {
-        Ok(a) => a,
-        Err(_) => {
-            guard.abandon();
-            return bad(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY);
-        }
     };
     let load_ns = (start.elapsed().as_nanos() as u64).max(1);
     if !state.spec.token_interval.is_zero() {
         tokio::time::sleep(state.spec.token_interval).await;
     }
-    if matches!(fault, Some(Fault::Reset | Fault::MidStreamError)) {
-        drop(acquired);
-        guard.abandon();
-        return bad(
-            shape,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "an error was encountered while running the model: simulated fault",
-        );
+    if matches!(admitted.fault, Some(Fault::Reset | Fault::MidStreamError)) {
+        drop(admitted.slot);
+        admitted.guard.abandon();
+        return reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, MID_STREAM);
     }
     let dim = req
         .dimensions
@@ -603,7 +551,7 @@ async fn embed_answer(
             )
         }
     };
-    drop(acquired);
-    guard.complete();
+    drop(admitted.slot);
+    admitted.guard.complete();
     resp
 }

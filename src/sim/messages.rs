@@ -7,8 +7,6 @@
 //! `message_stop`. Tools: when the request declares tools and its last turn
 //! is not a tool result, the answer is one call of the first tool.
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -16,8 +14,11 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::cloud;
-use super::server::ServerState;
-use super::turn::{self, Ask, J, Step, Turn, event_stream, respond, sse, v};
+use super::events::{Moment, event_stream, feed, sse};
+use super::generation::{Ask, Generation};
+use super::reply::{self, MID_STREAM, Ordered, plain, respond, text_of};
+use super::state::SharedState;
+use super::tools::{self, arguments};
 
 /// An Anthropic error body; `gin` is the middleware's rendering (charset,
 /// no trailing newline), else the handler's (`application/json` + `\n`).
@@ -31,32 +32,19 @@ pub(crate) fn error(status: StatusCode, message: &str, gin: bool) -> Response {
         503 | 529 => "overloaded_error",
         _ => "api_error",
     };
-    let body = J::O(vec![
-        ("type", v("error")),
-        (
-            "error",
-            J::O(vec![("type", v(kind)), ("message", v(message))]),
-        ),
-        ("request_id", v(format!("req_{}", turn::hex(24)))),
-    ]);
-    let mut bytes = turn::bytes(&body);
+    let body = typed(
+        "error",
+        vec![
+            ("error", typed(kind, vec![("message", plain(message))])),
+            ("request_id", plain(format!("req_{}", reply::hex(24)))),
+        ],
+    );
+    let mut bytes = body.to_vec();
     if gin {
         respond(status, "application/json; charset=utf-8", bytes)
     } else {
         bytes.push(b'\n');
         respond(status, "application/json", bytes)
-    }
-}
-
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(blocks) => blocks
-            .iter()
-            .filter_map(|b| b.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
     }
 }
 
@@ -72,13 +60,13 @@ fn tool_to_call(req: &Value) -> Option<(String, Option<String>)> {
         return None;
     }
     let name = tool["name"].as_str()?.to_string();
-    let param = turn::first_param(&tool["input_schema"]);
+    let param = tools::first_param(&tool["input_schema"]);
     Some((name, param))
 }
 
 /// `POST /v1/messages`.
 pub(crate) async fn messages(
-    State(state): State<Arc<ServerState>>,
+    State(state): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -117,155 +105,117 @@ pub(crate) async fn messages(
         limit: req["max_tokens"].as_u64().map(|n| n as usize),
         cloud: cloud::is_cloud(&model),
     };
-    let mut turn = match Turn::start(&state, &headers, ask).await {
+    let mut turn = match Generation::start(&state, &headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return error(status, &msg, false),
     };
     let tool = tool_to_call(&req);
-    let id = format!("msg_{}", turn::hex(24));
+    let id = format!("msg_{}", reply::hex(24));
     if req["stream"] != json!(true) {
         let text = match turn.whole().await {
             Ok(t) => t,
             Err(_) => {
-                let msg = "an error was encountered while running the model: simulated fault";
-                return error(StatusCode::INTERNAL_SERVER_ERROR, msg, false);
+                return error(StatusCode::INTERNAL_SERVER_ERROR, MID_STREAM, false);
             }
         };
         let (content, stop) = match &tool {
-            Some((name, param)) => (J::A(vec![tool_block(name, param, &text, true)]), "tool_use"),
-            None if text.is_empty() => (J::V(Value::Null), stop_reason(&turn)),
+            Some((name, param)) => (
+                Ordered::Array(vec![tool_block(name, param, &text, true)]),
+                "tool_use",
+            ),
+            None if text.is_empty() => (plain(Value::Null), stop_reason(&turn)),
             None => (
-                J::A(vec![J::O(vec![("type", v("text")), ("text", v(text))])]),
+                Ordered::Array(vec![typed("text", vec![("text", plain(text))])]),
                 stop_reason(&turn),
             ),
         };
-        let message = J::O(vec![
-            ("id", v(id)),
-            ("type", v("message")),
-            ("role", v("assistant")),
-            ("model", v(model)),
+        let message = Ordered::Object(vec![
+            ("id", plain(id)),
+            ("type", plain("message")),
+            ("role", plain("assistant")),
+            ("model", plain(model)),
             ("content", content),
-            ("stop_reason", v(stop)),
+            ("stop_reason", plain(stop)),
             ("usage", usage(turn.prompt_tokens, turn.emitted())),
         ]);
-        let mut bytes = turn::bytes(&message);
+        let mut bytes = message.to_vec();
         bytes.push(b'\n');
         return respond(StatusCode::OK, "application/json", bytes);
     }
-    event_stream(move |tx| async move {
-        let send = |name: &str, j: J| sse(name, &turn::bytes(&j));
-        let start = J::O(vec![
-            ("type", v("message_start")),
-            (
-                "message",
-                J::O(vec![
-                    ("id", v(id)),
-                    ("type", v("message")),
-                    ("role", v("assistant")),
-                    ("model", v(model)),
-                    ("content", J::A(vec![])),
+    let mut text = String::new();
+    event_stream(move |tx| {
+        feed(tx, turn, move |moment, turn| match moment {
+            Moment::Open => {
+                let message = Ordered::Object(vec![
+                    ("id", plain(id.clone())),
+                    ("type", plain("message")),
+                    ("role", plain("assistant")),
+                    ("model", plain(model.clone())),
+                    ("content", Ordered::Array(vec![])),
                     ("usage", usage(estimate, 0)),
-                ]),
-            ),
-        ]);
-        let start = sse("message_start", &turn::bytes(&start));
-        let mut opened = false;
-        let mut text = String::new();
-        loop {
-            let step = turn.next().await;
-            let last = !matches!(step, Step::Token(_));
-            let mut out = Vec::new();
-            if !opened && matches!(step, Step::Token(_) | Step::Done) {
-                opened = true;
-                out.push(start.clone());
+                ]);
+                let mut out = vec![event("message_start", vec![("message", message)])];
                 if tool.is_none() {
-                    out.push(send(
-                        "content_block_start",
-                        J::O(vec![
-                            ("type", v("content_block_start")),
-                            ("index", v(0)),
-                            (
-                                "content_block",
-                                J::O(vec![("type", v("text")), ("text", v(""))]),
-                            ),
-                        ]),
-                    ));
+                    out.push(block_start(typed("text", vec![("text", plain(""))])));
                 }
+                out
             }
-            match step {
-                Step::Token(t) if tool.is_some() => text.push_str(&t),
-                Step::Token(t) => out.push(send(
-                    "content_block_delta",
-                    J::O(vec![
-                        ("type", v("content_block_delta")),
-                        ("index", v(0)),
-                        (
-                            "delta",
-                            J::O(vec![("type", v("text_delta")), ("text", v(t))]),
-                        ),
-                    ]),
-                )),
-                Step::Done => {
-                    let stop = match &tool {
-                        Some((name, param)) => {
-                            out.push(send(
-                                "content_block_start",
-                                J::O(vec![
-                                    ("type", v("content_block_start")),
-                                    ("index", v(0)),
-                                    ("content_block", tool_block(name, param, &text, false)),
-                                ]),
-                            ));
-                            out.push(send(
-                                "content_block_delta",
-                                J::O(vec![
-                                    ("type", v("content_block_delta")),
-                                    ("index", v(0)),
-                                    (
-                                        "delta",
-                                        J::O(vec![
-                                            ("type", v("input_json_delta")),
-                                            (
-                                                "partial_json",
-                                                v(arguments(param, &text).to_string()),
-                                            ),
-                                        ]),
-                                    ),
-                                ]),
-                            ));
-                            "tool_use"
-                        }
-                        None => stop_reason(&turn),
-                    };
-                    out.push(send(
-                        "content_block_stop",
-                        J::O(vec![("type", v("content_block_stop")), ("index", v(0))]),
-                    ));
-                    out.push(send(
-                        "message_delta",
-                        J::O(vec![
-                            ("type", v("message_delta")),
-                            ("delta", J::O(vec![("stop_reason", v(stop))])),
-                            ("usage", usage(turn.prompt_tokens, turn.emitted())),
-                        ]),
-                    ));
-                    out.push(send(
-                        "message_stop",
-                        J::O(vec![("type", v("message_stop"))]),
-                    ));
-                }
-                Step::Lost => {}
-                Step::Reset => return turn::reset(&tx).await,
+            Moment::Token(t) if tool.is_some() => {
+                text.push_str(&t);
+                vec![]
             }
-            if !turn::send_all(&tx, out).await || last {
-                return;
+            Moment::Token(t) => vec![block_delta(typed("text_delta", vec![("text", plain(t))]))],
+            Moment::Done => {
+                let mut out = Vec::new();
+                let stop = match &tool {
+                    Some((name, param)) => {
+                        out.push(block_start(tool_block(name, param, &text, false)));
+                        let json = arguments(param, &text).to_string();
+                        let delta = typed("input_json_delta", vec![("partial_json", plain(json))]);
+                        out.push(block_delta(delta));
+                        "tool_use"
+                    }
+                    None => stop_reason(turn),
+                };
+                out.push(event("content_block_stop", vec![("index", plain(0))]));
+                let delta = Ordered::Object(vec![("stop_reason", plain(stop))]);
+                let usage = usage(turn.prompt_tokens, turn.emitted());
+                out.push(event(
+                    "message_delta",
+                    vec![("delta", delta), ("usage", usage)],
+                ));
+                out.push(event("message_stop", vec![]));
+                out
             }
-        }
+        })
     })
     .await
 }
 
-fn stop_reason(turn: &Turn) -> &'static str {
+/// An object whose `type` comes first, then `fields`.
+fn typed(kind: &'static str, mut fields: Vec<(&'static str, Ordered)>) -> Ordered {
+    fields.insert(0, ("type", plain(kind)));
+    Ordered::Object(fields)
+}
+
+/// One event: its name is its `type`.
+fn event(kind: &'static str, fields: Vec<(&'static str, Ordered)>) -> Bytes {
+    sse(kind, &typed(kind, fields).to_vec())
+}
+
+fn block_start(block: Ordered) -> Bytes {
+    let fields = vec![("index", plain(0)), ("content_block", block)];
+    event("content_block_start", fields)
+}
+
+fn block_delta(delta: Ordered) -> Bytes {
+    event(
+        "content_block_delta",
+        vec![("index", plain(0)), ("delta", delta)],
+    )
+}
+
+fn stop_reason(turn: &Generation) -> &'static str {
     if turn.length_limited {
         "max_tokens"
     } else {
@@ -273,30 +223,23 @@ fn stop_reason(turn: &Turn) -> &'static str {
     }
 }
 
-fn usage(input: u64, output: u64) -> J {
-    J::O(vec![
-        ("input_tokens", v(input)),
-        ("output_tokens", v(output)),
+fn usage(input: u64, output: u64) -> Ordered {
+    Ordered::Object(vec![
+        ("input_tokens", plain(input)),
+        ("output_tokens", plain(output)),
     ])
 }
 
-fn arguments(param: &Option<String>, text: &str) -> Value {
-    match param {
-        Some(p) => json!({ p: text.trim() }),
-        None => json!({}),
-    }
-}
-
-fn tool_block(name: &str, param: &Option<String>, text: &str, whole: bool) -> J {
+fn tool_block(name: &str, param: &Option<String>, text: &str, whole: bool) -> Ordered {
     let input = if whole {
         arguments(param, text)
     } else {
         json!({})
     };
-    J::O(vec![
-        ("type", v("tool_use")),
-        ("id", v(turn::call_id())),
-        ("name", v(name)),
-        ("input", J::V(input)),
-    ])
+    let fields = vec![
+        ("id", plain(tools::call_id())),
+        ("name", plain(name)),
+        ("input", plain(input)),
+    ];
+    typed("tool_use", fields)
 }

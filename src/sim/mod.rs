@@ -3,20 +3,27 @@
 //!
 //! # Layout
 //!
+//! Imports point one way: `server` → `routes` → the handlers → the
+//! generator, the framing helpers and `state`.
+//!
 //! - [`spec`]: what a server is ([`ServerSpec`], [`ModelSpec`], [`FaultSpec`])
 //!   and the TOML fleet file ([`FleetSpec`]).
-//! - [`server`]: the accept loop and the [`SimServer`] handle (kill, restart).
+//! - [`server`]: the accept loop and the [`SimServer`] handle (kill, restart);
+//!   `state`: what the handlers of one server share.
 //! - `routes`: the router, Host check, listing endpoints; `inference`: the
-//!   generate/chat/embed handlers; `answer`: one answer in progress.
+//!   generate/chat/embed handlers, answered by `completion`.
+//! - `messages` (Anthropic), `responses` (OpenAI Responses, with per-server
+//!   history), `audio` (transcriptions, speech): the endpoints Ollama layers
+//!   on chat; `cloud`: cloud names and access, zstd bodies, `/api/status`
+//!   and the cloud answers.
+//! - `generation`: the one token generator every answer runs (pacing,
+//!   mid-stream faults, the slot it holds). `reply`: wire shapes and error
+//!   texts; `events`: SSE streams; `tools`: the simulated tool call.
 //! - `sched`: slots, load queue, keep-alive, `max_loaded` and reloads.
 //!   `cache`: the per-slot and host-memory prompt cache; `tokens`: the
 //!   deterministic tokenizer and prompt rendering. `name`: model-name matching.
 //! - [`generate`]: deterministic tokens and embeddings, wire shapes.
 //! - [`faults`]: the deterministic fault plan. [`stats`]: the counters.
-//! - `messages` (Anthropic), `responses` (OpenAI Responses, with per-server
-//!   history), `audio` (transcriptions, speech): the newer endpoints, on
-//!   `turn` (one generated turn); `cloud`: cloud names and access, zstd
-//!   bodies, `/api/status`.
 //!
 //! A request: count it and check `Host` → parse and validate (exact Ollama
 //! errors) → pick a fault → take a slot (loading the model through the load
@@ -25,12 +32,14 @@
 //! the first token. Dropping the handler future or body (client gone) frees
 //! the slot and counts a cancel.
 
-mod answer;
 mod audio;
 mod cache;
 mod cloud;
+mod completion;
+mod events;
 pub mod faults;
 pub mod generate;
+mod generation;
 mod inference;
 mod messages;
 mod name;
@@ -40,9 +49,10 @@ mod routes;
 mod sched;
 pub mod server;
 pub mod spec;
+mod state;
 pub mod stats;
 pub mod tokens;
-mod turn;
+mod tools;
 
 use std::future::Future;
 use std::io::Write;
@@ -84,7 +94,7 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
     } else {
         Duration::ZERO
     };
-    let spec = ServerSpec {
+    ServerSpec {
         models: args.models.iter().map(|m| ModelSpec::named(m)).collect(),
         loaded: args.loaded.clone(),
         parallel: args.parallel,
@@ -113,18 +123,14 @@ pub fn spec_from_args(args: &SimArgs) -> ServerSpec {
             lifetime: args.lifetime,
             start_delay: args.start_delay,
         },
-        ..ServerSpec::default()
-    };
-    ServerSpec {
         version: args.ollama_version.clone(),
         cloud_models: args.cloud_models.clone(),
         cloud: match args.cloud.as_str() {
-            "signed-out" => spec::CloudAccess::SignedOut,
-            "disabled" => spec::CloudAccess::Disabled,
-            "rate-limited" => spec::CloudAccess::RateLimited,
-            _ => spec::CloudAccess::SignedIn,
+            "signed-out" => CloudAccess::SignedOut,
+            "disabled" => CloudAccess::Disabled,
+            "rate-limited" => CloudAccess::RateLimited,
+            _ => CloudAccess::SignedIn,
         },
-        ..spec
     }
 }
 

@@ -1,5 +1,6 @@
-//! Response helpers: Ollama's native JSON and error shapes, the OpenAI ones
-//! of `/v1`, and request-body parsing with Go-decoder-like messages.
+//! Response helpers: Ollama's native JSON and error shapes and texts, the
+//! OpenAI ones of `/v1`, JSON in Go struct order ([`Ordered`]), random
+//! hex ids, and request-body parsing with Go-decoder-like messages.
 
 use axum::body::Body;
 use axum::http::{StatusCode, header};
@@ -7,6 +8,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde_json::Value;
 
 /// Which error shape a path answers with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,7 +23,14 @@ pub enum Shape {
 /// Busy text, two spaces included, as Ollama has it.
 pub const BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
 
-fn with_body(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response {
+/// The injected error before any byte.
+pub const RUNNER_DIED: &str = "llama runner process has terminated: simulated fault";
+
+/// The injected error after some tokens.
+pub const MID_STREAM: &str = "an error was encountered while running the model: simulated fault";
+
+/// A response with this status, content type and body.
+pub fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
@@ -31,14 +41,14 @@ fn with_body(status: StatusCode, content_type: &'static str, body: impl Into<Bod
 /// Native JSON (gin): `application/json; charset=utf-8`, no trailing newline.
 pub fn native_json(status: StatusCode, value: &impl Serialize) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_default();
-    with_body(status, "application/json; charset=utf-8", body)
+    respond(status, "application/json; charset=utf-8", body)
 }
 
 /// `/v1` JSON: `application/json` with a trailing newline.
 pub fn v1_json(status: StatusCode, value: &impl Serialize) -> Response {
     let mut body = serde_json::to_vec(value).unwrap_or_default();
     body.push(b'\n');
-    with_body(status, "application/json", body)
+    respond(status, "application/json", body)
 }
 
 /// An error in the given shape.
@@ -63,12 +73,77 @@ pub fn error(shape: Shape, status: StatusCode, message: &str) -> Response {
 
 /// A plain-text answer (`/`, 404, 405).
 pub fn text(status: StatusCode, body: &'static str) -> Response {
-    with_body(status, "text/plain; charset=utf-8", body)
+    respond(status, "text/plain; charset=utf-8", body)
 }
 
 /// A streaming body of already-framed chunks.
 pub fn stream(content_type: &'static str, body: Body) -> Response {
-    with_body(StatusCode::OK, content_type, body)
+    respond(StatusCode::OK, content_type, body)
+}
+
+/// JSON with keys in the order given (Go struct order), whatever
+/// serde_json's map type is.
+pub(crate) enum Ordered {
+    /// Any value, written as serde_json writes it.
+    Plain(Value),
+    /// An object, keys in this order.
+    Object(Vec<(&'static str, Ordered)>),
+    /// An array.
+    Array(Vec<Ordered>),
+}
+
+/// A plain value as [`Ordered`].
+pub(crate) fn plain(value: impl Into<Value>) -> Ordered {
+    Ordered::Plain(value.into())
+}
+
+impl Ordered {
+    /// The JSON text.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Serialize for Ordered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Ordered::Plain(v) => v.serialize(s),
+            Ordered::Object(pairs) => {
+                let mut map = s.serialize_map(Some(pairs.len()))?;
+                for (k, v) in pairs {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+            Ordered::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for v in items {
+                    seq.serialize_element(v)?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+/// Random lowercase hex digits.
+pub(crate) fn hex(digits: usize) -> String {
+    (0..digits)
+        .map(|_| char::from_digit(rand::random::<u32>() % 16, 16).unwrap_or('0'))
+        .collect()
+}
+
+/// The text of a message's content: a string, or the `text` of its parts.
+pub(crate) fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
 }
 
 /// Parses a request body as Ollama would: 400 `missing request body` (or
@@ -96,10 +171,10 @@ fn go_message(e: &serde_json::Error, body: &[u8]) -> String {
     match e.classify() {
         Category::Eof => "unexpected EOF".into(),
         Category::Syntax => {
-            // serde_json's column is 1-based and points at the bad byte on its line.
+            // serde_json's column is 1-based and points at the offending byte on its line.
             let line = body.split(|&b| b == b'\n').nth(e.line().saturating_sub(1));
-            let bad = line.and_then(|l| l.get(e.column().saturating_sub(1)).copied());
-            match bad {
+            let offending = line.and_then(|l| l.get(e.column().saturating_sub(1)).copied());
+            match offending {
                 Some(b) if b.is_ascii_graphic() => {
                     format!(
                         "invalid character '{}' looking for beginning of value",

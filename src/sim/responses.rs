@@ -8,76 +8,21 @@
 //! gets Ollama's 404. A mid-stream failure is lost: the stream ends without
 //! `response.completed`.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 use super::cloud;
-use super::reply::{self, Shape};
-use super::server::ServerState;
-use super::turn::{self, Ask, J, Step, Turn, event_stream, respond, sorted, sse, v};
-
-/// How long a response is kept.
-const TTL: Duration = Duration::from_secs(30 * 60);
-/// Responses kept at most.
-const CAPACITY: usize = 1024;
+use super::events::{Moment, event_stream, feed, sse};
+use super::generation::{Ask, Generation};
+use super::reply::{self, MID_STREAM, Ordered, Shape, plain, respond, text_of};
+use super::state::{ServerState, SharedState};
+use super::tools;
 
 /// The 404 for an unknown or expired `previous_response_id`.
 pub(crate) const NOT_FOUND: &str = r#"{"error":{"type":"invalid_request_error","code":"previous_response_not_found","param":"previous_response_id","message":"previous_response_id was not found or has expired; resend the full conversation"}}"#;
-
-/// The responses one server keeps: the conversation text so far, by
-/// (response id, `Authorization`).
-#[derive(Default)]
-pub(crate) struct History {
-    inner: Mutex<Kept>,
-}
-
-/// The kept conversations and their keys, oldest first.
-#[derive(Default)]
-struct Kept {
-    by_key: HashMap<(String, String), (String, Instant)>,
-    order: VecDeque<(String, String)>,
-}
-
-impl History {
-    fn get(&self, id: &str, auth: &str) -> Option<String> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (text, at) = inner.by_key.get(&(id.to_string(), auth.to_string()))?;
-        (at.elapsed() < TTL).then(|| text.clone())
-    }
-
-    fn put(&self, id: String, auth: String, text: String) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (id, auth);
-        inner.order.push_back(key.clone());
-        inner.by_key.insert(key, (text, Instant::now()));
-        while inner.by_key.len() > CAPACITY {
-            let Some(old) = inner.order.pop_front() else {
-                break;
-            };
-            inner.by_key.remove(&old);
-        }
-    }
-}
-
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
-    }
-}
 
 /// The last user text and all the text of `input`, and whether its last
 /// item is a function call's output.
@@ -111,7 +56,7 @@ fn read_input(input: &Value) -> (String, String, bool) {
 }
 
 fn uuid() -> String {
-    let h = turn::hex(32);
+    let h = reply::hex(32);
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],
@@ -136,93 +81,111 @@ struct Echo {
     created_at: i64,
 }
 
-fn usage(input: u64, output: u64) -> J {
-    J::O(vec![
-        ("input_tokens", v(input)),
-        ("output_tokens", v(output)),
-        ("total_tokens", v(input + output)),
-        ("input_tokens_details", J::O(vec![("cached_tokens", v(0))])),
+fn usage(input: u64, output: u64) -> Ordered {
+    Ordered::Object(vec![
+        ("input_tokens", plain(input)),
+        ("output_tokens", plain(output)),
+        ("total_tokens", plain(input + output)),
+        (
+            "input_tokens_details",
+            Ordered::Object(vec![("cached_tokens", plain(0))]),
+        ),
         (
             "output_tokens_details",
-            J::O(vec![("reasoning_tokens", v(0))]),
+            Ordered::Object(vec![("reasoning_tokens", plain(0))]),
         ),
     ])
 }
 
 /// The response object in Go struct order.
-fn response(e: &Echo, status: &str, completed: bool, output: Vec<J>, usage: J) -> J {
-    J::O(vec![
-        ("id", v(e.id.clone())),
-        ("object", v("response")),
-        ("created_at", v(e.created_at)),
+fn response(
+    e: &Echo,
+    status: &str,
+    completed: bool,
+    output: Vec<Ordered>,
+    usage: Ordered,
+) -> Ordered {
+    Ordered::Object(vec![
+        ("id", plain(e.id.clone())),
+        ("object", plain("response")),
+        ("created_at", plain(e.created_at)),
         (
             "completed_at",
             if completed {
-                v(chrono::Utc::now().timestamp())
+                plain(chrono::Utc::now().timestamp())
             } else {
-                v(Value::Null)
+                plain(Value::Null)
             },
         ),
-        ("status", v(status)),
-        ("incomplete_details", v(Value::Null)),
-        ("model", v(e.model.clone())),
-        ("previous_response_id", v(e.previous.clone())),
-        ("instructions", v(e.instructions.clone())),
-        ("output", J::A(output)),
-        ("error", v(Value::Null)),
-        ("tools", v(e.tools.clone())),
-        ("tool_choice", v("auto")),
-        ("truncation", v("disabled")),
-        ("parallel_tool_calls", v(true)),
+        ("status", plain(status)),
+        ("incomplete_details", plain(Value::Null)),
+        ("model", plain(e.model.clone())),
+        ("previous_response_id", plain(e.previous.clone())),
+        ("instructions", plain(e.instructions.clone())),
+        ("output", Ordered::Array(output)),
+        ("error", plain(Value::Null)),
+        ("tools", plain(e.tools.clone())),
+        ("tool_choice", plain("auto")),
+        ("truncation", plain("disabled")),
+        ("parallel_tool_calls", plain(true)),
         (
             "text",
-            J::O(vec![("format", J::O(vec![("type", v("text"))]))]),
+            Ordered::Object(vec![(
+                "format",
+                Ordered::Object(vec![("type", plain("text"))]),
+            )]),
         ),
-        ("top_p", v(e.top_p.clone())),
-        ("presence_penalty", v(0)),
-        ("frequency_penalty", v(0)),
-        ("top_logprobs", v(0)),
-        ("temperature", v(e.temperature.clone())),
-        ("reasoning", v(Value::Null)),
+        ("top_p", plain(e.top_p.clone())),
+        ("presence_penalty", plain(0)),
+        ("frequency_penalty", plain(0)),
+        ("top_logprobs", plain(0)),
+        ("temperature", plain(e.temperature.clone())),
+        ("reasoning", plain(Value::Null)),
         ("usage", usage),
-        ("max_output_tokens", v(e.max_output_tokens.clone())),
-        ("max_tool_calls", v(Value::Null)),
-        ("store", v(e.store)),
-        ("background", v(false)),
-        ("service_tier", v("default")),
-        ("metadata", v(json!({}))),
-        ("safety_identifier", v(Value::Null)),
-        ("prompt_cache_key", v(Value::Null)),
+        ("max_output_tokens", plain(e.max_output_tokens.clone())),
+        ("max_tool_calls", plain(Value::Null)),
+        ("store", plain(e.store)),
+        ("background", plain(false)),
+        ("service_tier", plain("default")),
+        ("metadata", plain(json!({}))),
+        ("safety_identifier", plain(Value::Null)),
+        ("prompt_cache_key", plain(Value::Null)),
     ])
 }
 
-fn text_part(text: &str) -> J {
-    J::O(vec![
-        ("type", v("output_text")),
-        ("text", v(text)),
-        ("annotations", v(json!([]))),
-        ("logprobs", v(json!([]))),
+fn text_part(text: &str) -> Ordered {
+    Ordered::Object(vec![
+        ("type", plain("output_text")),
+        ("text", plain(text)),
+        ("annotations", plain(json!([]))),
+        ("logprobs", plain(json!([]))),
     ])
 }
 
-fn message_item(id: &str, status: &str, text: Option<&str>) -> J {
-    J::O(vec![
-        ("id", v(id)),
-        ("type", v("message")),
-        ("status", v(status)),
-        ("role", v("assistant")),
-        ("content", J::A(text.map(text_part).into_iter().collect())),
+fn message_item(id: &str, status: &str, text: Option<&str>) -> Ordered {
+    Ordered::Object(vec![
+        ("id", plain(id)),
+        ("type", plain("message")),
+        ("status", plain(status)),
+        ("role", plain("assistant")),
+        (
+            "content",
+            Ordered::Array(text.map(text_part).into_iter().collect()),
+        ),
     ])
 }
 
-fn call_item(id: &str, call_id: &str, name: &str, args: &str, done: bool) -> J {
-    J::O(vec![
-        ("id", v(id)),
-        ("type", v("function_call")),
-        ("status", v(if done { "completed" } else { "in_progress" })),
-        ("call_id", v(call_id)),
-        ("name", v(name)),
-        ("arguments", v(if done { args } else { "" })),
+fn call_item(id: &str, call_id: &str, name: &str, args: &str, done: bool) -> Ordered {
+    Ordered::Object(vec![
+        ("id", plain(id)),
+        ("type", plain("function_call")),
+        (
+            "status",
+            plain(if done { "completed" } else { "in_progress" }),
+        ),
+        ("call_id", plain(call_id)),
+        ("name", plain(name)),
+        ("arguments", plain(if done { args } else { "" })),
     ])
 }
 
@@ -237,15 +200,8 @@ fn tool_to_call(req: &Value, answered: bool) -> Option<(String, Option<String>)>
         .iter()
         .find(|t| t["type"] == "function")?;
     let name = tool["name"].as_str()?.to_string();
-    let param = turn::first_param(&tool["parameters"]);
+    let param = tools::first_param(&tool["parameters"]);
     Some((name, param))
-}
-
-fn arguments(param: &Option<String>, text: &str) -> String {
-    match param {
-        Some(p) => json!({ p: text.trim() }).to_string(),
-        None => "{}".into(),
-    }
 }
 
 fn openai_error(status: StatusCode, msg: &str) -> Response {
@@ -254,7 +210,7 @@ fn openai_error(status: StatusCode, msg: &str) -> Response {
 
 /// `POST /v1/responses`.
 pub(crate) async fn responses(
-    State(state): State<Arc<ServerState>>,
+    State(state): SharedState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -295,7 +251,7 @@ pub(crate) async fn responses(
         limit: req["max_output_tokens"].as_u64().map(|n| n as usize),
         cloud: cloud::is_cloud(&model),
     };
-    let mut turn = match Turn::start(&state, &headers, ask).await {
+    let mut turn = match Generation::start(&state, &headers, ask).await {
         Ok(t) => t,
         Err((status, msg)) => return openai_error(status, &msg),
     };
@@ -336,8 +292,7 @@ pub(crate) async fn responses(
         let out = match turn.whole().await {
             Ok(t) => t,
             Err(_) => {
-                let msg = "an error was encountered while running the model: simulated fault";
-                return openai_error(StatusCode::INTERNAL_SERVER_ERROR, msg);
+                return openai_error(StatusCode::INTERNAL_SERVER_ERROR, MID_STREAM);
             }
         };
         let output = match &tool {
@@ -345,9 +300,9 @@ pub(crate) async fn responses(
                 let id = format!("fc_{}_0", echo.id);
                 vec![call_item(
                     &id,
-                    &turn::call_id(),
+                    &tools::call_id(),
                     name,
-                    &arguments(param, &out),
+                    &tools::arguments(param, &out).to_string(),
                     true,
                 )]
             }
@@ -361,42 +316,32 @@ pub(crate) async fn responses(
             output,
             usage(turn.prompt_tokens, turn.emitted()),
         );
-        let mut bytes = turn::bytes(&whole);
+        let mut bytes = whole.to_vec();
         bytes.push(b'\n');
         return respond(StatusCode::OK, "application/json", bytes);
     }
-    event_stream(move |tx| async move {
-        let mut seq = 0u64;
-        let mut frame = |kind: &str, mut data: Value| {
-            data["type"] = json!(kind);
-            data["sequence_number"] = json!(seq);
-            seq += 1;
-            sse(kind, &serde_json::to_vec(&sorted(data)).unwrap_or_default())
-        };
-        let value = |j: J| serde_json::to_value(&j).unwrap_or_default();
-        let mut text = String::new();
-        let mut opened = false;
-        loop {
-            let step = turn.next().await;
-            let last = !matches!(step, Step::Token(_));
+    let mut seq = 0u64;
+    let mut text = String::new();
+    event_stream(move |tx| {
+        feed(tx, turn, move |moment, turn| {
+            let mut frame = |kind: &str, data: Value| numbered(&mut seq, kind, data);
             let mut out = Vec::new();
-            if !opened && matches!(step, Step::Token(_) | Step::Done) {
-                opened = true;
-                let r = value(response(&echo, "in_progress", false, vec![], J::V(Value::Null)));
-                out.push(frame("response.created", json!({ "response": r })));
-                out.push(frame("response.in_progress", json!({ "response": r })));
-                if tool.is_none() {
-                    let item = value(message_item(&msg_id, "in_progress", None));
-                    out.push(frame("response.output_item.added", json!({"item": item, "output_index": 0})));
-                    let part = value(text_part(""));
-                    out.push(frame(
-                        "response.content_part.added",
-                        json!({"content_index": 0, "item_id": msg_id, "output_index": 0, "part": part}),
-                    ));
+            match moment {
+                Moment::Open => {
+                    let r = value(response(&echo, "in_progress", false, vec![], plain(Value::Null)));
+                    out.push(frame("response.created", json!({ "response": r })));
+                    out.push(frame("response.in_progress", json!({ "response": r })));
+                    if tool.is_none() {
+                        let item = value(message_item(&msg_id, "in_progress", None));
+                        out.push(frame("response.output_item.added", json!({"item": item, "output_index": 0})));
+                        let part = value(text_part(""));
+                        out.push(frame(
+                            "response.content_part.added",
+                            json!({"content_index": 0, "item_id": msg_id, "output_index": 0, "part": part}),
+                        ));
+                    }
                 }
-            }
-            match step {
-                Step::Token(t) => {
+                Moment::Token(t) => {
                     text.push_str(&t);
                     if tool.is_none() {
                         out.push(frame(
@@ -405,11 +350,11 @@ pub(crate) async fn responses(
                         ));
                     }
                 }
-                Step::Done => {
+                Moment::Done => {
                     let item = match &tool {
                         Some((name, param)) => {
-                            let (id, call) = (format!("fc_{}_0", turn::hex(8)), turn::call_id());
-                            let args = arguments(param, &text);
+                            let (id, call) = (format!("fc_{}_0", reply::hex(8)), tools::call_id());
+                            let args = tools::arguments(param, &text).to_string();
                             out.push(frame(
                                 "response.output_item.added",
                                 json!({"item": value(call_item(&id, &call, name, &args, false)), "output_index": 0}),
@@ -441,16 +386,27 @@ pub(crate) async fn responses(
                         }
                     };
                     keep(&state, &echo, &text);
-                    let r = value(response(&echo, "completed", true, vec![J::V(item)], usage(turn.prompt_tokens, turn.emitted())));
+                    let usage = usage(turn.prompt_tokens, turn.emitted());
+                    let r = value(response(&echo, "completed", true, vec![plain(item)], usage));
                     out.push(frame("response.completed", json!({ "response": r })));
                 }
-                Step::Lost => {}
-                Step::Reset => return turn::reset(&tx).await,
             }
-            if !turn::send_all(&tx, out).await || last {
-                return;
-            }
-        }
+            out
+        })
     })
     .await
+}
+
+/// One streamed event: `type` and `sequence_number` added, keys sorted.
+fn numbered(seq: &mut u64, kind: &str, mut data: Value) -> Bytes {
+    data["type"] = json!(kind);
+    data["sequence_number"] = json!(*seq);
+    *seq += 1;
+    data.sort_all_objects();
+    sse(kind, &serde_json::to_vec(&data).unwrap_or_default())
+}
+
+/// An ordered value as a plain one, to be sorted.
+fn value(ordered: Ordered) -> Value {
+    serde_json::to_value(&ordered).unwrap_or_default()
 }

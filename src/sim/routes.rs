@@ -20,11 +20,9 @@ use serde_json::{Value, json};
 use super::generate::local_rfc3339;
 use super::name::Name;
 use super::reply::{self, Shape, native_json, text, v1_json};
-use super::server::ServerState;
 use super::spec::ModelSpec;
+use super::state::{ServerState, SharedState};
 use super::{audio, cloud, inference, messages, responses};
-
-type St = State<Arc<ServerState>>;
 
 /// Every route of a simulated Ollama server.
 pub(crate) fn router(state: Arc<ServerState>) -> Router {
@@ -66,7 +64,7 @@ pub(crate) fn router(state: Arc<ServerState>) -> Router {
         .with_state(state)
 }
 
-async fn count_and_check(State(state): St, req: Request, next: Next) -> Response {
+async fn count_and_check(State(state): SharedState, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path != "/__sim/stats" {
         state.counters.request(path);
@@ -114,11 +112,11 @@ async fn root() -> Response {
     text(StatusCode::OK, "Ollama is running")
 }
 
-async fn version(State(state): St) -> Response {
+async fn version(State(state): SharedState) -> Response {
     native_json(StatusCode::OK, &json!({ "version": state.spec.version }))
 }
 
-async fn sim_stats(State(state): St) -> Response {
+async fn sim_stats(State(state): SharedState) -> Response {
     native_json(StatusCode::OK, &state.counters.snapshot())
 }
 
@@ -156,7 +154,7 @@ fn capabilities(m: &ModelSpec) -> Value {
     }
 }
 
-async fn tags(State(state): St) -> Response {
+async fn tags(State(state): SharedState) -> Response {
     let models: Vec<Value> = state
         .spec
         .models
@@ -178,7 +176,7 @@ async fn tags(State(state): St) -> Response {
     native_json(StatusCode::OK, &json!({ "models": models }))
 }
 
-async fn ps(State(state): St) -> Response {
+async fn ps(State(state): SharedState) -> Response {
     let models: Vec<Value> = state
         .sched
         .loaded()
@@ -206,7 +204,7 @@ struct NameReq {
     name: Option<String>,
 }
 
-async fn show(State(state): St, body: Bytes) -> Response {
+async fn show(State(state): SharedState, body: Bytes) -> Response {
     let req: NameReq = match reply::parse(Shape::Native, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -242,10 +240,10 @@ async fn show(State(state): St, body: Bytes) -> Response {
 
 async fn progress(body: Bytes) -> Response {
     #[derive(Deserialize)]
-    struct P {
+    struct Progress {
         stream: Option<bool>,
     }
-    let req: P = match reply::parse(Shape::Native, &body) {
+    let req: Progress = match reply::parse(Shape::Native, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -270,7 +268,7 @@ fn v1_entry(state: &ServerState, i: usize, id: String) -> Value {
             "owned_by": state.names[i].namespace() })
 }
 
-async fn v1_models(State(state): St) -> Response {
+async fn v1_models(State(state): SharedState) -> Response {
     let data: Vec<Value> = (0..state.names.len())
         .map(|i| v1_entry(&state, i, state.names[i].display()))
         .collect();
@@ -282,7 +280,7 @@ async fn v1_models(State(state): St) -> Response {
     v1_json(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
 
-async fn v1_model(State(state): St, Path(model): Path<String>) -> Response {
+async fn v1_model(State(state): SharedState, Path(model): Path<String>) -> Response {
     match Name::parse(&model).and_then(|n| state.find(&n)) {
         Some(i) => v1_json(StatusCode::OK, &v1_entry(&state, i, model)),
         None => reply::error(

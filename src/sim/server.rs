@@ -1,10 +1,10 @@
-//! One simulated server: its shared state, its own accept loop (so that
-//! `kill` can drop every live connection at once) and the [`SimServer`]
-//! handle. Each connection task is owned by a `TaskTracker` and stops when
-//! the server's `CancellationToken` fires.
+//! One simulated server: its own accept loop (so that `kill` can drop
+//! every live connection at once) and the [`SimServer`] handle. Each
+//! connection task is owned by a `TaskTracker` and stops when the server's
+//! `CancellationToken` fires.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,93 +15,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::cache::PromptCache;
-use super::name::Name;
 use super::routes;
-use super::sched::{ModelInit, Scheduler};
-use super::spec::{FaultSpec, ModelSpec, ServerSpec};
-use super::stats::{Counters, Stats};
-
-/// What the handlers of one server incarnation share.
-pub(crate) struct ServerState {
-    pub spec: ServerSpec,
-    /// Parsed names of `spec.models`, same order.
-    pub names: Vec<Name>,
-    /// Faults can change at run time (`set_faults`); read once per request.
-    pub faults: Mutex<FaultSpec>,
-    pub counters: Counters,
-    /// Inference requests seen, the `n` of the fault plan.
-    pub inference_seq: AtomicU64,
-    pub sched: Arc<Scheduler>,
-    pub prompt_cache: Arc<PromptCache>,
-    /// Host check applies (check_host and a loopback listener).
-    pub check_host: bool,
-    /// The Responses this server keeps for `previous_response_id`.
-    pub responses: super::responses::History,
-}
-
-impl ServerState {
-    fn new(spec: ServerSpec, addr: SocketAddr) -> ServerState {
-        let names: Vec<Name> = spec
-            .models
-            .iter()
-            .map(|m| Name::parse(&m.name).unwrap_or_else(|| Name::parse("invalid").expect("valid")))
-            .collect();
-        let models = spec
-            .models
-            .iter()
-            .zip(&names)
-            .map(|(m, n)| ModelInit {
-                cap: if m.embedding_only { 1 } else { usize::MAX },
-                loaded: spec
-                    .loaded
-                    .iter()
-                    .filter_map(|l| Name::parse(l))
-                    .any(|l| l.matches(n)),
-                load_time: m.load_time.unwrap_or(spec.load_time),
-                default_ctx: m.context_length,
-            })
-            .collect();
-        let counters = Counters::default();
-        let sched = Scheduler::new(
-            models,
-            spec.parallel,
-            spec.max_queue,
-            spec.max_loaded,
-            spec.keep_alive,
-            counters.clone(),
-        );
-        ServerState {
-            check_host: spec.check_host && addr.ip().is_loopback(),
-            faults: Mutex::new(spec.faults.clone()),
-            names,
-            prompt_cache: PromptCache::new(spec.parallel, spec.prompt_cache),
-            counters,
-            inference_seq: AtomicU64::new(0),
-            sched,
-            responses: Default::default(),
-            spec,
-        }
-    }
-
-    /// The index of the model `name` matches.
-    pub fn find(&self, name: &Name) -> Option<usize> {
-        self.names.iter().position(|n| n.matches(name))
-    }
-
-    /// The spec of model `index`.
-    pub fn model(&self, index: usize) -> &ModelSpec {
-        &self.spec.models[index]
-    }
-
-    /// Current fault rates.
-    pub fn faults(&self) -> FaultSpec {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
+use super::spec::{FaultSpec, ServerSpec};
+use super::state::ServerState;
+use super::stats::Stats;
 
 /// One life of a server, from listen to kill.
 struct Life {
@@ -218,7 +135,7 @@ impl SimServer {
     /// Replaces the fault rates of the running server (`lifetime` and
     /// `start_delay` are ignored here).
     pub fn set_faults(&self, faults: FaultSpec) {
-        self.life(|l| *l.state.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults);
+        self.life(|l| l.state.set_faults(faults));
     }
 
     /// Like the process dying: the listener closes and every open connection

@@ -1,8 +1,8 @@
-//! One text answer in progress (generate, chat, `/v1` chat and completions):
-//! tokens paced by `token_interval`, framed as NDJSON lines or SSE events,
-//! with reset and mid-stream faults at the halfway token. The [`Answer`]
-//! owns the slot and the in-flight guard, so dropping it (the client went
-//! away) stops generation, frees the slot and counts a cancel.
+//! The answers of generate, chat, `/v1` chat and `/v1` completions: a
+//! [`Generation`]'s tokens framed as NDJSON lines, SSE events or one whole
+//! object, with the mid-stream fault in each API's shape. The
+//! [`Completion`] owns the generation, so dropping it (the client went
+//! away) stops it, frees the slot and counts a cancel.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -15,14 +15,10 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::cache::Lease;
-use super::faults::Fault;
-use super::generate::{
-    Message, Metrics, NativeChunk, SSE_DONE, Tokens, ndjson_line, now_rfc3339, sse_event,
-};
-use super::reply::{self, Shape};
-use super::sched::Slot;
-use super::stats::InferenceGuard;
+use super::events::connection_reset;
+use super::generate::{Metrics, NativeChunk, SSE_DONE, ndjson_line, now_rfc3339, sse_event};
+use super::generation::{Generation, Step};
+use super::reply::{self, MID_STREAM, Shape};
 
 /// Which API an answer speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,21 +38,14 @@ impl Api {
     }
 }
 
-/// What was asked.
+/// What was asked, beyond the tokens.
 pub(crate) struct Job {
     pub api: Api,
     /// Model string as sent (echoed).
     pub model: String,
-    /// Text the output is derived from.
-    pub input: String,
-    /// Tokens of the rendered prompt.
-    pub prompt_tokens: u64,
-    /// Of those, evaluated (not found in the prompt cache), and how long that took.
+    /// Prompt tokens evaluated (not found in the prompt cache), and how long that took.
     pub prompt_eval_count: u64,
     pub prompt_eval_ns: u64,
-    pub tokens: usize,
-    /// `num_predict` / `max_tokens` was given: `done_reason` is `length`.
-    pub length_limited: bool,
     pub stream: bool,
     pub include_usage: bool,
     /// Generate `raw`: no `context`.
@@ -64,40 +53,22 @@ pub(crate) struct Job {
     pub keep_alive: Option<Option<Duration>>,
 }
 
-/// An answer being generated.
-pub(crate) struct Answer {
+/// A completion being answered.
+pub(crate) struct Completion {
     job: Job,
-    tokens: Tokens,
-    emitted: usize,
-    interval: Duration,
+    generation: Generation,
+    /// When the request arrived.
     start: Instant,
-    gen_start: Instant,
     load_ns: u64,
-    fault: Option<Fault>,
-    guard: Option<InferenceGuard>,
-    // Before `slot`: the slot's memory is stored before the slot is freed.
-    lease: Option<Lease>,
-    slot: Option<Slot>,
     queue: VecDeque<Bytes>,
     finished: bool,
     id: String,
     created: i64,
 }
 
-const MID_STREAM: &str = "an error was encountered while running the model: simulated fault";
-
-impl Answer {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        job: Job,
-        seed: u64,
-        interval: Duration,
-        start: Instant,
-        fault: Option<Fault>,
-        guard: InferenceGuard,
-        (lease, slot): (Lease, Slot),
-        seq: u64,
-    ) -> Answer {
+impl Completion {
+    /// `start` is when the request arrived; `seq` numbers the `/v1` id.
+    pub(crate) fn new(job: Job, generation: Generation, start: Instant, seq: u64) -> Completion {
         let prefix = if job.api == Api::V1Completions {
             "cmpl"
         } else {
@@ -106,60 +77,15 @@ impl Answer {
         let load_ns = (start.elapsed().as_nanos() as u64)
             .saturating_sub(job.prompt_eval_ns)
             .max(1);
-        Answer {
-            tokens: Tokens::new(seed, &job.model, &job.input),
+        Completion {
             job,
-            emitted: 0,
-            interval,
+            generation,
             load_ns,
             start,
-            gen_start: Instant::now(),
-            fault,
-            guard: Some(guard),
-            lease: Some(lease),
-            slot: Some(slot),
             queue: VecDeque::new(),
             finished: false,
             id: format!("{prefix}-{}", seq % 999),
             created: chrono::Utc::now().timestamp(),
-        }
-    }
-
-    /// The token index after which a reset or mid-stream fault strikes.
-    fn fault_at(&self) -> usize {
-        (self.job.tokens / 2).max(1)
-    }
-
-    async fn next_token(&mut self) -> String {
-        self.emitted += 1;
-        if !self.interval.is_zero() {
-            tokio::time::sleep_until(self.gen_start + self.interval * self.emitted as u32).await;
-        }
-        let tok = self.tokens.next_token();
-        if let Some(l) = &mut self.lease {
-            l.output(&tok);
-        }
-        tok
-    }
-
-    /// Stores the slot's memory, then frees the slot.
-    fn free_slot(&mut self) {
-        self.lease.take();
-        self.slot.take();
-    }
-
-    fn abandon(&mut self) {
-        self.free_slot();
-        if let Some(g) = self.guard.take() {
-            g.abandon();
-        }
-    }
-
-    fn reason(&self) -> &'static str {
-        if self.job.length_limited {
-            "length"
-        } else {
-            "stop"
         }
     }
 
@@ -170,36 +96,29 @@ impl Answer {
             load_duration: self.load_ns,
             prompt_eval_count: self.job.prompt_eval_count,
             prompt_eval_duration: self.job.prompt_eval_ns.max(1),
-            eval_count: self.emitted as u64,
-            eval_duration: ns(self.gen_start.elapsed()),
+            eval_count: self.generation.emitted(),
+            eval_duration: ns(self.generation.elapsed()),
         }
     }
 
     fn usage(&self) -> Value {
-        let (p, c) = (self.job.prompt_eval_count, self.emitted as u64);
+        let (p, c) = (self.job.prompt_eval_count, self.generation.emitted());
         json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
     }
 
     fn context(&self) -> Option<Vec<u64>> {
-        let n = (self.job.prompt_tokens + self.emitted as u64).min(4096);
+        let n = (self.generation.prompt_tokens + self.generation.emitted()).min(4096);
         (self.job.api == Api::Generate && !self.job.raw).then(|| (1..=n).collect())
     }
 
     /// A native object (generate or chat) carrying `text`.
     fn native_bytes(&self, text: &str, done: bool, line: bool) -> Bytes {
         let chat = self.job.api == Api::Chat;
+        let reason = done.then(|| self.generation.done_reason());
         let c = NativeChunk {
-            model: &self.job.model,
-            created_at: now_rfc3339(),
-            response: (!chat).then_some(text),
-            message: chat.then_some(Message {
-                role: "assistant",
-                content: text,
-            }),
-            done,
-            done_reason: done.then(|| self.reason()),
             context: if done { self.context() } else { None },
             metrics: done.then(|| self.metrics()),
+            ..NativeChunk::new(&self.job.model, chat, text, reason)
         };
         if line {
             ndjson_line(&c)
@@ -228,7 +147,7 @@ impl Answer {
         match self.job.api {
             Api::Generate | Api::Chat => self.native_bytes(tok, false, true),
             Api::V1Chat => {
-                let delta = if self.emitted <= 1 {
+                let delta = if self.generation.emitted() <= 1 {
                     json!({"role": "assistant", "content": tok})
                 } else {
                     json!({"content": tok})
@@ -246,7 +165,7 @@ impl Answer {
     }
 
     fn push_tail(&mut self) {
-        let r = self.reason();
+        let r = self.generation.done_reason();
         let tail: Vec<Bytes> = match self.job.api {
             Api::Generate | Api::Chat => vec![self.native_bytes("", true, true)],
             Api::V1Chat | Api::V1Completions => {
@@ -273,43 +192,32 @@ impl Answer {
         loop {
             if let Some(b) = self.queue.pop_front() {
                 if self.queue.is_empty() && self.finished {
-                    self.free_slot();
-                    if let Some(g) = self.guard.take() {
-                        g.complete();
-                    }
+                    self.generation.end(true);
                 }
                 return Some(Ok(b));
             }
             if self.finished {
                 return None;
             }
-            if self.emitted == self.fault_at() && self.guard.is_some() {
-                match self.fault {
-                    Some(Fault::Reset) => {
-                        self.abandon();
-                        self.finished = true;
-                        let e = std::io::Error::new(
-                            std::io::ErrorKind::ConnectionReset,
-                            "simulated connection reset",
-                        );
-                        return Some(Err(e));
-                    }
-                    Some(Fault::MidStreamError) => {
-                        self.abandon();
-                        self.finished = true;
-                        let b = match self.job.api.shape() {
-                            Shape::Native => ndjson_line(&json!({ "error": MID_STREAM })),
-                            // Ollama's /v1 writer turns the error into an empty
-                            // content chunk and ends with no finish and no [DONE].
-                            Shape::OpenAi => self.token_frame(""),
-                        };
-                        return Some(Ok(b));
-                    }
-                    _ => {}
+            match self.generation.cut() {
+                Some(Step::Reset) => {
+                    self.finished = true;
+                    return Some(Err(connection_reset()));
                 }
+                Some(_) => {
+                    self.finished = true;
+                    let b = match self.job.api.shape() {
+                        Shape::Native => ndjson_line(&json!({ "error": MID_STREAM })),
+                        // Ollama's /v1 writer turns the error into an empty
+                        // content chunk and ends with no finish and no [DONE].
+                        Shape::OpenAi => self.token_frame(""),
+                    };
+                    return Some(Ok(b));
+                }
+                None => {}
             }
-            if self.emitted < self.job.tokens {
-                let tok = self.next_token().await;
+            if self.generation.more() {
+                let tok = self.generation.token().await;
                 let frame = self.token_frame(&tok);
                 self.queue.push_back(frame);
             } else {
@@ -335,40 +243,25 @@ impl Answer {
 
     /// Generates the whole answer and sends it as one object.
     pub(crate) async fn whole(mut self) -> Response {
-        let mut text = String::with_capacity(self.job.tokens * 8);
-        while self.emitted < self.job.tokens {
-            let tok = self.next_token().await;
-            text.push_str(&tok);
-            if self.emitted == self.fault_at() {
-                match self.fault {
-                    Some(Fault::Reset) => {
-                        self.abandon();
-                        let partial = format!(
-                            "{{\"model\":{},\"created_at\":\"{}\",",
-                            json!(self.job.model),
-                            now_rfc3339()
-                        );
-                        let reset = std::io::Error::new(
-                            std::io::ErrorKind::ConnectionReset,
-                            "simulated connection reset",
-                        );
-                        let body =
-                            futures_util::stream::iter([Ok(Bytes::from(partial)), Err(reset)]);
-                        return reply::stream(
-                            content_type_json(self.job.api),
-                            Body::from_stream(body),
-                        );
-                    }
-                    Some(Fault::MidStreamError) => {
-                        self.abandon();
-                        let status = StatusCode::INTERNAL_SERVER_ERROR;
-                        return reply::error(self.job.api.shape(), status, MID_STREAM);
-                    }
-                    _ => {}
-                }
+        let text = match self.generation.whole().await {
+            Ok(text) => text,
+            Err(Step::Reset) => {
+                let partial = format!(
+                    "{{\"model\":{},\"created_at\":\"{}\",",
+                    json!(self.job.model),
+                    now_rfc3339()
+                );
+                let body =
+                    futures_util::stream::iter([Ok(Bytes::from(partial)), Err(connection_reset())]);
+                return reply::stream(content_type_json(self.job.api), Body::from_stream(body));
             }
-        }
-        let resp = match self.job.api {
+            Err(_) => {
+                let status = StatusCode::INTERNAL_SERVER_ERROR;
+                return reply::error(self.job.api.shape(), status, MID_STREAM);
+            }
+        };
+        let reason = self.generation.done_reason();
+        match self.job.api {
             Api::Generate | Api::Chat => {
                 let body = self.native_bytes(&text, true, false);
                 reply::stream("application/json; charset=utf-8", Body::from(body))
@@ -379,7 +272,7 @@ impl Answer {
                     "id": self.id, "object": "chat.completion", "created": self.created,
                     "model": self.job.model, "system_fingerprint": "fp_ollama",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": self.reason()}],
+                                 "finish_reason": reason}],
                     "usage": self.usage(),
                 }),
             ),
@@ -388,16 +281,11 @@ impl Answer {
                 &json!({
                     "id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.job.model, "system_fingerprint": "fp_ollama",
-                    "choices": [{"text": text, "index": 0, "finish_reason": self.reason()}],
+                    "choices": [{"text": text, "index": 0, "finish_reason": reason}],
                     "usage": self.usage(),
                 }),
             ),
-        };
-        self.free_slot();
-        if let Some(g) = self.guard.take() {
-            g.complete();
         }
-        resp
     }
 }
 
