@@ -26,11 +26,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use corral::fleet::scheduler::{
-    Decision, Lease, Limits, Outcome, Priority, Scheduler, Ticket, Want,
-};
+use corral::fleet::scheduler::{Decision, Lease, Limits, Outcome, Scheduler, Ticket, Want};
 use corral::fleet::{BackendId, ProbeReport, Target};
 use corral::model::ModelName;
+use corral::policy::Priority;
 
 struct Size {
     backends: u16,

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::failure::FailureKind;
 use crate::fleet::placement::{Placed, Reason};
-use crate::proxy::failure::FailureKind;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

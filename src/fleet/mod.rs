@@ -21,8 +21,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub use crate::policy::Priority;
 pub use backend::{Backend, BackendId, ProbeReport, Target};
-pub use scheduler::{Limits, Policy, Priority, Rejection, TenantView, Ticket, Want};
+pub use scheduler::{Limits, Policy, Rejection, TenantView, Ticket, Want};
 pub use slot::Slot;
 
 use crate::model::ModelName;

@@ -30,6 +30,8 @@ use serde_json::Value;
 
 use super::backend::BackendId;
 use crate::model::ModelName;
+/// Re-exported where the proxy has always found it.
+pub use crate::policy::Routing;
 
 pub use prefix::PrefixIndex;
 pub use signature::{BLOCK_BYTES, Placed, Reason, Signature};
@@ -48,16 +50,6 @@ const DEFAULT_PROMPT_SPEED: f64 = 2000.0;
 const DEFAULT_SERVICE: Duration = Duration::from_secs(1);
 /// Estimated savings below this leave the choice to the least-busy rule.
 const WORTH: Duration = Duration::from_millis(25);
-
-/// How backends are chosen (`ROUTING`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Routing {
-    /// Prefix, session and model warmth, bounded by load.
-    #[default]
-    CacheAware,
-    /// Loaded model, then fewest in flight, then lowest port.
-    LeastBusy,
-}
 
 /// What placement remembers of one backend.
 #[derive(Debug)]

@@ -31,11 +31,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::backend::{Backend, BackendId, ProbeReport, Target};
-use super::placement::{Placement, Routing};
+use super::placement::Placement;
 use crate::model::ModelName;
+use crate::policy::{Priority, Routing};
 
 use free::FreeIndex;
-pub use request::{Decision, Lease, Outcome, Priority, Rejection, Ticket, Want};
+pub use request::{Decision, Lease, Outcome, Rejection, Ticket, Want};
 pub use waiters::{Tenant, TenantId};
 use waiters::{Waiter, Waiters};
 

@@ -1,5 +1,5 @@
 //! The client side: requests to backends on corral's own connections
-//! ([`pool`](super::pool)), the request as a backend must see it (its own
+//! ([`pool`](crate::pool)), the request as a backend must see it (its own
 //! `Host`, no hop-by-hop headers, no proxy credentials), and
 //! [`BackendError`], which says whether an attempt may be retried elsewhere.
 
@@ -10,9 +10,9 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
 use http_body_util::Full;
 
-pub use super::failure::FailureKind;
-pub use super::pool::BackendBody;
+pub use crate::failure::FailureKind;
 use crate::fleet::Target;
+pub use crate::pool::BackendBody;
 
 /// Why one attempt on a backend failed.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use super::TenantId;
 use crate::fleet::backend::{BackendId, Target};
 use crate::fleet::placement::Signature;
 use crate::model::ModelName;
+use crate::policy::Priority;
 
 /// What a request needs from a backend.
 #[derive(Debug, Clone, Default)]
@@ -21,35 +22,6 @@ pub struct Want {
     /// What cache-aware placement knows of it; `None` under
     /// ROUTING=least-busy or for a body that is not a JSON object.
     pub signature: Option<Arc<Signature>>,
-}
-
-/// How urgent a request is (`X-Corral-Priority`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub enum Priority {
-    /// Someone is waiting for the answer: goes first.
-    #[default]
-    Interactive = 0,
-    /// Bulk work: takes what interactive leaves, plus its floor.
-    Batch = 1,
-}
-
-impl Priority {
-    /// `interactive` or `batch`, any case.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "interactive" => Some(Self::Interactive),
-            "batch" => Some(Self::Batch),
-            _ => None,
-        }
-    }
-
-    /// The lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Interactive => "interactive",
-            Self::Batch => "batch",
-        }
-    }
 }
 
 /// Who asks, how urgently, and (for a retry) its original arrival.

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Priority, Want};
+use super::Want;
 use crate::fleet::backend::BackendId;
 use crate::model::ModelName;
+use crate::policy::Priority;
 
 /// A tenant's number, never reused while the scheduler lives.
 pub type TenantId = u64;
