@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::failure::FailureKind;
+use crate::fleet::Rejection;
 use crate::fleet::placement::{Placed, Reason};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -472,9 +473,11 @@ impl Metrics {
     }
 
     /// Counts a rejection.
-    pub fn rejected(&self, reason: &'static str) {
+    pub fn rejected(&self, why: Rejection) {
         self.rejections
-            .get_or_create(&ReasonLabels { reason })
+            .get_or_create(&ReasonLabels {
+                reason: why.label(),
+            })
             .inc();
     }
 

@@ -33,17 +33,6 @@ use scheduler::{Decision, Lease, Outcome, Scheduler};
 /// What a waiter receives: its slot, or why it will not get one.
 type Grant = Result<Slot, Rejection>;
 
-/// Why a request got no slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AcquireError {
-    /// Turned away by the scheduler.
-    #[error("{0:?}")]
-    Rejected(Rejection),
-    /// Waited QUEUE_TIMEOUT_SECONDS without a slot.
-    #[error("no backend became free within the queue timeout")]
-    QueueTimeout,
-}
-
 /// The fleet handle, shared by the proxy, discovery and admin endpoints.
 #[derive(Clone)]
 pub struct Fleet {
@@ -119,7 +108,7 @@ impl Fleet {
         want: Want,
         bytes: usize,
         ticket: &mut Ticket,
-    ) -> Result<Slot, AcquireError> {
+    ) -> Result<Slot, Rejection> {
         let Some(remote) = self.shared.remote.get() else {
             return self.acquire_local(want, bytes, ticket).await;
         };
@@ -164,23 +153,21 @@ impl Fleet {
         want: Want,
         bytes: usize,
         ticket: &mut Ticket,
-    ) -> Result<Slot, AcquireError> {
+    ) -> Result<Slot, Rejection> {
         let deadline = ticket.since + self.shared.queue_timeout;
         let (seq, rx, held) = {
             let mut state = self.lock();
             let held = match state.try_acquire(&want, ticket, Instant::now()) {
                 Decision::Granted(lease) => return Ok(Slot::new(self.clone(), lease)),
-                Decision::Rejected(r) => return Err(AcquireError::Rejected(r)),
+                Decision::Rejected(r) => return Err(r),
                 Decision::Wait | Decision::Hold(_) if Instant::now() >= deadline => {
-                    return Err(AcquireError::QueueTimeout);
+                    return Err(Rejection::QueueTimeout);
                 }
                 Decision::Wait => None,
                 Decision::Hold(due) => Some(due),
             };
             let (tx, rx) = oneshot::channel();
-            let seq = state
-                .enqueue(want, bytes, ticket, tx)
-                .map_err(AcquireError::Rejected)?;
+            let seq = state.enqueue(want, bytes, ticket, tx)?;
             ticket.arrival = Some(seq);
             if let Some(due) = held {
                 state.hold(seq, due);
@@ -198,18 +185,16 @@ impl Fleet {
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(grant) => {
                 place.seq = None;
-                grant
-                    .unwrap_or(Err(Rejection::Exhausted))
-                    .map_err(AcquireError::Rejected)
+                grant.unwrap_or(Err(Rejection::Exhausted))
             }
             Err(_) => {
                 if place.leave() {
-                    return Err(AcquireError::QueueTimeout);
+                    return Err(Rejection::QueueTimeout);
                 }
                 // Granted in the same instant: the grant is on its way.
                 match rx.await {
-                    Ok(grant) => grant.map_err(AcquireError::Rejected),
-                    Err(_) => Err(AcquireError::QueueTimeout),
+                    Ok(grant) => grant,
+                    Err(_) => Err(Rejection::QueueTimeout),
                 }
             }
         }

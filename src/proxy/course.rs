@@ -12,7 +12,7 @@ use super::claim::Claim;
 use super::cloud;
 use super::error::ProxyError;
 use super::upstream::BackendError;
-use crate::fleet::{AcquireError, BackendId, Rejection, Ticket, Want};
+use crate::fleet::{BackendId, Rejection, Ticket, Want};
 
 /// Where a request may still go: a cloud model takes no slot, a continued
 /// response only its own backend, and backends that answered `server busy`
@@ -30,14 +30,6 @@ pub struct Course {
     pub deadline: Instant,
 }
 
-/// Why no backend was claimed.
-pub enum Refused {
-    /// The answer is decided.
-    Now(ProxyError),
-    /// The fleet turned the request away; [`refusal`] says how.
-    Acquire(AcquireError),
-}
-
 impl Course {
     /// The next backend to try, held by a slot or (cloud) not.
     pub async fn claim(
@@ -48,7 +40,7 @@ impl Course {
         ticket: &mut Ticket,
         attempts: u32,
         last: Option<&BackendError>,
-    ) -> Result<Claim, Refused> {
+    ) -> Result<Claim, Rejection> {
         loop {
             if let Some(pin) = &self.pin {
                 // Every other backend counts as tried: the request waits for
@@ -67,7 +59,7 @@ impl Course {
                         fleet: app.fleet.clone(),
                         target,
                     })
-                    .ok_or(AcquireError::Rejected(Rejection::Exhausted))
+                    .ok_or(Rejection::Exhausted)
             } else {
                 app.fleet
                     .acquire(want.clone(), bytes, ticket)
@@ -76,8 +68,8 @@ impl Course {
             };
             match claimed {
                 Ok(claim) => return Ok(claim),
-                Err(AcquireError::Rejected(Rejection::Exhausted)) => {}
-                Err(e) => return Err(Refused::Acquire(e)),
+                Err(Rejection::Exhausted) => {}
+                Err(why) => return Err(why),
             }
             if !self.busy.is_empty() {
                 // Every backend left is busy: try them again after a pause
@@ -85,7 +77,7 @@ impl Course {
                 let pause = std::time::Duration::from_millis(25 << self.busy_rounds.min(5));
                 self.busy_rounds += 1;
                 if Instant::now() + pause >= self.deadline {
-                    return Err(Refused::Acquire(AcquireError::QueueTimeout));
+                    return Err(Rejection::QueueTimeout);
                 }
                 want.tried.retain(|id| !self.busy.contains(id));
                 self.busy.clear();
@@ -93,16 +85,12 @@ impl Course {
                 continue;
             }
             if self.pin.is_some() {
-                app.metrics.rejected("previous_response_gone");
-                return Err(Refused::Now(ProxyError::PreviousResponseGone));
+                return Err(Rejection::PreviousResponseGone);
             }
             if self.cloud && attempts == 0 && last.is_none() {
-                app.metrics.rejected("no_healthy_backend");
-                return Err(Refused::Now(ProxyError::NoHealthyBackend));
+                return Err(Rejection::NoHealthyBackend);
             }
-            return Err(Refused::Acquire(AcquireError::Rejected(
-                Rejection::Exhausted,
-            )));
+            return Err(Rejection::Exhausted);
         }
     }
 }
@@ -121,7 +109,7 @@ pub fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, Pr
             .is_some_and(|b| b.healthy && !b.draining)
     });
     if !alive {
-        app.metrics.rejected("previous_response_gone");
+        app.metrics.rejected(Rejection::PreviousResponseGone);
         return Err(ProxyError::PreviousResponseGone);
     }
     Ok(Some(owner))

@@ -60,6 +60,9 @@ async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
     }
     Err(match last {
         None => ProxyError::NoHealthyBackend,
-        Some(e) => ProxyError::AllAttemptsFailed(format!("{} attempt(s), last: {e}", tried.len())),
+        Some(e) => ProxyError::AllAttemptsFailed {
+            attempts: tried.len() as u32,
+            last: e.to_string(),
+        },
     })
 }

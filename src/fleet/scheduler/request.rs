@@ -50,7 +50,10 @@ impl Ticket {
     }
 }
 
-/// Why a request is turned away.
+/// Why a request is turned away: the scheduler's word for it, the fleet's
+/// (a wait that ran out) and the proxy's, one vocabulary from which the
+/// `reason` label of `corral_queue_rejections_total` and the client's
+/// answer (`ProxyError`) derive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// No backend has listed the model since start, while some backend is healthy.
@@ -63,8 +66,54 @@ pub enum Rejection {
     QueueBytesFull,
     /// MAX_QUEUE_PER_TENANT requests of this tenant are already waiting.
     TenantQueueFull,
+    /// Waited QUEUE_TIMEOUT_SECONDS without a backend.
+    QueueTimeout,
     /// The proxy is shutting down and takes nothing new.
     ShuttingDown,
+    /// The backend that produced a continued response is gone.
+    PreviousResponseGone,
+    /// No healthy backend can relay a request that takes no slot.
+    NoHealthyBackend,
+}
+
+impl Rejection {
+    /// Every rejection.
+    pub const ALL: [Self; 9] = [
+        Self::UnknownModel,
+        Self::Exhausted,
+        Self::QueueFull,
+        Self::QueueBytesFull,
+        Self::TenantQueueFull,
+        Self::QueueTimeout,
+        Self::ShuttingDown,
+        Self::PreviousResponseGone,
+        Self::NoHealthyBackend,
+    ];
+
+    /// The metric label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::UnknownModel => "unknown_model",
+            Self::Exhausted => "exhausted",
+            Self::QueueFull => "queue_full",
+            Self::QueueBytesFull => "queue_bytes_full",
+            Self::TenantQueueFull => "tenant_queue_full",
+            Self::QueueTimeout => "queue_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::PreviousResponseGone => "previous_response_gone",
+            Self::NoHealthyBackend => "no_healthy_backend",
+        }
+    }
+
+    /// The setting whose limit a full queue hit, as the client is told it.
+    pub const fn limit(self) -> Option<&'static str> {
+        match self {
+            Self::QueueFull => Some("MAX_QUEUE"),
+            Self::QueueBytesFull => Some("MAX_QUEUE_BYTES"),
+            Self::TenantQueueFull => Some("MAX_QUEUE_PER_TENANT"),
+            _ => None,
+        }
+    }
 }
 
 /// A slot held: give it back with [`Scheduler::release`](super::Scheduler::release) (done) or

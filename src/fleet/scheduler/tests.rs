@@ -563,3 +563,11 @@ async fn forgetting_a_backend_closes_its_idle_connections() {
         .unwrap();
     assert!(eof.unwrap(), "the backend saw the connection close");
 }
+
+#[test]
+fn rejection_labels_are_distinct() {
+    let mut labels: Vec<&str> = Rejection::ALL.iter().map(|r| r.label()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), Rejection::ALL.len());
+}
