@@ -53,8 +53,7 @@ fn model(i: usize) -> ModelName {
 fn want(m: usize) -> Want {
     Want {
         model: Some(model(m)),
-        tried: Vec::new(),
-        signature: None,
+        ..Want::default()
     }
 }
 

@@ -200,6 +200,12 @@ impl Fleet {
         }
     }
 
+    /// A backend for a request that takes no slot (see
+    /// [`Scheduler::grant_unslotted`]).
+    pub fn grant_unslotted(&self, want: &Want) -> Option<Arc<Target>> {
+        self.read(|s| s.grant_unslotted(want))
+    }
+
     /// How long a client turned away for `model` should wait before trying
     /// again, from its tenant's place and the model's recent turnover.
     pub fn retry_after(&self, model: Option<&ModelName>, tenant: &str) -> Duration {

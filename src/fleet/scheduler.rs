@@ -118,7 +118,8 @@ pub struct Scheduler<W> {
     touched: Vec<BackendId>,
     waiters: Waiters<W>,
     /// Waiters that can be turned away by a change of the fleet: retries
-    /// (no untried backend left) and waiters for a model never listed.
+    /// (no untried backend left), pinned waiters (their backend gone) and
+    /// waiters for a model never listed.
     fragile: BTreeSet<u64>,
     next_arrival: u64,
     /// Interactive grants since the last batch one.
@@ -339,8 +340,9 @@ impl<W> Scheduler<W> {
                 a
             }
         };
-        let fragile =
-            !want.tried.is_empty() || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
+        let fragile = !want.tried.is_empty()
+            || want.pin.is_some()
+            || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
         if fragile {
             self.fragile.insert(arrival);
         }
@@ -530,10 +532,20 @@ impl<W> Scheduler<W> {
     }
 
     fn is_eligible(&self, b: &Backend, want: &Want) -> bool {
-        b.healthy
-            && !b.draining
-            && b.has_model(want.model.as_ref())
-            && !want.tried.contains(&b.target.id)
+        b.healthy && !b.draining && b.has_model(want.model.as_ref()) && want.may_use(&b.target.id)
+    }
+
+    /// An unslotted grant: a backend for a request that takes no slot (a
+    /// cloud model, which the backend only relays). Any healthy backend it
+    /// may use, whether or not it lists the model: one that lists it first
+    /// (it is signed in to the cloud), then the fewest in flight, then the
+    /// lowest id. `None`: no backend is left.
+    pub fn grant_unslotted(&self, want: &Want) -> Option<Arc<Target>> {
+        self.backends
+            .values()
+            .filter(|b| b.healthy && !b.draining && want.may_use(&b.target.id))
+            .min_by_key(|b| (!b.has_model(want.model.as_ref()), b.in_flight))
+            .map(|b| Arc::clone(&b.target))
     }
 
     fn slot_free(&self, b: &Backend) -> bool {
@@ -741,9 +753,9 @@ impl<W> Scheduler<W> {
                 return Some(Rejection::UnknownModel);
             }
         }
-        let retry_has_nowhere_to_go =
-            !want.tried.is_empty() && !self.backends.values().any(|b| self.is_eligible(b, want));
-        retry_has_nowhere_to_go.then_some(Rejection::Exhausted)
+        let bound = !want.tried.is_empty() || want.pin.is_some();
+        let nowhere_to_go = bound && !self.backends.values().any(|b| self.is_eligible(b, want));
+        nowhere_to_go.then_some(Rejection::Exhausted)
     }
 }
 

@@ -1,27 +1,25 @@
-//! Where a routed request may go next: a backend slot from the fleet, a
-//! backend without a slot for a cloud model (`cloud.rs`), only the backend
-//! that produced the response a Responses request continues (`responses.rs`),
-//! and, once every backend left has answered Ollama's 503 `server busy`, the
-//! same backends again after a pause that doubles, within
-//! QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its queue is full).
+//! Where a routed request may go next, as the fleet grants it: a backend
+//! slot, or for a cloud model (`cloud.rs`) an unslotted grant; a Responses
+//! request that continues a response is pinned to the backend that produced
+//! it (`responses.rs`). Once every backend left has answered Ollama's 503
+//! `server busy`, the same backends are asked again after a pause that
+//! doubles, within QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its
+//! queue is full).
 
 use tokio::time::Instant;
 
 use super::App;
 use super::claim::Claim;
-use super::cloud;
 use super::error::ProxyError;
 use super::upstream::BackendError;
 use crate::fleet::{BackendId, Rejection, Ticket, Want};
 
-/// Where a request may still go: a cloud model takes no slot, a continued
-/// response only its own backend, and backends that answered `server busy`
-/// are tried again after a pause once no other is left.
+/// Where a request may still go: a cloud model takes no slot, and backends
+/// that answered `server busy` are tried again after a pause once no other
+/// is left.
 pub struct Course {
     /// A cloud model: no slot.
     pub cloud: bool,
-    /// The backend a continued response must go to.
-    pub pin: Option<BackendId>,
     /// Backends that answered busy since the last pause.
     pub busy: Vec<BackendId>,
     /// Pauses taken so far.
@@ -42,19 +40,9 @@ impl Course {
         last: Option<&BackendError>,
     ) -> Result<Claim, Rejection> {
         loop {
-            if let Some(pin) = &self.pin {
-                // Every other backend counts as tried: the request waits for
-                // this one, and is turned away when it is gone.
-                app.fleet.read(|s| {
-                    for id in s.backends().keys() {
-                        if id != pin && !want.tried.contains(id) {
-                            want.tried.push(id.clone());
-                        }
-                    }
-                });
-            }
             let claimed = if self.cloud {
-                cloud::pick(&app.fleet, want.model.as_ref(), &want.tried)
+                app.fleet
+                    .grant_unslotted(want)
                     .map(|target| Claim::Unslotted {
                         fleet: app.fleet.clone(),
                         target,
@@ -84,7 +72,7 @@ impl Course {
                 tokio::time::sleep(pause).await;
                 continue;
             }
-            if self.pin.is_some() {
+            if want.pin.is_some() {
                 return Err(Rejection::PreviousResponseGone);
             }
             if self.cloud && attempts == 0 && last.is_none() {

@@ -19,9 +19,21 @@ pub struct Want {
     pub model: Option<ModelName>,
     /// Backends it already failed on, not to be tried again.
     pub tried: Vec<BackendId>,
+    /// The one backend it may go to (a continued response goes where the
+    /// response it continues was produced): it waits for that backend, and
+    /// is turned away when it is gone.
+    pub pin: Option<BackendId>,
     /// What cache-aware placement knows of it; `None` under
     /// ROUTING=least-busy or for a body that is not a JSON object.
     pub signature: Option<Arc<Signature>>,
+}
+
+impl Want {
+    /// Whether the request may go to `id`: not tried yet, and the one it is
+    /// pinned to, if it is.
+    pub fn may_use(&self, id: &BackendId) -> bool {
+        !self.tried.contains(id) && self.pin.as_ref().is_none_or(|pin| pin == id)
+    }
 }
 
 /// Who asks, how urgently, and (for a retry) its original arrival.

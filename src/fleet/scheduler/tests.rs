@@ -59,8 +59,7 @@ fn add<W>(s: &mut Scheduler<W>, port: u16, models: &[&str], loaded: &[&str]) {
 fn want(model: &str) -> Want {
     Want {
         model: Some(ModelName::parse(model)),
-        tried: Vec::new(),
-        signature: None,
+        ..Want::default()
     }
 }
 
@@ -245,6 +244,65 @@ fn dispatch_rejects_waiters_whose_last_candidate_died() {
 }
 
 #[test]
+fn a_pinned_request_waits_for_its_backend_and_is_turned_away_when_it_is_gone() {
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
+    add(&mut s, 24000, &["llama3"], &[]);
+    add(&mut s, 24001, &["llama3"], &[]);
+    let mut pinned = want("llama3");
+    pinned.pin = Some(BackendId::Port(24001));
+    let lease = granted(s.acquire(&pinned));
+    assert_eq!(lease.target.id, BackendId::Port(24001));
+    // 24000 is free, but not the pinned request's to take.
+    assert!(matches!(s.acquire(&pinned), Decision::Wait));
+    s.enq(pinned.clone(), 0, 1).unwrap();
+    s.enq(want("llama3"), 0, 2).unwrap();
+    let out = s.dispatch(now());
+    assert!(
+        matches!(out.as_slice(), [(2, Outcome::Granted(l))] if l.target.id == BackendId::Port(24000))
+    );
+    let out = s.release(lease, now());
+    let [(1, Outcome::Granted(lease))] = out.as_slice() else {
+        panic!("the pinned waiter gets its backend's slot: {out:?}");
+    };
+    assert_eq!(lease.target.id, BackendId::Port(24001));
+    s.enq(pinned.clone(), 0, 3).unwrap();
+    s.mark_unhealthy(&BackendId::Port(24001), "reset".into());
+    let out = s.dispatch(now());
+    assert!(matches!(
+        out.as_slice(),
+        [(3, Outcome::Rejected(Rejection::Exhausted))]
+    ));
+    assert!(matches!(
+        s.acquire(&pinned),
+        Decision::Rejected(Rejection::Exhausted)
+    ));
+}
+
+#[test]
+fn an_unslotted_grant_takes_no_slot_and_prefers_a_backend_listing_the_model() {
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
+    add(&mut s, 24000, &["llama3"], &[]);
+    add(&mut s, 24001, &["llama3"], &[]);
+    add(&mut s, 24002, &["llama3", "qwen3:cloud"], &[]);
+    let cloud = want("qwen3:cloud");
+    let port = |t: Option<Arc<Target>>| t.and_then(|t| t.id.port());
+    assert_eq!(port(s.grant_unslotted(&cloud)), Some(24002));
+    assert!(s.backends().values().all(|b| b.in_flight == 0));
+    // Then the fewest in flight, then the lowest id; a full backend is no
+    // obstacle, as no slot is taken.
+    let _held = granted(s.acquire(&want("llama3")));
+    let mut w = want("gpt-oss:120b-cloud");
+    assert_eq!(port(s.grant_unslotted(&w)), Some(24001));
+    w.tried = vec![BackendId::Port(24001), BackendId::Port(24002)];
+    assert_eq!(port(s.grant_unslotted(&w)), Some(24000));
+    w.tried.clear();
+    w.pin = Some(BackendId::Port(24000));
+    assert_eq!(port(s.grant_unslotted(&w)), Some(24000));
+    s.backend_mut(&BackendId::Port(24000)).unwrap().draining = true;
+    assert_eq!(port(s.grant_unslotted(&w)), None);
+}
+
+#[test]
 fn drained_backend_gets_nothing_new() {
     let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
@@ -327,7 +385,7 @@ fn run_workload(seed: u64) {
     };
     for step in 0..500 {
         clock += Duration::from_millis(rng.random_range(0..40));
-        match rng.random_range(0..13) {
+        match rng.random_range(0..14) {
             0..=3 => {
                 let priority = if rng.random_bool(0.3) {
                     Priority::Batch
@@ -335,10 +393,14 @@ fn run_workload(seed: u64) {
                     Priority::Interactive
                 };
                 let tenant = tenants[rng.random_range(0..tenants.len())];
-                let req = Req {
+                let mut req = Req {
                     want: want(models[rng.random_range(0..3)]),
                     ticket: Ticket::new(Arc::from(tenant), priority, clock),
                 };
+                if rng.random_bool(0.15) {
+                    // A continued response: only its own backend will do.
+                    req.want.pin = Some(BackendId::Port(30000 + rng.random_range(0..6)));
+                }
                 let id = next_payload;
                 next_payload += 1;
                 reqs.insert(id, req);
@@ -407,9 +469,43 @@ fn run_workload(seed: u64) {
                 add(&mut s, 30000 + port, &[m, "a"], &[]);
                 grant(s.dispatch(clock), &mut held, &mut waiting);
             }
+            13 => {
+                // A cloud model: an unslotted grant, which changes nothing.
+                let mut w = want("cloud");
+                w.tried
+                    .push(BackendId::Port(30000 + rng.random_range(0..6)));
+                if rng.random_bool(0.3) {
+                    w.pin = Some(BackendId::Port(30000 + rng.random_range(0..6)));
+                }
+                let usable = |b: &Backend| b.healthy && !b.draining && w.may_use(&b.target.id);
+                match s.grant_unslotted(&w) {
+                    Some(t) => {
+                        let got = &s.backends()[&t.id];
+                        assert!(usable(got), "seed {seed} step {step}: unusable {}", t.id);
+                        assert!(
+                            s.backends()
+                                .values()
+                                .all(|b| !usable(b) || b.in_flight >= got.in_flight),
+                            "seed {seed} step {step}: {} is not the least busy",
+                            t.id
+                        );
+                    }
+                    None => assert!(
+                        !s.backends().values().any(usable),
+                        "seed {seed} step {step}: a usable backend was passed over"
+                    ),
+                }
+            }
             _ => {}
         }
         check_invariants(&s, cap, &held, &settling, seed, step);
+        for (lease, id) in &held {
+            let w = &reqs[id].want;
+            assert!(
+                w.pin.as_ref().is_none_or(|p| p == &lease.target.id),
+                "seed {seed} step {step}: a pinned request went elsewhere"
+            );
+        }
     }
     let arrivals: Vec<u64> = waiting.values().copied().collect();
     for arrival in arrivals {
@@ -465,7 +561,8 @@ fn ask(
                 Err(r) => panic!("seed {seed}: unexpected {r:?}"),
             }
         }
-        Decision::Rejected(Rejection::Exhausted) if !req.want.tried.is_empty() => {}
+        Decision::Rejected(Rejection::Exhausted)
+            if !req.want.tried.is_empty() || req.want.pin.is_some() => {}
         Decision::Rejected(r) => panic!("seed {seed}: unexpected {r:?}"),
     }
 }

@@ -305,7 +305,7 @@ impl<W> Waiters<W> {
             let fits = fifo.iter().find(|arrival| {
                 self.by_arrival
                     .get(arrival)
-                    .is_some_and(|w| !w.want.tried.contains(backend))
+                    .is_some_and(|w| w.want.may_use(backend))
             });
             if let Some(arrival) = fits {
                 return Some((*vt, *arrival));

@@ -19,8 +19,8 @@ fn turn(system: &str, question: &str) -> Want {
     .unwrap();
     Want {
         model: Some(ModelName::parse("m")),
-        tried: Vec::new(),
         signature: Signature::of(&body, &http::HeaderMap::new()).map(Arc::new),
+        ..Want::default()
     }
 }
 
