@@ -28,10 +28,10 @@ pub use slot::Slot;
 
 use crate::model::ModelName;
 
-use scheduler::{Decision, Lease, Outcome, Scheduler};
+use scheduler::{Decision, Grant, Outcome, Scheduler};
 
 /// What a waiter receives: its slot, or why it will not get one.
-type Grant = Result<Slot, Rejection>;
+type Verdict = Result<Slot, Rejection>;
 
 /// The fleet handle, shared by the proxy, discovery and admin endpoints.
 #[derive(Clone)]
@@ -43,7 +43,7 @@ struct Shared {
     /// A std mutex, not tokio's: every critical section is a few map
     /// operations and nothing is awaited while it is held, so parking a
     /// thread is cheaper than an async lock.
-    state: Mutex<Scheduler<oneshot::Sender<Grant>>>,
+    state: Mutex<Scheduler<oneshot::Sender<Verdict>>>,
     queue_timeout: Duration,
     /// SHARED_STATE, once attached; unset costs one atomic load per request.
     remote: OnceLock<Arc<shared::SharedState>>,
@@ -68,18 +68,18 @@ impl Fleet {
 
     /// Locks the state. A panic while holding the lock leaves consistent data
     /// behind (every change is a single map operation), so poisoning is ignored.
-    fn lock(&self) -> MutexGuard<'_, Scheduler<oneshot::Sender<Grant>>> {
+    fn lock(&self) -> MutexGuard<'_, Scheduler<oneshot::Sender<Verdict>>> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the state under the lock; `f` must be quick.
-    pub fn read<T>(&self, f: impl FnOnce(&Scheduler<oneshot::Sender<Grant>>) -> T) -> T {
+    pub fn read<T>(&self, f: impl FnOnce(&Scheduler<oneshot::Sender<Verdict>>) -> T) -> T {
         f(&self.lock())
     }
 
     /// Changes the state under the lock, then hands out whatever slots the
     /// change freed or rejections it caused.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Scheduler<oneshot::Sender<Grant>>) -> T) -> T {
+    pub fn update<T>(&self, f: impl FnOnce(&mut Scheduler<oneshot::Sender<Verdict>>) -> T) -> T {
         let (value, out) = {
             let mut state = self.lock();
             let value = f(&mut state);
@@ -280,9 +280,9 @@ impl Fleet {
     /// Gives a finished request's slot back at once; its shared lease
     /// (`remote`) goes to the local waiter that gets the slot, or back to
     /// the shared state when none does.
-    fn release(&self, lease: Lease, remote: Option<slot::Remote>) {
-        let id = lease.target.id.clone();
-        let out = self.lock().release(lease, Instant::now());
+    fn release(&self, grant: Grant, remote: Option<slot::Remote>) {
+        let id = grant.target.id.clone();
+        let out = self.lock().release(grant, Instant::now());
         self.deliver_with(out, remote.map(|r| (id, r)));
     }
 
@@ -290,11 +290,11 @@ impl Fleet {
     /// deadline (or any earlier call that passes it) gives it back.
     fn abandon(
         &self,
-        lease: Lease,
+        grant: Grant,
         remote: Option<slot::Remote>,
         runtime: &tokio::runtime::Handle,
     ) {
-        let due = self.lock().abandon(lease, Instant::now());
+        let due = self.lock().abandon(grant, Instant::now());
         self.wake_on(runtime, due, remote);
     }
 
@@ -326,7 +326,7 @@ impl Fleet {
     /// Sends outcomes to their waiters, outside the lock. A waiter that gave
     /// up meanwhile drops its receiver; the slot then comes back through
     /// `Slot`'s drop and goes to the next waiter.
-    fn deliver(&self, out: Vec<(oneshot::Sender<Grant>, Outcome)>) {
+    fn deliver(&self, out: Vec<(oneshot::Sender<Verdict>, Outcome)>) {
         self.deliver_with(out, None);
     }
 
@@ -334,7 +334,7 @@ impl Fleet {
     /// waiter granted a slot on that backend (given back if none is).
     fn deliver_with(
         &self,
-        out: Vec<(oneshot::Sender<Grant>, Outcome)>,
+        out: Vec<(oneshot::Sender<Verdict>, Outcome)>,
         mut handover: Option<(BackendId, slot::Remote)>,
     ) {
         for (tx, outcome) in out {

@@ -1,6 +1,6 @@
 //! What a request brings to the scheduler and what it gets back: its
 //! [`Want`] and [`Ticket`], a [`Decision`] or an [`Outcome`], and the
-//! [`Lease`] on a slot it gives back when done.
+//! [`Grant`] on a slot it gives back when done.
 
 use std::sync::Arc;
 
@@ -128,10 +128,10 @@ impl Rejection {
     }
 }
 
-/// A slot held: give it back with [`Scheduler::release`](super::Scheduler::release) (done) or
+/// The scheduler's grant of a slot, held until it is given back with [`Scheduler::release`](super::Scheduler::release) (done) or
 /// [`Scheduler::abandon`](super::Scheduler::abandon) (cut off mid-request).
 #[derive(Debug)]
-pub struct Lease {
+pub struct Grant {
     /// The backend the slot is on.
     pub target: Arc<Target>,
     pub(super) tenant: TenantId,
@@ -146,7 +146,7 @@ pub struct Lease {
 #[derive(Debug)]
 pub enum Outcome {
     /// A slot on this backend is now the waiter's.
-    Granted(Lease),
+    Granted(Grant),
     /// The request cannot be served.
     Rejected(Rejection),
 }
@@ -155,7 +155,7 @@ pub enum Outcome {
 #[derive(Debug)]
 pub enum Decision {
     /// A slot is taken for the request.
-    Granted(Lease),
+    Granted(Grant),
     /// No eligible backend has a free slot: the request should wait.
     Wait,
     /// Placement would rather wait for a busy backend (it holds the

@@ -63,7 +63,7 @@ fn want(model: &str) -> Want {
     }
 }
 
-fn granted(d: Decision) -> Lease {
+fn granted(d: Decision) -> Grant {
     match d {
         Decision::Granted(l) => l,
         other => panic!("expected a grant, got {other:?}"),
@@ -172,11 +172,11 @@ fn a_waiter_for_another_model_does_not_block_a_free_backend() {
 fn dequeued_waiter_is_not_granted() {
     let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
-    let lease = granted(s.acquire(&want("llama3")));
+    let grant = granted(s.acquire(&want("llama3")));
     let seq = s.enq(want("llama3"), 5, 1).unwrap();
     assert_eq!(s.dequeue(seq), Some(1));
     assert_eq!(s.dequeue(seq), None);
-    assert!(s.release(lease, now()).is_empty());
+    assert!(s.release(grant, now()).is_empty());
     assert_eq!(s.queued_bytes(), 0);
 }
 
@@ -250,8 +250,8 @@ fn a_pinned_request_waits_for_its_backend_and_is_turned_away_when_it_is_gone() {
     add(&mut s, 24001, &["llama3"], &[]);
     let mut pinned = want("llama3");
     pinned.pin = Some(BackendId::Port(24001));
-    let lease = granted(s.acquire(&pinned));
-    assert_eq!(lease.target.id, BackendId::Port(24001));
+    let grant = granted(s.acquire(&pinned));
+    assert_eq!(grant.target.id, BackendId::Port(24001));
     // 24000 is free, but not the pinned request's to take.
     assert!(matches!(s.acquire(&pinned), Decision::Wait));
     s.enq(pinned.clone(), 0, 1).unwrap();
@@ -260,11 +260,11 @@ fn a_pinned_request_waits_for_its_backend_and_is_turned_away_when_it_is_gone() {
     assert!(
         matches!(out.as_slice(), [(2, Outcome::Granted(l))] if l.target.id == BackendId::Port(24000))
     );
-    let out = s.release(lease, now());
-    let [(1, Outcome::Granted(lease))] = out.as_slice() else {
+    let out = s.release(grant, now());
+    let [(1, Outcome::Granted(grant))] = out.as_slice() else {
         panic!("the pinned waiter gets its backend's slot: {out:?}");
     };
-    assert_eq!(lease.target.id, BackendId::Port(24001));
+    assert_eq!(grant.target.id, BackendId::Port(24001));
     s.enq(pinned.clone(), 0, 3).unwrap();
     s.mark_unhealthy(&BackendId::Port(24001), "reset".into());
     let out = s.dispatch(now());
@@ -365,21 +365,21 @@ fn run_workload(seed: u64) {
         add(&mut s, 30000 + port, &[m, "a"], &[]);
     }
     let mut clock = now();
-    let mut held: Vec<(Lease, u32)> = Vec::new();
+    let mut held: Vec<(Grant, u32)> = Vec::new();
     let mut settling: Vec<(Instant, BackendId)> = Vec::new();
     let mut waiting: HashMap<u32, u64> = HashMap::new(); // payload -> arrival
     let mut reqs: HashMap<u32, Req> = HashMap::new();
     let mut next_payload = 0u32;
-    let grant = |out: Vec<(u32, Outcome)>,
-                 held: &mut Vec<(Lease, u32)>,
-                 waiting: &mut HashMap<u32, u64>| {
+    let deliver = |out: Vec<(u32, Outcome)>,
+                   held: &mut Vec<(Grant, u32)>,
+                   waiting: &mut HashMap<u32, u64>| {
         for (payload, outcome) in out {
             assert!(
                 waiting.remove(&payload).is_some(),
                 "seed {seed}: granted waiter was waiting"
             );
-            if let Outcome::Granted(lease) = outcome {
-                held.push((lease, payload));
+            if let Outcome::Granted(grant) = outcome {
+                held.push((grant, payload));
             }
         }
     };
@@ -407,27 +407,27 @@ fn run_workload(seed: u64) {
                 ask(&mut s, &mut reqs, id, clock, &mut held, &mut waiting, seed);
             }
             4..=6 if !held.is_empty() => {
-                let (lease, _) = held.swap_remove(rng.random_range(0..held.len()));
-                let out = s.release(lease, clock);
-                grant(out, &mut held, &mut waiting);
+                let (grant, _) = held.swap_remove(rng.random_range(0..held.len()));
+                let out = s.release(grant, clock);
+                deliver(out, &mut held, &mut waiting);
             }
             7 if !held.is_empty() => {
                 // Cut off mid-request: stays taken for the settle time.
-                let (lease, _) = held.swap_remove(rng.random_range(0..held.len()));
-                let id = lease.target.id.clone();
-                settling.push((s.abandon(lease, clock), id));
+                let (grant, _) = held.swap_remove(rng.random_range(0..held.len()));
+                let id = grant.target.id.clone();
+                settling.push((s.abandon(grant, clock), id));
             }
             8 if !held.is_empty() => {
                 // The attempt failed: the backend is marked unhealthy, the
                 // slot abandoned, and the request asks again with the same
                 // ticket, excluding that backend.
-                let (lease, id) = held.swap_remove(rng.random_range(0..held.len()));
-                let backend = lease.target.id.clone();
+                let (grant, id) = held.swap_remove(rng.random_range(0..held.len()));
+                let backend = grant.target.id.clone();
                 if rng.random_bool(0.5) {
                     s.mark_unhealthy(&backend, "failed".into());
-                    grant(s.dispatch(clock), &mut held, &mut waiting);
+                    deliver(s.dispatch(clock), &mut held, &mut waiting);
                 }
-                settling.push((s.abandon(lease, clock), backend.clone()));
+                settling.push((s.abandon(grant, clock), backend.clone()));
                 if let Some(req) = reqs.get_mut(&id) {
                     req.want.tried.push(backend);
                 }
@@ -447,12 +447,12 @@ fn run_workload(seed: u64) {
                     b.healthy = true;
                     b.draining = rng.random_bool(0.2);
                 }
-                grant(s.dispatch(clock), &mut held, &mut waiting);
+                deliver(s.dispatch(clock), &mut held, &mut waiting);
             }
             11 => {
                 let out = s.expire(clock);
                 settling.retain(|(due, _)| *due > clock);
-                grant(out, &mut held, &mut waiting);
+                deliver(out, &mut held, &mut waiting);
             }
             12 => {
                 // A scan: the same lists again (nothing to re-index), or
@@ -463,11 +463,11 @@ fn run_workload(seed: u64) {
                     if let Some(b) = s.backend_mut(&id) {
                         b.models.remove(&ModelName::parse("a"));
                     }
-                    grant(s.dispatch(clock), &mut held, &mut waiting);
+                    deliver(s.dispatch(clock), &mut held, &mut waiting);
                 }
                 let m = models[usize::from(port) % 3];
                 add(&mut s, 30000 + port, &[m, "a"], &[]);
-                grant(s.dispatch(clock), &mut held, &mut waiting);
+                deliver(s.dispatch(clock), &mut held, &mut waiting);
             }
             13 => {
                 // A cloud model: an unslotted grant, which changes nothing.
@@ -499,10 +499,10 @@ fn run_workload(seed: u64) {
             _ => {}
         }
         check_invariants(&s, cap, &held, &settling, seed, step);
-        for (lease, id) in &held {
+        for (grant, id) in &held {
             let w = &reqs[id].want;
             assert!(
-                w.pin.as_ref().is_none_or(|p| p == &lease.target.id),
+                w.pin.as_ref().is_none_or(|p| p == &grant.target.id),
                 "seed {seed} step {step}: a pinned request went elsewhere"
             );
         }
@@ -511,9 +511,9 @@ fn run_workload(seed: u64) {
     for arrival in arrivals {
         s.dequeue(arrival);
     }
-    for (lease, _) in held {
+    for (grant, _) in held {
         assert!(
-            s.release(lease, clock).is_empty(),
+            s.release(grant, clock).is_empty(),
             "seed {seed}: nobody is left waiting"
         );
     }
@@ -536,13 +536,13 @@ fn ask(
     reqs: &mut HashMap<u32, Req>,
     id: u32,
     clock: Instant,
-    held: &mut Vec<(Lease, u32)>,
+    held: &mut Vec<(Grant, u32)>,
     waiting: &mut HashMap<u32, u64>,
     seed: u64,
 ) {
     let req = reqs.get_mut(&id).expect("request exists");
     match s.try_acquire(&req.want, &req.ticket, clock) {
-        Decision::Granted(lease) => held.push((lease, id)),
+        Decision::Granted(grant) => held.push((grant, id)),
         Decision::Hold(_) => panic!("seed {seed}: held back without a signature"),
         Decision::Wait => {
             let before = req.ticket.arrival;
@@ -570,7 +570,7 @@ fn ask(
 fn check_invariants(
     s: &Scheduler<u32>,
     cap: u32,
-    held: &[(Lease, u32)],
+    held: &[(Grant, u32)],
     settling: &[(Instant, BackendId)],
     seed: u64,
     step: usize,
