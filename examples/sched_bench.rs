@@ -26,11 +26,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use corral::fleet::scheduler::{
-    Decision, Lease, Limits, Outcome, Priority, Scheduler, Ticket, Want,
-};
+use corral::fleet::scheduler::{Decision, Grant, Limits, Outcome, Scheduler, Ticket, Want};
 use corral::fleet::{BackendId, ProbeReport, Target};
 use corral::model::ModelName;
+use corral::policy::Priority;
 
 struct Size {
     backends: u16,
@@ -54,8 +53,7 @@ fn model(i: usize) -> ModelName {
 fn want(m: usize) -> Want {
     Want {
         model: Some(model(m)),
-        tried: Vec::new(),
-        signature: None,
+        ..Want::default()
     }
 }
 
@@ -77,7 +75,7 @@ fn probe(models: usize, port: u16) -> ProbeReport {
 
 /// A fleet with every slot taken and `waiters` queued: the first half wants
 /// model 0, the rest the other models in turn. Returns the held slots.
-fn full_fleet(size: &Size, tenants: &[Arc<str>], spread: bool) -> (Scheduler<u64>, Vec<Lease>) {
+fn full_fleet(size: &Size, tenants: &[Arc<str>], spread: bool) -> (Scheduler<u64>, Vec<Grant>) {
     let mut s = Scheduler::new(Limits {
         cap: 1,
         max_queue: usize::MAX,
@@ -141,18 +139,18 @@ fn run(size: &Size, spread: bool) {
     // Release: a backend of a model other than 0 frees its slot; the oldest
     // waiter for it (behind the half of the queue that wants model 0) gets
     // it, and the grant holds the slot again. The model-0 backends stay busy.
-    let (mut others, _model0): (Vec<Lease>, Vec<Lease>) = held
+    let (mut others, _model0): (Vec<Grant>, Vec<Grant>) = held
         .into_iter()
         .partition(|l| usize::from(l.target.id.port().unwrap() - 20000) % size.models != 0);
     let n = 2000.min(size.waiters / 4);
     let mut took = Duration::ZERO;
     for i in 0..n {
-        let lease = others.remove(0);
+        let grant = others.remove(0);
         let t = Instant::now();
-        let out = s.release(lease, Instant::now());
+        let out = s.release(grant, Instant::now());
         took += t.elapsed();
         match <[_; 1]>::try_from(out) {
-            Ok([(_, Outcome::Granted(lease))]) => others.push(lease),
+            Ok([(_, Outcome::Granted(grant))]) => others.push(grant),
             _ => panic!("release {i} did not hand exactly one grant"),
         }
     }

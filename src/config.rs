@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod tenancy;
 
-pub use crate::fleet::placement::Routing;
+use crate::policy::Priority;
+pub use crate::policy::Routing;
 use tenancy::TenantMap;
 
 /// corral: one stable Ollama address in front of a changing fleet of Ollama servers.
@@ -137,7 +138,7 @@ pub struct ServeArgs {
 
     /// Default priority of tenants, `name=interactive|batch,...`; others: interactive.
     #[arg(long, env = "TENANT_PRIORITIES", default_value = "", value_parser = tenancy::parse_priorities)]
-    pub tenant_priorities: TenantMap<crate::fleet::Priority>,
+    pub tenant_priorities: TenantMap<Priority>,
 
     /// Percent of freed slots batch requests keep while they wait (0-100).
     #[arg(long, env = "BATCH_FLOOR_PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]

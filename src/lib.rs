@@ -5,6 +5,9 @@
 //!
 //! - [`config`]: every setting, as flag and environment variable.
 //! - [`model`]: model names as Ollama compares them.
+//! - [`policy`], [`failure`], [`pool`]: leaves under `fleet` and `proxy`:
+//!   the routing and priority words, the kinds of backend failure, and
+//!   corral's connections to one backend.
 //! - [`fleet`]: the backends, their health and models, the slots and the wait
 //!   queue, and discovery (the scan loop over the range, BACKENDS URLs, DNS
 //!   entries and self-registered backends). One lock, never held across `.await`.
@@ -34,9 +37,9 @@
 //!    answer goes to the backend that produced it, a backend that answered
 //!    `server busy` stays healthy and is tried again after a pause).
 //! 5. `proxy::forward` sends it (`proxy::upstream`, on a kept connection of
-//!    that backend from `proxy::pool`, checked out on the request's own
+//!    that backend from `pool`, checked out on the request's own
 //!    task); a failure before the first byte reached the client (a
-//!    `proxy::failure::FailureKind`) marks the backend unhealthy and goes
+//!    `failure::FailureKind`) marks the backend unhealthy and goes
 //!    back to step 4 elsewhere, at its old place in the queue.
 //! 6. The response streams back chunk by chunk; the `Slot` is released when
 //!    the body ends or the client goes away (which closes the backend
@@ -46,10 +49,13 @@
 
 pub mod config;
 pub mod demo;
+pub mod failure;
 pub mod fleet;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod policy;
+pub mod pool;
 pub mod proxy;
 pub mod register;
 pub mod shutdown;

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::failure::FailureKind;
+use crate::fleet::Rejection;
 use crate::fleet::placement::{Placed, Reason};
-use crate::proxy::failure::FailureKind;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -472,9 +473,11 @@ impl Metrics {
     }
 
     /// Counts a rejection.
-    pub fn rejected(&self, reason: &'static str) {
+    pub fn rejected(&self, why: Rejection) {
         self.rejections
-            .get_or_create(&ReasonLabels { reason })
+            .get_or_create(&ReasonLabels {
+                reason: why.label(),
+            })
             .inc();
     }
 

@@ -76,7 +76,7 @@ impl Registrar {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| format!("{url}: {}", crate::proxy::pool::chain(&e)))?;
+                .map_err(|e| format!("{url}: {}", crate::pool::chain(&e)))?;
             let status = response.status();
             let bytes = response
                 .into_body()

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::fleet::Priority;
+use crate::policy::Priority;
 
 /// One client key and the tenant it stands for.
 #[derive(Clone)]

@@ -1,5 +1,6 @@
 //! One backend as the fleet knows it: its identity, health, models and
-//! counters. Plain data; the scheduler and discovery change it under the
+//! counters, and its [`Target`] (where requests go, with corral's kept
+//! connections there). The scheduler and discovery change it under the
 //! fleet lock.
 
 use std::collections::HashSet;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::model::ModelName;
-use crate::proxy::pool::Conns;
+use crate::pool::Conns;
 
 /// Names a backend: its port for the scanned range, its URL's authority for a
 /// `BACKENDS` entry. Range backends sort first, by port, so that "lowest port"

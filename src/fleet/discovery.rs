@@ -25,7 +25,7 @@ use super::dns::DnsDiscovery;
 use super::registry::Registry;
 use super::{BackendId, Fleet, ProbeReport, Target};
 use crate::config::{BackendSource, ServeArgs};
-use crate::proxy::failure::FailureKind;
+use crate::failure::FailureKind;
 
 /// Range backends that fail this many probes in a row, with nothing in
 /// flight, are forgotten (their metrics series retire with them).

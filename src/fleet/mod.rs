@@ -21,27 +21,17 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub use crate::policy::Priority;
 pub use backend::{Backend, BackendId, ProbeReport, Target};
-pub use scheduler::{Limits, Policy, Priority, Rejection, TenantView, Ticket, Want};
+pub use scheduler::{Limits, Policy, Rejection, TenantView, Ticket, Want};
 pub use slot::Slot;
 
 use crate::model::ModelName;
 
-use scheduler::{Decision, Lease, Outcome, Scheduler};
+use scheduler::{Decision, Grant, Outcome, Scheduler};
 
 /// What a waiter receives: its slot, or why it will not get one.
-type Grant = Result<Slot, Rejection>;
-
-/// Why a request got no slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AcquireError {
-    /// Turned away by the scheduler.
-    #[error("{0:?}")]
-    Rejected(Rejection),
-    /// Waited QUEUE_TIMEOUT_SECONDS without a slot.
-    #[error("no backend became free within the queue timeout")]
-    QueueTimeout,
-}
+type Verdict = Result<Slot, Rejection>;
 
 /// The fleet handle, shared by the proxy, discovery and admin endpoints.
 #[derive(Clone)]
@@ -53,7 +43,7 @@ struct Shared {
     /// A std mutex, not tokio's: every critical section is a few map
     /// operations and nothing is awaited while it is held, so parking a
     /// thread is cheaper than an async lock.
-    state: Mutex<Scheduler<oneshot::Sender<Grant>>>,
+    state: Mutex<Scheduler<oneshot::Sender<Verdict>>>,
     queue_timeout: Duration,
     /// SHARED_STATE, once attached; unset costs one atomic load per request.
     remote: OnceLock<Arc<shared::SharedState>>,
@@ -78,18 +68,18 @@ impl Fleet {
 
     /// Locks the state. A panic while holding the lock leaves consistent data
     /// behind (every change is a single map operation), so poisoning is ignored.
-    fn lock(&self) -> MutexGuard<'_, Scheduler<oneshot::Sender<Grant>>> {
+    fn lock(&self) -> MutexGuard<'_, Scheduler<oneshot::Sender<Verdict>>> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the state under the lock; `f` must be quick.
-    pub fn read<T>(&self, f: impl FnOnce(&Scheduler<oneshot::Sender<Grant>>) -> T) -> T {
+    pub fn read<T>(&self, f: impl FnOnce(&Scheduler<oneshot::Sender<Verdict>>) -> T) -> T {
         f(&self.lock())
     }
 
     /// Changes the state under the lock, then hands out whatever slots the
     /// change freed or rejections it caused.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Scheduler<oneshot::Sender<Grant>>) -> T) -> T {
+    pub fn update<T>(&self, f: impl FnOnce(&mut Scheduler<oneshot::Sender<Verdict>>) -> T) -> T {
         let (value, out) = {
             let mut state = self.lock();
             let value = f(&mut state);
@@ -118,7 +108,7 @@ impl Fleet {
         want: Want,
         bytes: usize,
         ticket: &mut Ticket,
-    ) -> Result<Slot, AcquireError> {
+    ) -> Result<Slot, Rejection> {
         let Some(remote) = self.shared.remote.get() else {
             return self.acquire_local(want, bytes, ticket).await;
         };
@@ -163,23 +153,21 @@ impl Fleet {
         want: Want,
         bytes: usize,
         ticket: &mut Ticket,
-    ) -> Result<Slot, AcquireError> {
+    ) -> Result<Slot, Rejection> {
         let deadline = ticket.since + self.shared.queue_timeout;
         let (seq, rx, held) = {
             let mut state = self.lock();
             let held = match state.try_acquire(&want, ticket, Instant::now()) {
                 Decision::Granted(lease) => return Ok(Slot::new(self.clone(), lease)),
-                Decision::Rejected(r) => return Err(AcquireError::Rejected(r)),
+                Decision::Rejected(r) => return Err(r),
                 Decision::Wait | Decision::Hold(_) if Instant::now() >= deadline => {
-                    return Err(AcquireError::QueueTimeout);
+                    return Err(Rejection::QueueTimeout);
                 }
                 Decision::Wait => None,
                 Decision::Hold(due) => Some(due),
             };
             let (tx, rx) = oneshot::channel();
-            let seq = state
-                .enqueue(want, bytes, ticket, tx)
-                .map_err(AcquireError::Rejected)?;
+            let seq = state.enqueue(want, bytes, ticket, tx)?;
             ticket.arrival = Some(seq);
             if let Some(due) = held {
                 state.hold(seq, due);
@@ -197,21 +185,25 @@ impl Fleet {
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(grant) => {
                 place.seq = None;
-                grant
-                    .unwrap_or(Err(Rejection::Exhausted))
-                    .map_err(AcquireError::Rejected)
+                grant.unwrap_or(Err(Rejection::Exhausted))
             }
             Err(_) => {
                 if place.leave() {
-                    return Err(AcquireError::QueueTimeout);
+                    return Err(Rejection::QueueTimeout);
                 }
                 // Granted in the same instant: the grant is on its way.
                 match rx.await {
-                    Ok(grant) => grant.map_err(AcquireError::Rejected),
-                    Err(_) => Err(AcquireError::QueueTimeout),
+                    Ok(grant) => grant,
+                    Err(_) => Err(Rejection::QueueTimeout),
                 }
             }
         }
+    }
+
+    /// A backend for a request that takes no slot (see
+    /// [`Scheduler::grant_unslotted`]).
+    pub fn grant_unslotted(&self, want: &Want) -> Option<Arc<Target>> {
+        self.read(|s| s.grant_unslotted(want))
     }
 
     /// How long a client turned away for `model` should wait before trying
@@ -288,9 +280,9 @@ impl Fleet {
     /// Gives a finished request's slot back at once; its shared lease
     /// (`remote`) goes to the local waiter that gets the slot, or back to
     /// the shared state when none does.
-    fn release(&self, lease: Lease, remote: Option<slot::Remote>) {
-        let id = lease.target.id.clone();
-        let out = self.lock().release(lease, Instant::now());
+    fn release(&self, grant: Grant, remote: Option<slot::Remote>) {
+        let id = grant.target.id.clone();
+        let out = self.lock().release(grant, Instant::now());
         self.deliver_with(out, remote.map(|r| (id, r)));
     }
 
@@ -298,11 +290,11 @@ impl Fleet {
     /// deadline (or any earlier call that passes it) gives it back.
     fn abandon(
         &self,
-        lease: Lease,
+        grant: Grant,
         remote: Option<slot::Remote>,
         runtime: &tokio::runtime::Handle,
     ) {
-        let due = self.lock().abandon(lease, Instant::now());
+        let due = self.lock().abandon(grant, Instant::now());
         self.wake_on(runtime, due, remote);
     }
 
@@ -334,7 +326,7 @@ impl Fleet {
     /// Sends outcomes to their waiters, outside the lock. A waiter that gave
     /// up meanwhile drops its receiver; the slot then comes back through
     /// `Slot`'s drop and goes to the next waiter.
-    fn deliver(&self, out: Vec<(oneshot::Sender<Grant>, Outcome)>) {
+    fn deliver(&self, out: Vec<(oneshot::Sender<Verdict>, Outcome)>) {
         self.deliver_with(out, None);
     }
 
@@ -342,7 +334,7 @@ impl Fleet {
     /// waiter granted a slot on that backend (given back if none is).
     fn deliver_with(
         &self,
-        out: Vec<(oneshot::Sender<Grant>, Outcome)>,
+        out: Vec<(oneshot::Sender<Verdict>, Outcome)>,
         mut handover: Option<(BackendId, slot::Remote)>,
     ) {
         for (tx, outcome) in out {

@@ -30,6 +30,8 @@ use serde_json::Value;
 
 use super::backend::BackendId;
 use crate::model::ModelName;
+/// Re-exported where the proxy has always found it.
+pub use crate::policy::Routing;
 
 pub use prefix::PrefixIndex;
 pub use signature::{BLOCK_BYTES, Placed, Reason, Signature};
@@ -48,16 +50,6 @@ const DEFAULT_PROMPT_SPEED: f64 = 2000.0;
 const DEFAULT_SERVICE: Duration = Duration::from_secs(1);
 /// Estimated savings below this leave the choice to the least-busy rule.
 const WORTH: Duration = Duration::from_millis(25);
-
-/// How backends are chosen (`ROUTING`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Routing {
-    /// Prefix, session and model warmth, bounded by load.
-    #[default]
-    CacheAware,
-    /// Loaded model, then fewest in flight, then lowest port.
-    LeastBusy,
-}
 
 /// What placement remembers of one backend.
 #[derive(Debug)]
@@ -118,6 +110,23 @@ pub struct Candidate<'a> {
     pub ahead: u32,
     /// The last probe listed the model as loaded.
     pub probed_loaded: bool,
+}
+
+/// A candidate with its estimated time to the first token.
+struct Costed<'c> {
+    id: &'c BackendId,
+    free: bool,
+    time: Duration,
+    placed: Placed,
+}
+
+/// How the least-busy rule's choice is recorded.
+fn least_busy_placed(cold: bool) -> Placed {
+    Placed {
+        reason: Reason::LeastBusy,
+        expected_hit_tokens: 0,
+        cold,
+    }
 }
 
 /// The decision for one request.
@@ -325,83 +334,71 @@ impl Placement {
         queued: usize,
     ) -> Choice {
         let num_ctx = sig.and_then(|s| s.num_ctx);
-        let is_cold = |id: &BackendId| {
-            let c = candidates.iter().find(|c| c.id == id);
-            let probed = c.is_some_and(|c| c.probed_loaded) && num_ctx.is_none();
-            model.is_some() && !probed && !self.memory(id).is_some_and(|m| m.warm(model, num_ctx))
-        };
-        let plain = |id: &BackendId| {
-            let placed = Placed {
-                reason: Reason::LeastBusy,
-                expected_hit_tokens: 0,
-                cold: is_cold(id),
-            };
-            Choice::Go(id.clone(), placed)
+        let is_cold = |id: &BackendId| self.is_cold(id, model, num_ctx, candidates);
+        let plain = || {
+            least_busy.map_or(Choice::Wait, |id| {
+                Choice::Go(id.clone(), least_busy_placed(is_cold(id)))
+            })
         };
         let Some(sig) = sig.filter(|_| self.routing == Routing::CacheAware) else {
-            return least_busy.map_or(Choice::Wait, plain);
+            return plain();
         };
-        if !sig.matters() {
-            // Only the model's warmth is at stake: the least-busy choice
-            // stands unless it would load the model.
-            let cold = least_busy.is_some_and(is_cold);
-            if !cold || self.load_cost < WORTH {
-                return least_busy.map_or(Choice::Wait, plain);
-            }
+        // Only the model's warmth at stake: the least-busy choice stands
+        // unless it would load the model.
+        if !sig.matters() && (self.load_cost < WORTH || !least_busy.is_some_and(is_cold)) {
+            return plain();
         }
-        // The waiters for this model, spread over the backends that could serve them.
-        let queued = queued / candidates.len().max(1);
-        let costs: Vec<(Duration, Placed, &Candidate<'_>)> = candidates
-            .iter()
-            .map(|c| {
-                let (t, p) = self.cost(c, sig, model, queued);
-                (t, p, c)
-            })
-            .collect();
-        let best_free = costs
-            .iter()
-            .filter(|(_, _, c)| c.free)
-            .min_by_key(|(t, _, _)| *t);
-        let best_busy = costs
-            .iter()
-            .filter(|(_, _, c)| !c.free)
-            .min_by_key(|(t, _, _)| *t);
         let Some(lb) = least_busy else {
             return Choice::Wait;
         };
-        let (lb_cost, lb_placed) = costs
+        // The waiters for this model, spread over the backends that could serve them.
+        let queued = queued / candidates.len().max(1);
+        let costs: Vec<Costed<'_>> = candidates
             .iter()
-            .find(|(_, _, c)| c.id == lb)
-            .map_or((Duration::MAX, None), |(t, p, _)| (*t, Some(*p)));
-        let mut choice = (lb_cost, lb.clone(), lb_placed);
-        if let Some((t, p, c)) = best_free
-            && *t + WORTH < lb_cost
-        {
-            choice = (*t, c.id.clone(), Some(*p));
+            .map(|c| {
+                let (time, placed) = self.cost(c, sig, model, queued);
+                Costed {
+                    id: c.id,
+                    free: c.free,
+                    time,
+                    placed,
+                }
+            })
+            .collect();
+        let cheapest = |free: bool| {
+            costs
+                .iter()
+                .filter(|c| c.free == free)
+                .min_by_key(|c| c.time)
+        };
+        let time = |c: Option<&Costed<'_>>| c.map_or(Duration::MAX, |c| c.time);
+        let mut chosen = costs.iter().find(|c| c.id == lb);
+        if let Some(free) = cheapest(true).filter(|f| f.time + WORTH < time(chosen)) {
+            chosen = Some(free);
         }
-        if let Some((t, _, _)) = best_busy
-            && *t + WORTH < choice.0
-        {
+        if cheapest(false).is_some_and(|busy| busy.time + WORTH < time(chosen)) {
             return Choice::Wait;
         }
-        let placed = choice.2.map_or(
-            Placed {
-                reason: Reason::LeastBusy,
-                expected_hit_tokens: 0,
-                cold: false,
-            },
-            |p| {
-                if choice.1 == *lb && p.expected_hit_tokens == 0 && !p.cold {
-                    Placed {
-                        reason: Reason::LeastBusy,
-                        ..p
-                    }
-                } else {
-                    p
-                }
-            },
-        );
-        Choice::Go(choice.1, placed)
+        match chosen {
+            // The least-busy backend, for no prefix and no load saved.
+            Some(c) if !(c.id == lb && c.placed.expected_hit_tokens == 0 && !c.placed.cold) => {
+                Choice::Go(c.id.clone(), c.placed)
+            }
+            _ => Choice::Go(lb.clone(), least_busy_placed(false)),
+        }
+    }
+
+    /// Whether `model` (with `num_ctx`) would have to be loaded on `id`.
+    fn is_cold(
+        &self,
+        id: &BackendId,
+        model: Option<&ModelName>,
+        num_ctx: Option<u64>,
+        candidates: &[Candidate<'_>],
+    ) -> bool {
+        let c = candidates.iter().find(|c| c.id == id);
+        let probed = c.is_some_and(|c| c.probed_loaded) && num_ctx.is_none();
+        model.is_some() && !probed && !self.memory(id).is_some_and(|m| m.warm(model, num_ctx))
     }
 
     /// Why a waiter handed a slot of `id` by the queue went there, with what

@@ -16,7 +16,7 @@ use super::{BackendId, Target};
 
 /// One registration.
 #[derive(Debug)]
-struct Lease {
+struct Registration {
     target: Arc<Target>,
     /// `None`: registered without a lease, stays until deregistered.
     expires: Option<Instant>,
@@ -39,14 +39,14 @@ pub enum Registered {
 /// The registered backends, shared by the admin endpoints and discovery.
 #[derive(Debug, Default)]
 pub struct Registry {
-    leases: Mutex<BTreeMap<BackendId, Lease>>,
+    registrations: Mutex<BTreeMap<BackendId, Registration>>,
     /// Woken on every new registration, so discovery probes it at once.
     pub changed: Notify,
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<BackendId, Lease>> {
-        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<BackendId, Registration>> {
+        self.registrations.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers (or renews) the backend at `base`, its lease running `lease`
@@ -79,7 +79,7 @@ impl Registry {
                 let target = Arc::new(Target::new(id.clone(), base));
                 leases.insert(
                     id,
-                    Lease {
+                    Registration {
                         target: Arc::clone(&target),
                         expires,
                         retiring: false,

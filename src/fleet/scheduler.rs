@@ -31,11 +31,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::backend::{Backend, BackendId, ProbeReport, Target};
-use super::placement::{Placement, Routing};
+use super::placement::Placement;
 use crate::model::ModelName;
+use crate::policy::{Priority, Routing};
 
 use free::FreeIndex;
-pub use request::{Decision, Lease, Outcome, Priority, Rejection, Ticket, Want};
+pub use request::{Decision, Grant, Outcome, Rejection, Ticket, Want};
 pub use waiters::{Tenant, TenantId};
 use waiters::{Waiter, Waiters};
 
@@ -117,13 +118,14 @@ pub struct Scheduler<W> {
     touched: Vec<BackendId>,
     waiters: Waiters<W>,
     /// Waiters that can be turned away by a change of the fleet: retries
-    /// (no untried backend left) and waiters for a model never listed.
+    /// (no untried backend left), pinned waiters (their backend gone) and
+    /// waiters for a model never listed.
     fragile: BTreeSet<u64>,
     next_arrival: u64,
     /// Interactive grants since the last batch one.
     interactive_streak: u32,
     /// Abandoned slots and when they come back.
-    settling: BTreeMap<(Instant, u64), Lease>,
+    settling: BTreeMap<(Instant, u64), Grant>,
     /// Waiters that placement holds back for a busy backend, and when the
     /// free backends are offered to them again.
     held: BTreeSet<(Instant, u64)>,
@@ -338,8 +340,9 @@ impl<W> Scheduler<W> {
                 a
             }
         };
-        let fragile =
-            !want.tried.is_empty() || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
+        let fragile = !want.tried.is_empty()
+            || want.pin.is_some()
+            || want.model.as_ref().is_some_and(|m| !self.known.contains(m));
         if fragile {
             self.fragile.insert(arrival);
         }
@@ -368,10 +371,10 @@ impl<W> Scheduler<W> {
 
     /// Gives back a slot whose request is done and hands it (and any other
     /// free slot of that backend) to the waiters next in line.
-    pub fn release(&mut self, lease: Lease, now: Instant) -> Vec<(W, Outcome)> {
+    pub fn release(&mut self, grant: Grant, now: Instant) -> Vec<(W, Outcome)> {
         self.reindex_touched();
-        let id = lease.target.id.clone();
-        self.give_back(lease, now);
+        let id = grant.target.id.clone();
+        self.give_back(grant, now);
         let mut out = Vec::new();
         self.hand_out(&id, now, &mut out);
         out
@@ -380,11 +383,11 @@ impl<W> Scheduler<W> {
     /// A slot cut off mid-request: it stays taken until `now` plus the
     /// settle time, then comes back through [`Scheduler::expire`] called
     /// at or after the instant returned.
-    pub fn abandon(&mut self, lease: Lease, now: Instant) -> Instant {
+    pub fn abandon(&mut self, grant: Grant, now: Instant) -> Instant {
         let seq = self.next_settle_seq;
         self.next_settle_seq += 1;
         let due = now + self.policy.settle;
-        self.settling.insert((due, seq), lease);
+        self.settling.insert((due, seq), grant);
         due
     }
 
@@ -404,9 +407,9 @@ impl<W> Scheduler<W> {
             if entry.key().0 > now {
                 break;
             }
-            let lease = entry.remove();
-            let id = lease.target.id.clone();
-            self.give_back(lease, now);
+            let grant = entry.remove();
+            let id = grant.target.id.clone();
+            self.give_back(grant, now);
             self.hand_out(&id, now, &mut out);
         }
         self.release_held(now, &mut out);
@@ -529,10 +532,20 @@ impl<W> Scheduler<W> {
     }
 
     fn is_eligible(&self, b: &Backend, want: &Want) -> bool {
-        b.healthy
-            && !b.draining
-            && b.has_model(want.model.as_ref())
-            && !want.tried.contains(&b.target.id)
+        b.healthy && !b.draining && b.has_model(want.model.as_ref()) && want.may_use(&b.target.id)
+    }
+
+    /// An unslotted grant: a backend for a request that takes no slot (a
+    /// cloud model, which the backend only relays). Any healthy backend it
+    /// may use, whether or not it lists the model: one that lists it first
+    /// (it is signed in to the cloud), then the fewest in flight, then the
+    /// lowest id. `None`: no backend is left.
+    pub fn grant_unslotted(&self, want: &Want) -> Option<Arc<Target>> {
+        self.backends
+            .values()
+            .filter(|b| b.healthy && !b.draining && want.may_use(&b.target.id))
+            .min_by_key(|b| (!b.has_model(want.model.as_ref()), b.in_flight))
+            .map(|b| Arc::clone(&b.target))
     }
 
     fn slot_free(&self, b: &Backend) -> bool {
@@ -599,8 +612,8 @@ impl<W> Scheduler<W> {
                 self.interactive_streak = self.interactive_streak.saturating_add(1);
             }
             self.placed_from_queue(id, &waiter.want);
-            let lease = self.take_slot(id, waiter.tenant, waiter.want.model, now, true);
-            out.push((waiter.payload, Outcome::Granted(lease)));
+            let grant = self.take_slot(id, waiter.tenant, waiter.want.model, now, true);
+            out.push((waiter.payload, Outcome::Granted(grant)));
         }
     }
 
@@ -626,7 +639,7 @@ impl<W> Scheduler<W> {
         model: Option<ModelName>,
         now: Instant,
         from_queue: bool,
-    ) -> Lease {
+    ) -> Grant {
         let backend = self.backends.get_mut(id).expect("picked backend exists");
         backend.in_flight += 1;
         debug_assert!(
@@ -646,7 +659,7 @@ impl<W> Scheduler<W> {
             i64::try_from(charged).unwrap_or(i64::MAX),
             from_queue,
         );
-        Lease {
+        Grant {
             target,
             tenant,
             model,
@@ -657,35 +670,35 @@ impl<W> Scheduler<W> {
 
     /// Gives a slot back and settles its tenant's account with the time it
     /// really held it.
-    fn give_back(&mut self, lease: Lease, now: Instant) {
-        let held = now.saturating_duration_since(lease.granted_at);
+    fn give_back(&mut self, grant: Grant, now: Instant) {
+        let held = now.saturating_duration_since(grant.granted_at);
         let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
-        if let Some(t) = self.waiters.tenants.get_mut(&lease.tenant) {
+        if let Some(t) = self.waiters.tenants.get_mut(&grant.tenant) {
             t.in_flight = t.in_flight.saturating_sub(1);
             t.slot_ns = t.slot_ns.saturating_add(held_ns);
         }
-        let correction = i128::from(held_ns) - i128::from(lease.charged);
+        let correction = i128::from(held_ns) - i128::from(grant.charged);
         self.waiters.correct(
-            lease.tenant,
+            grant.tenant,
             i64::try_from(correction).unwrap_or(if correction < 0 { i64::MIN } else { i64::MAX }),
         );
-        self.waiters.forget_if_idle(lease.tenant);
-        self.record_turnover(lease.model, held_ns, now);
-        let Some(backend) = self.backends.get_mut(&lease.target.id) else {
+        self.waiters.forget_if_idle(grant.tenant);
+        self.record_turnover(grant.model, held_ns, now);
+        let Some(backend) = self.backends.get_mut(&grant.target.id) else {
             return;
         };
         // A slot of a backend that was since replaced under the same id is not
         // this backend's to give back.
-        if !Arc::ptr_eq(&backend.target, &lease.target) {
+        if !Arc::ptr_eq(&backend.target, &grant.target) {
             return;
         }
         debug_assert!(
             backend.in_flight > 0,
             "slot released twice on {}",
-            lease.target.id
+            grant.target.id
         );
         backend.in_flight = backend.in_flight.saturating_sub(1);
-        self.reindex(&lease.target.id);
+        self.reindex(&grant.target.id);
     }
 
     fn record_turnover(&mut self, model: Option<ModelName>, held_ns: u64, now: Instant) {
@@ -740,9 +753,9 @@ impl<W> Scheduler<W> {
                 return Some(Rejection::UnknownModel);
             }
         }
-        let retry_has_nowhere_to_go =
-            !want.tried.is_empty() && !self.backends.values().any(|b| self.is_eligible(b, want));
-        retry_has_nowhere_to_go.then_some(Rejection::Exhausted)
+        let bound = !want.tried.is_empty() || want.pin.is_some();
+        let nowhere_to_go = bound && !self.backends.values().any(|b| self.is_eligible(b, want));
+        nowhere_to_go.then_some(Rejection::Exhausted)
     }
 }
 

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::scheduler::Lease;
+use super::scheduler::Grant;
 use super::shared::{RedisLease, SharedState};
 use super::{Fleet, Target};
 
@@ -26,7 +26,7 @@ pub(super) type Remote = (Arc<SharedState>, RedisLease);
 pub struct Slot {
     fleet: Fleet,
     /// Always `Some` until the drop.
-    lease: Option<Lease>,
+    lease: Option<Grant>,
     /// Its lease in the shared state (SHARED_STATE only).
     remote: Option<Remote>,
     /// `remote` was handed over by the request that finished on this
@@ -37,7 +37,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub(super) fn new(fleet: Fleet, lease: Lease) -> Self {
+    pub(super) fn new(fleet: Fleet, lease: Grant) -> Self {
         Self {
             fleet,
             lease: Some(lease),

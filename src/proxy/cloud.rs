@@ -1,13 +1,8 @@
 //! Cloud models (`gpt-oss:120b:cloud`, `gpt-oss:120b-cloud`): Ollama relays
-//! them to ollama.com without a local model or a scheduler slot, so corral
-//! sends them to a healthy backend without taking a slot either, and they do
-//! not count against MAX_CONCURRENT_PER_BACKEND. The name rules are
-//! OLLAMA_API_ADDENDUM.md §3.1.
-
-use std::sync::Arc;
-
-use crate::fleet::{BackendId, Fleet, Target};
-use crate::model::ModelName;
+//! them to ollama.com without a local model or a scheduler slot, so the
+//! scheduler grants them a healthy backend without a slot either
+//! (`Scheduler::grant_unslotted`), and they do not count against
+//! MAX_CONCURRENT_PER_BACKEND. The name rules are OLLAMA_API_ADDENDUM.md §3.1.
 
 /// Whether `name` asks explicitly for a cloud model: its last `:` part is
 /// `cloud`, or its tag ends in `-cloud` (with no `/` after the last `:`);
@@ -23,19 +18,6 @@ pub fn is_cloud(name: &str) -> bool {
     }
     let tag = tag.to_ascii_lowercase();
     tag == "cloud" || tag.ends_with("-cloud")
-}
-
-/// A healthy backend for a request that takes no slot: not draining, not yet
-/// tried; one that lists `model` first (it is signed in to the cloud), then
-/// the fewest in flight, then the lowest id.
-pub fn pick(fleet: &Fleet, model: Option<&ModelName>, tried: &[BackendId]) -> Option<Arc<Target>> {
-    fleet.read(|s| {
-        s.backends()
-            .values()
-            .filter(|b| b.healthy && !b.draining && !tried.contains(&b.target.id))
-            .min_by_key(|b| (model.is_none_or(|m| !b.models.contains(m)), b.in_flight))
-            .map(|b| Arc::clone(&b.target))
-    })
 }
 
 #[cfg(test)]

@@ -1,41 +1,31 @@
-//! Where a routed request may go next: a backend slot from the fleet, a
-//! backend without a slot for a cloud model (`cloud.rs`), only the backend
-//! that produced the response a Responses request continues (`responses.rs`),
-//! and, once every backend left has answered Ollama's 503 `server busy`, the
-//! same backends again after a pause that doubles, within
-//! QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its queue is full).
+//! Where a routed request may go next, as the fleet grants it: a backend
+//! slot, or for a cloud model (`cloud.rs`) an unslotted grant; a Responses
+//! request that continues a response is pinned to the backend that produced
+//! it (`responses.rs`). Once every backend left has answered Ollama's 503
+//! `server busy`, the same backends are asked again after a pause that
+//! doubles, within QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its
+//! queue is full).
 
 use tokio::time::Instant;
 
 use super::App;
 use super::claim::Claim;
-use super::cloud;
 use super::error::ProxyError;
 use super::upstream::BackendError;
-use crate::fleet::{AcquireError, BackendId, Rejection, Ticket, Want};
+use crate::fleet::{BackendId, Rejection, Ticket, Want};
 
-/// Where a request may still go: a cloud model takes no slot, a continued
-/// response only its own backend, and backends that answered `server busy`
-/// are tried again after a pause once no other is left.
+/// Where a request may still go: a cloud model takes no slot, and backends
+/// that answered `server busy` are tried again after a pause once no other
+/// is left.
 pub struct Course {
     /// A cloud model: no slot.
     pub cloud: bool,
-    /// The backend a continued response must go to.
-    pub pin: Option<BackendId>,
     /// Backends that answered busy since the last pause.
     pub busy: Vec<BackendId>,
     /// Pauses taken so far.
     pub busy_rounds: u32,
     /// QUEUE_TIMEOUT_SECONDS after arrival.
     pub deadline: Instant,
-}
-
-/// Why no backend was claimed.
-pub enum Refused {
-    /// The answer is decided.
-    Now(ProxyError),
-    /// The fleet turned the request away; [`refusal`] says how.
-    Acquire(AcquireError),
 }
 
 impl Course {
@@ -48,26 +38,16 @@ impl Course {
         ticket: &mut Ticket,
         attempts: u32,
         last: Option<&BackendError>,
-    ) -> Result<Claim, Refused> {
+    ) -> Result<Claim, Rejection> {
         loop {
-            if let Some(pin) = &self.pin {
-                // Every other backend counts as tried: the request waits for
-                // this one, and is turned away when it is gone.
-                app.fleet.read(|s| {
-                    for id in s.backends().keys() {
-                        if id != pin && !want.tried.contains(id) {
-                            want.tried.push(id.clone());
-                        }
-                    }
-                });
-            }
             let claimed = if self.cloud {
-                cloud::pick(&app.fleet, want.model.as_ref(), &want.tried)
+                app.fleet
+                    .grant_unslotted(want)
                     .map(|target| Claim::Unslotted {
                         fleet: app.fleet.clone(),
                         target,
                     })
-                    .ok_or(AcquireError::Rejected(Rejection::Exhausted))
+                    .ok_or(Rejection::Exhausted)
             } else {
                 app.fleet
                     .acquire(want.clone(), bytes, ticket)
@@ -76,8 +56,8 @@ impl Course {
             };
             match claimed {
                 Ok(claim) => return Ok(claim),
-                Err(AcquireError::Rejected(Rejection::Exhausted)) => {}
-                Err(e) => return Err(Refused::Acquire(e)),
+                Err(Rejection::Exhausted) => {}
+                Err(why) => return Err(why),
             }
             if !self.busy.is_empty() {
                 // Every backend left is busy: try them again after a pause
@@ -85,24 +65,20 @@ impl Course {
                 let pause = std::time::Duration::from_millis(25 << self.busy_rounds.min(5));
                 self.busy_rounds += 1;
                 if Instant::now() + pause >= self.deadline {
-                    return Err(Refused::Acquire(AcquireError::QueueTimeout));
+                    return Err(Rejection::QueueTimeout);
                 }
                 want.tried.retain(|id| !self.busy.contains(id));
                 self.busy.clear();
                 tokio::time::sleep(pause).await;
                 continue;
             }
-            if self.pin.is_some() {
-                app.metrics.rejected("previous_response_gone");
-                return Err(Refused::Now(ProxyError::PreviousResponseGone));
+            if want.pin.is_some() {
+                return Err(Rejection::PreviousResponseGone);
             }
             if self.cloud && attempts == 0 && last.is_none() {
-                app.metrics.rejected("no_healthy_backend");
-                return Err(Refused::Now(ProxyError::NoHealthyBackend));
+                return Err(Rejection::NoHealthyBackend);
             }
-            return Err(Refused::Acquire(AcquireError::Rejected(
-                Rejection::Exhausted,
-            )));
+            return Err(Rejection::Exhausted);
         }
     }
 }
@@ -121,7 +97,7 @@ pub fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, Pr
             .is_some_and(|b| b.healthy && !b.draining)
     });
     if !alive {
-        app.metrics.rejected("previous_response_gone");
+        app.metrics.rejected(Rejection::PreviousResponseGone);
         return Err(ProxyError::PreviousResponseGone);
     }
     Ok(Some(owner))

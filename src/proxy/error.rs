@@ -9,6 +9,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use super::endpoint::Api;
+use crate::fleet::Rejection;
 
 /// What went wrong, as the client is told.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +43,22 @@ pub enum ProxyError {
     /// The client was too slow sending its body.
     #[error("request body not received in time")]
     BodyTimeout,
-    /// Every attempt failed, or no untried backend was left.
-    #[error("all attempts failed: {0}")]
-    AllAttemptsFailed(String),
-    /// The wait queue is full (count, bytes or the tenant's share); the
-    /// second field is the estimated wait in seconds for `Retry-After`.
-    #[error("server busy: the queue is full ({0}); please try again")]
-    QueueFull(&'static str, u32),
+    /// Every attempt failed: how many, and the last one's error.
+    #[error("all attempts failed: {attempts} attempt(s), last: {last}")]
+    AllAttemptsFailed {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// No untried backend was left; the last failure, if there was one.
+    #[error("all attempts failed: no untried backend left; last: {}", .0.as_deref().unwrap_or("no backend left to try"))]
+    Exhausted(Option<String>),
+    /// The wait queue is full: the rejection says which limit (count,
+    /// bytes or the tenant's share); then the estimated wait in seconds for
+    /// `Retry-After`.
+    #[error("server busy: the queue is full ({}); please try again", .0.limit().unwrap_or_default())]
+    QueueFull(Rejection, u32),
     /// No backend became free in QUEUE_TIMEOUT_SECONDS; then the estimated
     /// wait in seconds for `Retry-After`.
     #[error("no backend could take the request within {0} s (QUEUE_TIMEOUT_SECONDS)")]
@@ -79,7 +89,7 @@ impl ProxyError {
             }
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::AllAttemptsFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::AllAttemptsFailed { .. } | Self::Exhausted(_) => StatusCode::BAD_GATEWAY,
             Self::QueueFull(..)
             | Self::QueueTimeout(..)
             | Self::NoHealthyBackend
@@ -195,7 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn messages_paths_get_the_anthropic_error_object() {
-        let r = ProxyError::QueueFull("MAX_QUEUE", 7).render(Api::of("/v1/messages"));
+        let r = ProxyError::QueueFull(Rejection::QueueFull, 7).render(Api::of("/v1/messages"));
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         let v = body_json(r).await;
@@ -219,7 +229,7 @@ mod tests {
     #[test]
     fn unavailable_answers_say_when_to_come_back() {
         for e in [
-            ProxyError::QueueFull("requests", 1),
+            ProxyError::QueueFull(Rejection::QueueFull, 1),
             ProxyError::QueueTimeout(3600, 5),
             ProxyError::NoHealthyBackend,
         ] {
@@ -228,10 +238,13 @@ mod tests {
             assert!(r.headers().contains_key(header::RETRY_AFTER), "{e}");
         }
         assert!(
-            !ProxyError::AllAttemptsFailed("x".into())
-                .render(Api::Ollama)
-                .headers()
-                .contains_key(header::RETRY_AFTER)
+            !ProxyError::AllAttemptsFailed {
+                attempts: 1,
+                last: "x".into()
+            }
+            .render(Api::Ollama)
+            .headers()
+            .contains_key(header::RETRY_AFTER)
         );
     }
 }

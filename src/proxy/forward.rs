@@ -40,7 +40,6 @@ use tokio::time::Instant;
 use super::App;
 use super::claim::Claim;
 use super::context::{Failure, RequestContext};
-use super::course::Refused;
 use super::endpoint::{Endpoint, Framing};
 use super::error::ProxyError;
 use super::headers::{ATTEMPTS, BACKEND, QUEUE_MS};
@@ -49,7 +48,7 @@ use super::outbound::{Outbound, prepare};
 use super::relay::Relay;
 use super::responses;
 use super::upstream::{BackendBody, BackendError, Cut, FailureKind, next_chunk, strip_hop_by_hop};
-use crate::fleet::{AcquireError, Rejection, Target};
+use crate::fleet::{Rejection, Target};
 use crate::model::ModelName;
 
 /// Handles one routed request on `endpoint`.
@@ -106,10 +105,10 @@ async fn route(
             Err(error) => {
                 let again = failed(app, ctx, &mut out, claim, &error);
                 if !again {
-                    return Err(ProxyError::AllAttemptsFailed(format!(
-                        "{} attempt(s), last: {error}",
-                        ctx.attempts
-                    )));
+                    return Err(ProxyError::AllAttemptsFailed {
+                        attempts: ctx.attempts,
+                        last: error.to_string(),
+                    });
                 }
                 last = Some(error);
             }
@@ -136,11 +135,7 @@ async fn claim(
             last,
         )
         .await;
-    let claim = match claimed {
-        Ok(claim) => claim,
-        Err(Refused::Now(error)) => return Err(error),
-        Err(Refused::Acquire(e)) => return Err(refusal(app, e, ctx, out, last)),
-    };
+    let claim = claimed.map_err(|why| refusal(app, why, ctx, out, last))?;
     let wait = waited.elapsed();
     ctx.queue_wait += wait;
     app.metrics.queue_waited(wait);
@@ -206,15 +201,23 @@ fn refuse(app: &App, ctx: &RequestContext, error: &ProxyError) -> Response {
     response
 }
 
-/// The client's answer when no slot was had.
+/// The client's answer when no backend was had, and its count.
 fn refusal(
     app: &App,
-    error: AcquireError,
+    why: Rejection,
     ctx: &RequestContext,
     out: &Outbound,
     last: Option<&BackendError>,
 ) -> ProxyError {
-    let model = out.asked.as_deref();
+    // No untried backend has the model: the backends that had it were
+    // replaced by servers without it.
+    let why = match why {
+        Rejection::Exhausted if last.is_some_and(|e| e.kind() == FailureKind::ModelMissing) => {
+            Rejection::UnknownModel
+        }
+        why => why,
+    };
+    app.metrics.rejected(why);
     let retry_after = || {
         let secs = app
             .fleet
@@ -222,50 +225,21 @@ fn refusal(
             .as_secs();
         u32::try_from(secs).unwrap_or(u32::MAX)
     };
-    let (reason, error) = match error {
-        AcquireError::QueueTimeout => (
-            "queue_timeout",
-            ProxyError::QueueTimeout(app.args.queue_timeout.as_secs(), retry_after()),
-        ),
-        AcquireError::Rejected(Rejection::UnknownModel) => (
-            "unknown_model",
-            ProxyError::UnknownModel(model.unwrap_or_default().to_string()),
-        ),
-        AcquireError::Rejected(Rejection::QueueFull) => (
-            "queue_full",
-            ProxyError::QueueFull("MAX_QUEUE", retry_after()),
-        ),
-        AcquireError::Rejected(Rejection::QueueBytesFull) => (
-            "queue_bytes_full",
-            ProxyError::QueueFull("MAX_QUEUE_BYTES", retry_after()),
-        ),
-        AcquireError::Rejected(Rejection::TenantQueueFull) => (
-            "tenant_queue_full",
-            ProxyError::QueueFull("MAX_QUEUE_PER_TENANT", retry_after()),
-        ),
-        AcquireError::Rejected(Rejection::ShuttingDown) => {
-            ("shutting_down", ProxyError::ShuttingDown)
+    match why {
+        Rejection::QueueTimeout => {
+            ProxyError::QueueTimeout(app.args.queue_timeout.as_secs(), retry_after())
         }
-        AcquireError::Rejected(Rejection::Exhausted)
-            if last.is_some_and(|e| e.kind() == FailureKind::ModelMissing) =>
-        {
-            // The backends that had it were replaced by servers without it.
-            (
-                "unknown_model",
-                ProxyError::UnknownModel(model.unwrap_or_default().to_string()),
-            )
+        Rejection::UnknownModel => {
+            ProxyError::UnknownModel(out.asked.as_deref().unwrap_or_default().to_string())
         }
-        AcquireError::Rejected(Rejection::Exhausted) => {
-            let detail =
-                last.map_or_else(|| "no backend left to try".to_string(), |e| e.to_string());
-            (
-                "exhausted",
-                ProxyError::AllAttemptsFailed(format!("no untried backend left; last: {detail}")),
-            )
+        Rejection::QueueFull | Rejection::QueueBytesFull | Rejection::TenantQueueFull => {
+            ProxyError::QueueFull(why, retry_after())
         }
-    };
-    app.metrics.rejected(reason);
-    error
+        Rejection::ShuttingDown => ProxyError::ShuttingDown,
+        Rejection::PreviousResponseGone => ProxyError::PreviousResponseGone,
+        Rejection::NoHealthyBackend => ProxyError::NoHealthyBackend,
+        Rejection::Exhausted => ProxyError::Exhausted(last.map(ToString::to_string)),
+    }
 }
 
 /// One attempt: send, then wait for the head and the first chunk, so that a

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::context::{Done, RequestContext};
-use super::failure::FailureKind;
+use crate::failure::FailureKind;
 use crate::metrics::{Metrics, RequestSeries};
 
 /// How a relayed response ended.

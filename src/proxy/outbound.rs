@@ -90,7 +90,6 @@ pub async fn prepare(
         .map(Arc::new);
     let course = Course {
         cloud,
-        pin,
         busy: Vec::new(),
         busy_rounds: 0,
         deadline: ctx.arrived + args.queue_timeout,
@@ -99,6 +98,7 @@ pub async fn prepare(
         want: Want {
             model,
             tried: Vec::new(),
+            pin,
             signature,
         },
         course,

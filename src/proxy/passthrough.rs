@@ -1,5 +1,5 @@
 //! Endpoints that use no GPU (`GET /api/status`, `/api/experimental/*`):
-//! sent to a healthy backend without taking a slot, the answer relayed as it
+//! sent to a healthy backend on an unslotted grant, the answer relayed as it
 //! comes; a backend that cannot be reached is passed over for another.
 
 use std::sync::Arc;
@@ -10,11 +10,11 @@ use axum::response::Response;
 
 use super::App;
 use super::body;
-use super::cloud;
 use super::endpoint::Api;
 use super::error::ProxyError;
 use super::headers::BACKEND;
 use super::upstream::strip_hop_by_hop;
+use crate::fleet::Want;
 
 /// Forwards the request to a healthy backend.
 pub async fn forward(State(app): State<Arc<App>>, request: Request) -> Response {
@@ -35,10 +35,10 @@ async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
     .await?;
     let root = http::uri::PathAndQuery::from_static("/");
     let path = parts.uri.path_and_query().unwrap_or(&root);
-    let mut tried = Vec::new();
+    let mut want = Want::default();
     let mut last = None;
-    while tried.len() <= app.args.max_retries as usize {
-        let Some(target) = cloud::pick(&app.fleet, None, &tried) else {
+    while want.tried.len() <= app.args.max_retries as usize {
+        let Some(target) = app.fleet.grant_unslotted(&want) else {
             break;
         };
         let sent = app
@@ -54,13 +54,16 @@ async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
             }
             Err(e) => {
                 tracing::warn!(path = parts.uri.path(), error = %e, "pass-through attempt failed");
-                tried.push(target.id.clone());
+                want.tried.push(target.id.clone());
                 last = Some(e);
             }
         }
     }
     Err(match last {
         None => ProxyError::NoHealthyBackend,
-        Some(e) => ProxyError::AllAttemptsFailed(format!("{} attempt(s), last: {e}", tried.len())),
+        Some(e) => ProxyError::AllAttemptsFailed {
+            attempts: want.tried.len() as u32,
+            last: e.to_string(),
+        },
     })
 }

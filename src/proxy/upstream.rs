@@ -1,5 +1,5 @@
 //! The client side: requests to backends on corral's own connections
-//! ([`pool`](super::pool)), the request as a backend must see it (its own
+//! ([`pool`](crate::pool)), the request as a backend must see it (its own
 //! `Host`, no hop-by-hop headers, no proxy credentials), their bodies read
 //! chunk by chunk under the read timeout ([`next_chunk`]), and
 //! [`BackendError`], why an attempt failed (every such failure, before the
@@ -13,10 +13,10 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 
-pub use super::failure::FailureKind;
+pub use crate::failure::FailureKind;
 use super::headers::X_API_KEY;
-pub use super::pool::BackendBody;
 use crate::fleet::Target;
+pub use crate::pool::BackendBody;
 
 /// Why one attempt on a backend failed.
 #[derive(Debug, thiserror::Error)]

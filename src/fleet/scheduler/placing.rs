@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use super::{Scheduler, Want};
 use crate::fleet::backend::BackendId;
-use crate::fleet::placement::{Candidate, Choice, Placement, Routing};
+use crate::fleet::placement::{Candidate, Choice, Placement};
+use crate::policy::Routing;
 
 impl<W> Scheduler<W> {
     /// Sets the placement rule (ROUTING); a new scheduler uses least-busy.

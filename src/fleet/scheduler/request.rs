@@ -1,6 +1,6 @@
 //! What a request brings to the scheduler and what it gets back: its
 //! [`Want`] and [`Ticket`], a [`Decision`] or an [`Outcome`], and the
-//! [`Lease`] on a slot it gives back when done.
+//! [`Grant`] on a slot it gives back when done.
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use super::TenantId;
 use crate::fleet::backend::{BackendId, Target};
 use crate::fleet::placement::Signature;
 use crate::model::ModelName;
+use crate::policy::Priority;
 
 /// What a request needs from a backend.
 #[derive(Debug, Clone, Default)]
@@ -18,37 +19,20 @@ pub struct Want {
     pub model: Option<ModelName>,
     /// Backends it already failed on, not to be tried again.
     pub tried: Vec<BackendId>,
+    /// The one backend it may go to (a continued response goes where the
+    /// response it continues was produced): it waits for that backend, and
+    /// is turned away when it is gone.
+    pub pin: Option<BackendId>,
     /// What cache-aware placement knows of it; `None` under
     /// ROUTING=least-busy or for a body that is not a JSON object.
     pub signature: Option<Arc<Signature>>,
 }
 
-/// How urgent a request is (`X-Corral-Priority`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub enum Priority {
-    /// Someone is waiting for the answer: goes first.
-    #[default]
-    Interactive = 0,
-    /// Bulk work: takes what interactive leaves, plus its floor.
-    Batch = 1,
-}
-
-impl Priority {
-    /// `interactive` or `batch`, any case.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "interactive" => Some(Self::Interactive),
-            "batch" => Some(Self::Batch),
-            _ => None,
-        }
-    }
-
-    /// The lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Interactive => "interactive",
-            Self::Batch => "batch",
-        }
+impl Want {
+    /// Whether the request may go to `id`: not tried yet, and the one it is
+    /// pinned to, if it is.
+    pub fn may_use(&self, id: &BackendId) -> bool {
+        !self.tried.contains(id) && self.pin.as_ref().is_none_or(|pin| pin == id)
     }
 }
 
@@ -78,7 +62,10 @@ impl Ticket {
     }
 }
 
-/// Why a request is turned away.
+/// Why a request is turned away: the scheduler's word for it, the fleet's
+/// (a wait that ran out) and the proxy's, one vocabulary from which the
+/// `reason` label of `corral_queue_rejections_total` and the client's
+/// answer (`ProxyError`) derive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// No backend has listed the model since start, while some backend is healthy.
@@ -91,14 +78,60 @@ pub enum Rejection {
     QueueBytesFull,
     /// MAX_QUEUE_PER_TENANT requests of this tenant are already waiting.
     TenantQueueFull,
+    /// Waited QUEUE_TIMEOUT_SECONDS without a backend.
+    QueueTimeout,
     /// The proxy is shutting down and takes nothing new.
     ShuttingDown,
+    /// The backend that produced a continued response is gone.
+    PreviousResponseGone,
+    /// No healthy backend can relay a request that takes no slot.
+    NoHealthyBackend,
 }
 
-/// A slot held: give it back with [`Scheduler::release`](super::Scheduler::release) (done) or
+impl Rejection {
+    /// Every rejection.
+    pub const ALL: [Self; 9] = [
+        Self::UnknownModel,
+        Self::Exhausted,
+        Self::QueueFull,
+        Self::QueueBytesFull,
+        Self::TenantQueueFull,
+        Self::QueueTimeout,
+        Self::ShuttingDown,
+        Self::PreviousResponseGone,
+        Self::NoHealthyBackend,
+    ];
+
+    /// The metric label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::UnknownModel => "unknown_model",
+            Self::Exhausted => "exhausted",
+            Self::QueueFull => "queue_full",
+            Self::QueueBytesFull => "queue_bytes_full",
+            Self::TenantQueueFull => "tenant_queue_full",
+            Self::QueueTimeout => "queue_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::PreviousResponseGone => "previous_response_gone",
+            Self::NoHealthyBackend => "no_healthy_backend",
+        }
+    }
+
+    /// The setting whose limit a full queue hit, as the client is told it.
+    pub const fn limit(self) -> Option<&'static str> {
+        match self {
+            Self::QueueFull => Some("MAX_QUEUE"),
+            Self::QueueBytesFull => Some("MAX_QUEUE_BYTES"),
+            Self::TenantQueueFull => Some("MAX_QUEUE_PER_TENANT"),
+            _ => None,
+        }
+    }
+}
+
+/// The scheduler's grant of a slot, held until it is given back with [`Scheduler::release`](super::Scheduler::release) (done) or
 /// [`Scheduler::abandon`](super::Scheduler::abandon) (cut off mid-request).
 #[derive(Debug)]
-pub struct Lease {
+pub struct Grant {
     /// The backend the slot is on.
     pub target: Arc<Target>,
     pub(super) tenant: TenantId,
@@ -113,7 +146,7 @@ pub struct Lease {
 #[derive(Debug)]
 pub enum Outcome {
     /// A slot on this backend is now the waiter's.
-    Granted(Lease),
+    Granted(Grant),
     /// The request cannot be served.
     Rejected(Rejection),
 }
@@ -122,7 +155,7 @@ pub enum Outcome {
 #[derive(Debug)]
 pub enum Decision {
     /// A slot is taken for the request.
-    Granted(Lease),
+    Granted(Grant),
     /// No eligible backend has a free slot: the request should wait.
     Wait,
     /// Placement would rather wait for a busy backend (it holds the

@@ -59,12 +59,11 @@ fn add<W>(s: &mut Scheduler<W>, port: u16, models: &[&str], loaded: &[&str]) {
 fn want(model: &str) -> Want {
     Want {
         model: Some(ModelName::parse(model)),
-        tried: Vec::new(),
-        signature: None,
+        ..Want::default()
     }
 }
 
-fn granted(d: Decision) -> Lease {
+fn granted(d: Decision) -> Grant {
     match d {
         Decision::Granted(l) => l,
         other => panic!("expected a grant, got {other:?}"),
@@ -173,11 +172,11 @@ fn a_waiter_for_another_model_does_not_block_a_free_backend() {
 fn dequeued_waiter_is_not_granted() {
     let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
-    let lease = granted(s.acquire(&want("llama3")));
+    let grant = granted(s.acquire(&want("llama3")));
     let seq = s.enq(want("llama3"), 5, 1).unwrap();
     assert_eq!(s.dequeue(seq), Some(1));
     assert_eq!(s.dequeue(seq), None);
-    assert!(s.release(lease, now()).is_empty());
+    assert!(s.release(grant, now()).is_empty());
     assert_eq!(s.queued_bytes(), 0);
 }
 
@@ -245,6 +244,65 @@ fn dispatch_rejects_waiters_whose_last_candidate_died() {
 }
 
 #[test]
+fn a_pinned_request_waits_for_its_backend_and_is_turned_away_when_it_is_gone() {
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
+    add(&mut s, 24000, &["llama3"], &[]);
+    add(&mut s, 24001, &["llama3"], &[]);
+    let mut pinned = want("llama3");
+    pinned.pin = Some(BackendId::Port(24001));
+    let grant = granted(s.acquire(&pinned));
+    assert_eq!(grant.target.id, BackendId::Port(24001));
+    // 24000 is free, but not the pinned request's to take.
+    assert!(matches!(s.acquire(&pinned), Decision::Wait));
+    s.enq(pinned.clone(), 0, 1).unwrap();
+    s.enq(want("llama3"), 0, 2).unwrap();
+    let out = s.dispatch(now());
+    assert!(
+        matches!(out.as_slice(), [(2, Outcome::Granted(l))] if l.target.id == BackendId::Port(24000))
+    );
+    let out = s.release(grant, now());
+    let [(1, Outcome::Granted(grant))] = out.as_slice() else {
+        panic!("the pinned waiter gets its backend's slot: {out:?}");
+    };
+    assert_eq!(grant.target.id, BackendId::Port(24001));
+    s.enq(pinned.clone(), 0, 3).unwrap();
+    s.mark_unhealthy(&BackendId::Port(24001), "reset".into());
+    let out = s.dispatch(now());
+    assert!(matches!(
+        out.as_slice(),
+        [(3, Outcome::Rejected(Rejection::Exhausted))]
+    ));
+    assert!(matches!(
+        s.acquire(&pinned),
+        Decision::Rejected(Rejection::Exhausted)
+    ));
+}
+
+#[test]
+fn an_unslotted_grant_takes_no_slot_and_prefers_a_backend_listing_the_model() {
+    let mut s: Scheduler<u32> = Scheduler::new(limits(1));
+    add(&mut s, 24000, &["llama3"], &[]);
+    add(&mut s, 24001, &["llama3"], &[]);
+    add(&mut s, 24002, &["llama3", "qwen3:cloud"], &[]);
+    let cloud = want("qwen3:cloud");
+    let port = |t: Option<Arc<Target>>| t.and_then(|t| t.id.port());
+    assert_eq!(port(s.grant_unslotted(&cloud)), Some(24002));
+    assert!(s.backends().values().all(|b| b.in_flight == 0));
+    // Then the fewest in flight, then the lowest id; a full backend is no
+    // obstacle, as no slot is taken.
+    let _held = granted(s.acquire(&want("llama3")));
+    let mut w = want("gpt-oss:120b-cloud");
+    assert_eq!(port(s.grant_unslotted(&w)), Some(24001));
+    w.tried = vec![BackendId::Port(24001), BackendId::Port(24002)];
+    assert_eq!(port(s.grant_unslotted(&w)), Some(24000));
+    w.tried.clear();
+    w.pin = Some(BackendId::Port(24000));
+    assert_eq!(port(s.grant_unslotted(&w)), Some(24000));
+    s.backend_mut(&BackendId::Port(24000)).unwrap().draining = true;
+    assert_eq!(port(s.grant_unslotted(&w)), None);
+}
+
+#[test]
 fn drained_backend_gets_nothing_new() {
     let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     add(&mut s, 24000, &["llama3"], &[]);
@@ -307,27 +365,27 @@ fn run_workload(seed: u64) {
         add(&mut s, 30000 + port, &[m, "a"], &[]);
     }
     let mut clock = now();
-    let mut held: Vec<(Lease, u32)> = Vec::new();
+    let mut held: Vec<(Grant, u32)> = Vec::new();
     let mut settling: Vec<(Instant, BackendId)> = Vec::new();
     let mut waiting: HashMap<u32, u64> = HashMap::new(); // payload -> arrival
     let mut reqs: HashMap<u32, Req> = HashMap::new();
     let mut next_payload = 0u32;
-    let grant = |out: Vec<(u32, Outcome)>,
-                 held: &mut Vec<(Lease, u32)>,
-                 waiting: &mut HashMap<u32, u64>| {
+    let deliver = |out: Vec<(u32, Outcome)>,
+                   held: &mut Vec<(Grant, u32)>,
+                   waiting: &mut HashMap<u32, u64>| {
         for (payload, outcome) in out {
             assert!(
                 waiting.remove(&payload).is_some(),
                 "seed {seed}: granted waiter was waiting"
             );
-            if let Outcome::Granted(lease) = outcome {
-                held.push((lease, payload));
+            if let Outcome::Granted(grant) = outcome {
+                held.push((grant, payload));
             }
         }
     };
     for step in 0..500 {
         clock += Duration::from_millis(rng.random_range(0..40));
-        match rng.random_range(0..13) {
+        match rng.random_range(0..14) {
             0..=3 => {
                 let priority = if rng.random_bool(0.3) {
                     Priority::Batch
@@ -335,37 +393,41 @@ fn run_workload(seed: u64) {
                     Priority::Interactive
                 };
                 let tenant = tenants[rng.random_range(0..tenants.len())];
-                let req = Req {
+                let mut req = Req {
                     want: want(models[rng.random_range(0..3)]),
                     ticket: Ticket::new(Arc::from(tenant), priority, clock),
                 };
+                if rng.random_bool(0.15) {
+                    // A continued response: only its own backend will do.
+                    req.want.pin = Some(BackendId::Port(30000 + rng.random_range(0..6)));
+                }
                 let id = next_payload;
                 next_payload += 1;
                 reqs.insert(id, req);
                 ask(&mut s, &mut reqs, id, clock, &mut held, &mut waiting, seed);
             }
             4..=6 if !held.is_empty() => {
-                let (lease, _) = held.swap_remove(rng.random_range(0..held.len()));
-                let out = s.release(lease, clock);
-                grant(out, &mut held, &mut waiting);
+                let (grant, _) = held.swap_remove(rng.random_range(0..held.len()));
+                let out = s.release(grant, clock);
+                deliver(out, &mut held, &mut waiting);
             }
             7 if !held.is_empty() => {
                 // Cut off mid-request: stays taken for the settle time.
-                let (lease, _) = held.swap_remove(rng.random_range(0..held.len()));
-                let id = lease.target.id.clone();
-                settling.push((s.abandon(lease, clock), id));
+                let (grant, _) = held.swap_remove(rng.random_range(0..held.len()));
+                let id = grant.target.id.clone();
+                settling.push((s.abandon(grant, clock), id));
             }
             8 if !held.is_empty() => {
                 // The attempt failed: the backend is marked unhealthy, the
                 // slot abandoned, and the request asks again with the same
                 // ticket, excluding that backend.
-                let (lease, id) = held.swap_remove(rng.random_range(0..held.len()));
-                let backend = lease.target.id.clone();
+                let (grant, id) = held.swap_remove(rng.random_range(0..held.len()));
+                let backend = grant.target.id.clone();
                 if rng.random_bool(0.5) {
                     s.mark_unhealthy(&backend, "failed".into());
-                    grant(s.dispatch(clock), &mut held, &mut waiting);
+                    deliver(s.dispatch(clock), &mut held, &mut waiting);
                 }
-                settling.push((s.abandon(lease, clock), backend.clone()));
+                settling.push((s.abandon(grant, clock), backend.clone()));
                 if let Some(req) = reqs.get_mut(&id) {
                     req.want.tried.push(backend);
                 }
@@ -385,12 +447,12 @@ fn run_workload(seed: u64) {
                     b.healthy = true;
                     b.draining = rng.random_bool(0.2);
                 }
-                grant(s.dispatch(clock), &mut held, &mut waiting);
+                deliver(s.dispatch(clock), &mut held, &mut waiting);
             }
             11 => {
                 let out = s.expire(clock);
                 settling.retain(|(due, _)| *due > clock);
-                grant(out, &mut held, &mut waiting);
+                deliver(out, &mut held, &mut waiting);
             }
             12 => {
                 // A scan: the same lists again (nothing to re-index), or
@@ -401,23 +463,57 @@ fn run_workload(seed: u64) {
                     if let Some(b) = s.backend_mut(&id) {
                         b.models.remove(&ModelName::parse("a"));
                     }
-                    grant(s.dispatch(clock), &mut held, &mut waiting);
+                    deliver(s.dispatch(clock), &mut held, &mut waiting);
                 }
                 let m = models[usize::from(port) % 3];
                 add(&mut s, 30000 + port, &[m, "a"], &[]);
-                grant(s.dispatch(clock), &mut held, &mut waiting);
+                deliver(s.dispatch(clock), &mut held, &mut waiting);
+            }
+            13 => {
+                // A cloud model: an unslotted grant, which changes nothing.
+                let mut w = want("cloud");
+                w.tried
+                    .push(BackendId::Port(30000 + rng.random_range(0..6)));
+                if rng.random_bool(0.3) {
+                    w.pin = Some(BackendId::Port(30000 + rng.random_range(0..6)));
+                }
+                let usable = |b: &Backend| b.healthy && !b.draining && w.may_use(&b.target.id);
+                match s.grant_unslotted(&w) {
+                    Some(t) => {
+                        let got = &s.backends()[&t.id];
+                        assert!(usable(got), "seed {seed} step {step}: unusable {}", t.id);
+                        assert!(
+                            s.backends()
+                                .values()
+                                .all(|b| !usable(b) || b.in_flight >= got.in_flight),
+                            "seed {seed} step {step}: {} is not the least busy",
+                            t.id
+                        );
+                    }
+                    None => assert!(
+                        !s.backends().values().any(usable),
+                        "seed {seed} step {step}: a usable backend was passed over"
+                    ),
+                }
             }
             _ => {}
         }
         check_invariants(&s, cap, &held, &settling, seed, step);
+        for (grant, id) in &held {
+            let w = &reqs[id].want;
+            assert!(
+                w.pin.as_ref().is_none_or(|p| p == &grant.target.id),
+                "seed {seed} step {step}: a pinned request went elsewhere"
+            );
+        }
     }
     let arrivals: Vec<u64> = waiting.values().copied().collect();
     for arrival in arrivals {
         s.dequeue(arrival);
     }
-    for (lease, _) in held {
+    for (grant, _) in held {
         assert!(
-            s.release(lease, clock).is_empty(),
+            s.release(grant, clock).is_empty(),
             "seed {seed}: nobody is left waiting"
         );
     }
@@ -440,13 +536,13 @@ fn ask(
     reqs: &mut HashMap<u32, Req>,
     id: u32,
     clock: Instant,
-    held: &mut Vec<(Lease, u32)>,
+    held: &mut Vec<(Grant, u32)>,
     waiting: &mut HashMap<u32, u64>,
     seed: u64,
 ) {
     let req = reqs.get_mut(&id).expect("request exists");
     match s.try_acquire(&req.want, &req.ticket, clock) {
-        Decision::Granted(lease) => held.push((lease, id)),
+        Decision::Granted(grant) => held.push((grant, id)),
         Decision::Hold(_) => panic!("seed {seed}: held back without a signature"),
         Decision::Wait => {
             let before = req.ticket.arrival;
@@ -465,7 +561,8 @@ fn ask(
                 Err(r) => panic!("seed {seed}: unexpected {r:?}"),
             }
         }
-        Decision::Rejected(Rejection::Exhausted) if !req.want.tried.is_empty() => {}
+        Decision::Rejected(Rejection::Exhausted)
+            if !req.want.tried.is_empty() || req.want.pin.is_some() => {}
         Decision::Rejected(r) => panic!("seed {seed}: unexpected {r:?}"),
     }
 }
@@ -473,7 +570,7 @@ fn ask(
 fn check_invariants(
     s: &Scheduler<u32>,
     cap: u32,
-    held: &[(Lease, u32)],
+    held: &[(Grant, u32)],
     settling: &[(Instant, BackendId)],
     seed: u64,
     step: usize,
@@ -562,4 +659,12 @@ async fn forgetting_a_backend_closes_its_idle_connections() {
         .expect("the connection closes")
         .unwrap();
     assert!(eof.unwrap(), "the backend saw the connection close");
+}
+
+#[test]
+fn rejection_labels_are_distinct() {
+    let mut labels: Vec<&str> = Rejection::ALL.iter().map(|r| r.label()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), Rejection::ALL.len());
 }

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Priority, Want};
+use super::Want;
 use crate::fleet::backend::BackendId;
 use crate::model::ModelName;
+use crate::policy::Priority;
 
 /// A tenant's number, never reused while the scheduler lives.
 pub type TenantId = u64;
@@ -304,7 +305,7 @@ impl<W> Waiters<W> {
             let fits = fifo.iter().find(|arrival| {
                 self.by_arrival
                     .get(arrival)
-                    .is_some_and(|w| !w.want.tried.contains(backend))
+                    .is_some_and(|w| w.want.may_use(backend))
             });
             if let Some(arrival) = fits {
                 return Some((*vt, *arrival));

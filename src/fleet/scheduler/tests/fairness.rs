@@ -59,25 +59,25 @@ fn simulate(backends: u16, loads: &[Load], horizon: Duration) -> Shares {
     };
     let mut running = Running::default();
     for (t, outcome) in s.dispatch(start) {
-        let Outcome::Granted(lease) = outcome else {
+        let Outcome::Granted(grant) = outcome else {
             panic!("rejected")
         };
         left[t] -= 1;
-        running.start(t, lease, start + loads[t].service);
+        running.start(t, grant, start + loads[t].service);
     }
     while let Some(Reverse((at, key))) = running.heap.pop() {
         if left.contains(&0) || at - start > horizon {
             break;
         }
-        let (lease, t) = running.leases.remove(&key).expect("running lease");
+        let (grant, t) = running.grants.remove(&key).expect("running grant");
         shares.slot_secs[t] += loads[t].service.as_secs_f64();
         shares.grants[t] += 1;
-        for (t, outcome) in s.release(lease, at) {
-            let Outcome::Granted(lease) = outcome else {
+        for (t, outcome) in s.release(grant, at) {
+            let Outcome::Granted(grant) = outcome else {
                 panic!("rejected")
             };
             left[t] -= 1;
-            running.start(t, lease, at + loads[t].service);
+            running.start(t, grant, at + loads[t].service);
         }
     }
     shares
@@ -87,14 +87,14 @@ fn simulate(backends: u16, loads: &[Load], horizon: Duration) -> Shares {
 #[derive(Default)]
 struct Running {
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
-    leases: HashMap<u64, (Lease, usize)>,
+    grants: HashMap<u64, (Grant, usize)>,
     next: u64,
 }
 
 impl Running {
-    fn start(&mut self, tenant: usize, lease: Lease, until: Instant) {
+    fn start(&mut self, tenant: usize, grant: Grant, until: Instant) {
         self.heap.push(Reverse((until, self.next)));
-        self.leases.insert(self.next, (lease, tenant));
+        self.grants.insert(self.next, (grant, tenant));
         self.next += 1;
     }
 }
@@ -179,7 +179,7 @@ fn ten_tenants_with_unequal_demand_get_fair_shares() {
 }
 
 /// A fleet of `n` one-slot backends of model `m`, every slot held.
-fn full(n: u16, policy: Policy) -> (Scheduler<u32>, Vec<Lease>) {
+fn full(n: u16, policy: Policy) -> (Scheduler<u32>, Vec<Grant>) {
     let roomy = Limits {
         max_queue: usize::MAX,
         ..limits(1)
@@ -232,17 +232,17 @@ fn interactive_goes_first_and_batch_keeps_its_floor() {
         enqueue_as(&mut s, "etl", Priority::Batch, 10_000 + i);
         enqueue_as(&mut s, "chat", Priority::Interactive, i);
     }
-    let mut lease = held.into_iter().next().unwrap();
+    let mut grant = held.into_iter().next().unwrap();
     let mut batch = 0;
     let mut order = Vec::new();
     for _ in 0..200 {
-        let out = s.release(lease, now());
+        let out = s.release(grant, now());
         let [(p, Outcome::Granted(l))] = <[_; 1]>::try_from(out).unwrap() else {
             panic!("rejected")
         };
         order.push(p);
         batch += usize::from(p >= 10_000);
-        lease = l;
+        grant = l;
     }
     assert_eq!(batch, 20, "batch keeps 10 % of the grants");
     assert!(order[..9].iter().all(|p| *p < 10_000), "interactive first");
@@ -260,15 +260,15 @@ fn without_a_floor_batch_waits_for_interactive_to_drain() {
     let (mut s, held) = full(1, policy);
     enqueue_as(&mut s, "etl", Priority::Batch, 2);
     enqueue_as(&mut s, "chat", Priority::Interactive, 1);
-    let mut lease = held.into_iter().next().unwrap();
+    let mut grant = held.into_iter().next().unwrap();
     let mut order = Vec::new();
     for _ in 0..2 {
-        let out = s.release(lease, now());
+        let out = s.release(grant, now());
         let [(p, Outcome::Granted(l))] = <[_; 1]>::try_from(out).unwrap() else {
             panic!("rejected")
         };
         order.push(p);
-        lease = l;
+        grant = l;
     }
     assert_eq!(order, [1, 2]);
 }
@@ -301,14 +301,14 @@ fn a_retry_waits_at_its_original_place() {
     }
     // Waiter 1 gets the slot, its backend fails it, and it asks again.
     let out = s.release(held.pop().unwrap(), now());
-    let [(1, Outcome::Granted(lease))] = <[_; 1]>::try_from(out).unwrap() else {
+    let [(1, Outcome::Granted(grant))] = <[_; 1]>::try_from(out).unwrap() else {
         panic!("waiter 1 first")
     };
     add(&mut s, 41001, &["m"], &[]);
     let busy = granted(s.try_acquire(&want("m"), &ticket("x"), now()));
     let mut w = want("m");
-    w.tried.push(lease.target.id.clone());
-    s.abandon(lease, now());
+    w.tried.push(grant.target.id.clone());
+    s.abandon(grant, now());
     assert!(matches!(s.try_acquire(&w, &retry, now()), Decision::Wait));
     let again = s.enqueue(w, 0, &retry, 1).unwrap();
     assert_eq!(Some(again), retry.arrival, "same arrival number");
@@ -334,14 +334,14 @@ fn an_idle_tenant_banks_no_credit() {
     let (mut s, held) = full(1, Policy::default());
     let t0 = now();
     // "old" used the backend alone for an hour.
-    let mut lease = held.into_iter().next().unwrap();
+    let mut grant = held.into_iter().next().unwrap();
     for i in 0..60 {
         enqueue_as(&mut s, "old", Priority::Interactive, i);
-        let out = s.release(lease, t0 + Duration::from_secs(60 * i as u64));
+        let out = s.release(grant, t0 + Duration::from_secs(60 * i as u64));
         let [(_, Outcome::Granted(l))] = <[_; 1]>::try_from(out).unwrap() else {
             panic!("rejected")
         };
-        lease = l;
+        grant = l;
     }
     for i in 0..10 {
         enqueue_as(&mut s, "old", Priority::Interactive, 100 + i);
@@ -353,12 +353,12 @@ fn an_idle_tenant_banks_no_credit() {
     let mut at = t0 + Duration::from_secs(3600);
     for _ in 0..6 {
         at += Duration::from_secs(60);
-        let out = s.release(lease, at);
+        let out = s.release(grant, at);
         let [(p, Outcome::Granted(l))] = <[_; 1]>::try_from(out).unwrap() else {
             panic!("rejected")
         };
         order.push(p / 100);
-        lease = l;
+        grant = l;
     }
     let old = order.iter().filter(|p| **p == 1).count();
     assert!((2..=4).contains(&old), "order {order:?}");
@@ -375,13 +375,13 @@ fn retry_after_grows_with_the_tenants_place_and_falls_with_turnover() {
     let long = s.retry_after(Some(&ModelName::parse("m")), "a");
     assert!(long > short, "{long:?} > {short:?}");
     // Four one-second slots: about 4 a second turn over; 400 ahead ≈ 100 s.
-    let mut leases = held;
+    let mut grants = held;
     for step in 1..=40u64 {
         let at = t0 + Duration::from_secs(step / 4) + Duration::from_millis(250 * (step % 4));
-        let lease = leases.remove(0);
-        for (_, o) in s.release(lease, at) {
+        let grant = grants.remove(0);
+        for (_, o) in s.release(grant, at) {
             if let Outcome::Granted(l) = o {
-                leases.push(l);
+                grants.push(l);
             }
         }
     }

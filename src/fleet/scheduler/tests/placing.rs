@@ -19,15 +19,15 @@ fn turn(system: &str, question: &str) -> Want {
     .unwrap();
     Want {
         model: Some(ModelName::parse("m")),
-        tried: Vec::new(),
         signature: Signature::of(&body, &http::HeaderMap::new()).map(Arc::new),
+        ..Want::default()
     }
 }
 
 /// Two one-slot backends with `m` loaded; the first turn of a conversation
 /// with 40 kB of system prompt (about 5 s to recompute) runs on 24000, which
 /// answers in 100 ms; the second turn arrives while it runs and is held.
-fn held_second_turn() -> (Scheduler<u32>, Lease, Instant, Instant) {
+fn held_second_turn() -> (Scheduler<u32>, Grant, Instant, Instant) {
     let mut s: Scheduler<u32> = Scheduler::new(limits(1));
     s.set_routing(Routing::CacheAware);
     add(&mut s, 24000, &["m"], &["m"]);
@@ -56,7 +56,7 @@ fn held_second_turn() -> (Scheduler<u32>, Lease, Instant, Instant) {
 fn granted_to(out: &[(u32, Outcome)]) -> Vec<(u32, u16)> {
     out.iter()
         .map(|(w, o)| match o {
-            Outcome::Granted(lease) => (*w, lease.target.id.port().unwrap()),
+            Outcome::Granted(grant) => (*w, grant.target.id.port().unwrap()),
             Outcome::Rejected(r) => panic!("waiter {w} rejected: {r:?}"),
         })
         .collect()

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::failure::FailureKind;
+use crate::failure::FailureKind;
 
 /// Idle connections kept per backend.
 const MAX_IDLE: usize = 1024;
