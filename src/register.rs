@@ -25,6 +25,9 @@ use crate::config::RegisterArgs;
 /// Longest wait for one HTTP exchange with the proxy or the local Ollama.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the local Ollama is asked until it first answers.
+const STARTUP_POLL: Duration = Duration::from_millis(100);
+
 /// How often the drained backend's in-flight count is asked for.
 const DRAIN_POLL: Duration = Duration::from_millis(200);
 
@@ -184,31 +187,43 @@ fn error_text(body: &Value) -> String {
 }
 
 /// Runs the helper until `shutdown` completes, then leaves the fleet cleanly.
+///
+/// A job starts `ollama serve` and this helper together, so the first
+/// checks usually find no Ollama yet: until it first answers, it is asked
+/// every [`STARTUP_POLL`], and the job registers within that of Ollama being
+/// up. After that (and after a proxy that could not be reached) it renews
+/// three times a lease, so that one lost renewal does not lapse it.
 pub async fn run(args: RegisterArgs, shutdown: impl Future<Output = ()>) -> Result<(), String> {
     if args.lease.is_zero() {
         return Err("--lease must be more than 0 seconds".into());
     }
     let registrar = Registrar::new(args);
-    // Renew three times a lease, so that one lost renewal does not lapse it.
-    let mut ticker = tokio::time::interval(registrar.args.lease / 3);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renew_every = registrar.args.lease / 3;
+    let mut next_check = Instant::now();
     let mut id: Option<String> = None;
     let mut ollama_was_up = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep_until(next_check) => {}
         }
+        let checked_at = Instant::now();
         let up = registrar.ollama_answers().await;
         if ollama_was_up != Some(up) {
-            if up {
-                tracing::info!(url = %registrar.args.check_url(), "local Ollama answers");
-            } else {
-                tracing::warn!(url = %registrar.args.check_url(), "local Ollama does not answer; not renewing");
+            let url = registrar.args.check_url();
+            match (up, &id) {
+                (true, _) => tracing::info!(%url, "local Ollama answers"),
+                // Nothing registered yet: the job is still starting.
+                (false, None) => tracing::info!(%url, "waiting for the local Ollama to answer"),
+                (false, Some(_)) => {
+                    tracing::warn!(%url, "local Ollama does not answer; not renewing")
+                }
             }
             ollama_was_up = Some(up);
         }
+        let starting = !up && id.is_none();
+        next_check = checked_at + if starting { STARTUP_POLL } else { renew_every };
         if !up {
             continue;
         }

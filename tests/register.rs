@@ -212,3 +212,63 @@ async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
     let out = wait_exit(child, Duration::from_secs(10)).await;
     assert!(out.status.success());
 }
+
+#[tokio::test]
+async fn a_job_registers_as_soon_as_its_ollama_first_answers() {
+    let empty = TestFleet::start(Vec::new(), 1).await;
+    let proxy = start_proxy(&empty, |a| a.scan_interval = Duration::from_secs(60)).await;
+    // The job's port is bound before Ollama is up: until then it hangs up on
+    // every connection, as a port whose server has not started does.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let id = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let refuser = tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        drop(conn);
+        tx.send(()).await.unwrap();
+        listener
+    });
+    // A lease of 30 s renews every 10 s: a helper that checked only at that
+    // pace would register 10 s after Ollama came up.
+    let child = corral()
+        .args(["register", "--proxy", &proxy.url, "--lease", "30"])
+        .args(["--url", &format!("http://{id}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the helper looked for its Ollama");
+    let listener = refuser.await.unwrap();
+    let _job = SimServer::start(listener, ServerSpec::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(3),
+        "registered well within a renewal period of Ollama answering",
+        || async {
+            proxy
+                .backend_row(&id)
+                .await
+                .is_some_and(|r| r["healthy"] == true)
+        },
+    )
+    .await;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = wait_exit(child, Duration::from_secs(10)).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("waiting for the local Ollama to answer"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("not renewing"),
+        "no warning before anything was registered: {log}"
+    );
+}
