@@ -527,6 +527,55 @@ EOF
     stop "$sims"
 }
 
+# listen_overflows: TcpExtListenOverflows, connections the kernel dropped
+# because a listener's accept queue was full (all listeners of the host).
+listen_overflows() {
+    awk '$1 == "TcpExt:" { if (!col) { for (i = 2; i <= NF; i++) if ($i == "ListenOverflows") col = i } else { print $col; exit } }' /proc/net/netstat
+}
+
+# storm_row LABEL LINE OVERFLOWS: one row of the connect-storm table.
+storm_row() {
+    local line=$2
+    echo "| $1 | $(kv connected "$line") | $3 | $(kv connect_p50_ms "$line") ms | $(kv connect_p99_ms "$line") ms | $(kv connect_max_ms "$line") ms | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms |" >>"$TMP/storm-rows.md"
+}
+
+# queue_nginx WANT: the same storm against nginx on CPU 0, which holds every
+# request but the first in limit_req's delay queue and answers
+# /__proxy/health itself.
+queue_nginx() {
+    local want=$1 line before
+    start_sims 31200 1 1 --parallel 1 --tokens-per-second 1
+    local sims=$SIM_PID
+    ports_free $NGINX_PORT $NGINX_PORT
+    mkdir -p "$TMP/nginx-queue"
+    { nginx_head "$TMP/nginx-queue"; cat <<EOF
+    limit_req_zone \$server_name zone=queue:1m rate=1r/m;
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location = /__proxy/health {
+            default_type application/json;
+            return 200 '{"status":"ok"}';
+        }
+        location / {
+            limit_req zone=queue burst=100000;
+            proxy_pass http://127.0.0.1:31200;
+            proxy_set_header Host localhost;
+        }
+    }
+}
+EOF
+    } >"$TMP/nginx-queue/nginx.conf"
+    start nginx-queue taskset -c 0 nginx -p "$TMP/nginx-queue" -c "$TMP/nginx-queue/nginx.conf" -e "$TMP/nginx-queue/error.log"
+    local nginx=$LAST_PID
+    wait_for "http://127.0.0.1:$NGINX_PORT/__proxy/health" '.status == "ok"'
+    before=$(listen_overflows)
+    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$NGINX_PORT" --clients "$want" --hold-secs 10)
+    log "nginx: $line"
+    storm_row nginx "$line" $(($(listen_overflows) - before))
+    stop "$nginx"
+    stop "$sims"
+}
+
 # queue_row LABEL BIN: one row of the queue table for the proxy binary BIN.
 queue_row() {
     local label=$1 bin=$2 want=$3
@@ -534,15 +583,17 @@ queue_row() {
     local sims=$SIM_PID
     CORRAL=$bin start_corral 0 BACKEND_PORT_START=31200 BACKEND_PORT_END=31200 MAX_CONCURRENT_PER_BACKEND=1
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
-    local rss0 line gen queued inflight
+    local rss0 line gen queued inflight before
     rss0=$(peak_rss_mb "$CORRAL_PID")
+    before=$(listen_overflows)
     line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
     log "$label: $line"
+    storm_row "corral, $label" "$line" $(($(listen_overflows) - before))
     sleep 1
     gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
     queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
     inflight=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
-    echo "| $label | $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms | $gen | ${queued:-?} | $inflight |" >>"$TMP/queue-rows.md"
+    echo "| $label | $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $gen | ${queued:-?} | $inflight |" >>"$TMP/queue-rows.md"
     stop "$CORRAL_PID"
     stop "$sims"
 }
@@ -557,16 +608,24 @@ queue() {
         log "ulimit -n is $(ulimit -n): $want clients"
     fi
     : >"$TMP/queue-rows.md"
+    : >"$TMP/storm-rows.md"
+    queue_nginx "$want"
     if [[ -n ${BASELINE_DIR:-} ]]; then queue_row baseline "$BASELINE_DIR/corral" "$want"; fi
     queue_row "this build" "$CORRAL" "$want"
     cat >"$TMP/queue.md" <<EOF
 
 ## Queue at scale: one slow backend, $want waiting clients
 
-$(machine "one run${BASELINE_DIR:+, the baseline binary first, then this build}")
+$(machine "one run: nginx first${BASELINE_DIR:+, then the baseline binary}, then this build")
 
-| corral | clients parked | peak RSS | RSS before | /__proxy/health p50 | p99 | max | reached the backend | queue after | in flight after |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+The storm: all $want clients connect at once (the loadgen on CPU 1, the proxy on CPU 0) while \`/__proxy/health\` is asked every 10 ms. Listen overflows are the rise of TcpExtListenOverflows in /proc/net/netstat over the run: connections the kernel dropped because the accept queue was full, whose clients wait about a second for the SYN's retransmission. nginx holds every request but the first in limit_req's delay queue and answers the health path itself.
+
+| server | clients connected | listen overflows | connect p50 | p99 | max | health p50 | p99 | max |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+$(cat "$TMP/storm-rows.md")
+
+| corral | clients parked | peak RSS | RSS before | reached the backend | queue after | in flight after |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
 $(cat "$TMP/queue-rows.md")
 
 "Reached the backend" counts /api/generate requests the sim received: the first client holds the one slot until 2 s after all the others gave up while waiting, so 1 means that no client that gave up reached the backend.

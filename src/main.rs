@@ -57,9 +57,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let addr = std::net::SocketAddr::new(args.proxy_host, args.proxy_port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = proxy::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     proxy::serve(listener, args, shutdown::signal())
         .await
         .map_err(|e| e.to_string())
