@@ -89,7 +89,7 @@ mod tests {
     /// The rows of the README's failure-kinds table: the first cell of each
     /// row between the `<!-- failure-kinds -->` markers, without backticks.
     fn readme_rows() -> Vec<(String, String)> {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/operations.md");
         let start = readme
             .find("<!-- failure-kinds -->")
             .expect("README has a failure-kinds table");
