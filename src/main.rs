@@ -10,7 +10,7 @@ use corral::{demo, logging, proxy, register, shutdown, sim};
 /// jemalloc rather than glibc's malloc: it keeps its bookkeeping out of the
 /// blocks, so the 8 KiB buffers hyper gives each connection cost no memory
 /// until written; with 10,000 parked clients the peak RSS is lower at the
-/// same CPU per request (bench/README.md, "Parked connections"). The static
+/// same CPU per request (bench/results.md, "Parked connections"). The static
 /// musl build keeps musl's allocator (no C toolchain needed for it).
 #[cfg(not(target_env = "musl"))]
 #[global_allocator]
