@@ -220,20 +220,23 @@ wrk_run() {
         END {printf "%s %.3f %s %d\n", rps, p50, n, bad}' <<<"$out"
 }
 
-# section NAME FILE: replaces NAME's section of results.md with FILE.
+# section NAME FILE: replaces NAME's section of results.md with FILE, put
+# at the top (newest first: after the `<!-- newest first -->` line).
 section() {
     local name=$1 file=$2
-    [[ -f $RESULTS ]] || printf '# corral benchmark results\n\nWritten by `bench/run.sh`; see bench/README.md.\n' >"$RESULTS"
-    awk -v name="$name" '
-        $0 == "<!-- " name " -->" {skip = 1; next}
-        $0 == "<!-- /" name " -->" {skip = 0; next}
-        !skip' "$RESULTS" >"$TMP/results.md"
+    [[ -f $RESULTS ]] || printf '# corral benchmark results\n\nNewest first; see bench/README.md.\n<!-- newest first -->\n' >"$RESULTS"
     {
-        cat "$TMP/results.md"
         echo "<!-- $name -->"
         cat "$file"
         echo "<!-- /$name -->"
-    } >"$RESULTS"
+    } >"$TMP/section.md"
+    awk -v name="$name" -v new="$TMP/section.md" '
+        $0 == "<!-- " name " -->" {skip = 1; next}
+        $0 == "<!-- /" name " -->" {skip = 0; next}
+        skip {next}
+        {print}
+        $0 == "<!-- newest first -->" {while ((getline line <new) > 0) print line}' "$RESULTS" >"$TMP/results.md"
+    cp "$TMP/results.md" "$RESULTS"
     cat "$file"
 }
 
