@@ -552,7 +552,7 @@ queue_nginx() {
     ports_free $NGINX_PORT $NGINX_PORT
     mkdir -p "$TMP/nginx-queue"
     { nginx_head "$TMP/nginx-queue"; cat <<EOF
-    limit_req_zone \$server_name zone=queue:1m rate=1r/m;
+    limit_req_zone \$host zone=queue:1m rate=1r/m;
     server {
         listen 127.0.0.1:$NGINX_PORT;
         location = /__proxy/health {
@@ -875,7 +875,7 @@ overhead | syscalls | fleet | queue | discovery | streaming | fairness | placeme
     ;;
 esac
 tools="curl jq taskset"
-case $1 in overhead | profile | all) tools+=" wrk nginx" ;; syscalls) tools+=" wrk nginx strace" ;; placement) tools+=" nginx" ;; esac
+case $1 in overhead | profile | all) tools+=" wrk nginx" ;; syscalls) tools+=" wrk nginx strace" ;; placement | queue) tools+=" nginx" ;; esac
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done
