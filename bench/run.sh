@@ -536,10 +536,17 @@ listen_overflows() {
     awk '$1 == "TcpExt:" { if (!col) { for (i = 2; i <= NF; i++) if ($i == "ListenOverflows") col = i } else { print $col; exit } }' /proc/net/netstat
 }
 
+# tcpext FILE: the TcpExt counters as "name value" lines into FILE;
+# tcpext_moved BEFORE AFTER: those that moved, "name+delta" on one line.
+tcpext() { awk '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) k[i] = $i; n = NF } else for (i = 2; i <= n; i++) print k[i], $i }' /proc/net/netstat >"$1"; }
+tcpext_moved() { awk 'NR == FNR {b[$1] = $2; next} $2 != b[$1] {printf "%s+%d ", $1, $2 - b[$1]}' "$1" "$2"; }
+# tcpext_delta NAME: how far NAME moved between tcpext-before and tcpext-after.
+tcpext_delta() { awk -v k="$1" 'NR == FNR {if ($1 == k) b = $2; next} $1 == k {print $2 - b}' "$TMP/tcpext-before" "$TMP/tcpext-after"; }
+
 # storm_row LABEL LINE OVERFLOWS: one row of the connect-storm table.
 storm_row() {
     local line=$2
-    echo "| $1 | $(kv connected "$line") | $3 | $(kv connect_p50_ms "$line") ms | $(kv connect_p99_ms "$line") ms | $(kv connect_max_ms "$line") ms | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms |" >>"$TMP/storm-rows.md"
+    echo "| $1 | $(kv connected "$line") | $3 | $(tcpext_delta TCPSynRetrans) | $(kv connect_p50_ms "$line") ms | $(kv connect_p99_ms "$line") ms | $(kv connect_max_ms "$line") ms | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms |" >>"$TMP/storm-rows.md"
 }
 
 # queue_nginx WANT: the same storm against nginx on CPU 0, which holds every
@@ -572,8 +579,11 @@ EOF
     local nginx=$LAST_PID
     wait_for "http://127.0.0.1:$NGINX_PORT/__proxy/health" '.status == "ok"'
     before=$(listen_overflows)
+    tcpext "$TMP/tcpext-before"
     line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$NGINX_PORT" --clients "$want" --hold-secs 10)
+    tcpext "$TMP/tcpext-after"
     log "nginx: $line"
+    log "nginx: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
     storm_row nginx "$line" $(($(listen_overflows) - before))
     stop "$nginx"
     stop "$sims"
@@ -589,8 +599,11 @@ queue_row() {
     local rss0 line gen queued inflight before
     rss0=$(peak_rss_mb "$CORRAL_PID")
     before=$(listen_overflows)
+    tcpext "$TMP/tcpext-before"
     line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
+    tcpext "$TMP/tcpext-after"
     log "$label: $line"
+    log "$label: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
     storm_row "corral, $label" "$line" $(($(listen_overflows) - before))
     sleep 1
     gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
@@ -603,7 +616,8 @@ queue_row() {
 
 queue() {
     log "queue: one slow backend, 10,000 waiting clients"
-    local want=10000
+    local want=10000 netns="the host's network namespace, shared with other programs' listeners"
+    [[ -n ${BENCH_NETNS:-} ]] && netns="a network namespace of its own"
     if [[ $(ulimit -Hn) == unlimited ]]; then ulimit -n 65536; else ulimit -n "$(ulimit -Hn)"; fi
     # corral and the loadgen each hold one descriptor per client.
     if (($(ulimit -n) < want + 1000)); then
@@ -612,6 +626,8 @@ queue() {
     fi
     : >"$TMP/queue-rows.md"
     : >"$TMP/storm-rows.md"
+    local machine_line
+    machine_line=$(machine "one run: nginx first${BASELINE_DIR:+, then the baseline binary}, then this build; in $netns")
     queue_nginx "$want"
     if [[ -n ${BASELINE_DIR:-} ]]; then queue_row baseline "$BASELINE_DIR/corral" "$want"; fi
     queue_row "this build" "$CORRAL" "$want"
@@ -619,12 +635,12 @@ queue() {
 
 ## Queue at scale: one slow backend, $want waiting clients
 
-$(machine "one run: nginx first${BASELINE_DIR:+, then the baseline binary}, then this build")
+$machine_line
 
-The storm: all $want clients connect at once (the loadgen on CPU 1, the proxy on CPU 0) while \`/__proxy/health\` is asked every 10 ms. Listen overflows are the rise of TcpExtListenOverflows in /proc/net/netstat over the run: connections the kernel dropped because the accept queue was full, whose clients wait about a second for the SYN's retransmission. nginx holds every request but the first in limit_req's delay queue and answers the health path itself.
+The storm: all $want clients connect at once (the loadgen on CPU 1, the proxy on CPU 0) while \`/__proxy/health\` is asked every 10 ms. Listen overflows are the rise of TcpExtListenOverflows in /proc/net/netstat over the run (connections the kernel dropped because the accept queue was full), SYNs retransmitted that of TcpExtTCPSynRetrans (clients that waited a second or more to connect). A connect time is from the call to the loadgen's task seeing the connection, so with no retransmission its tail is the loadgen's own single core getting round to all its tasks, alike for both servers. nginx holds every request but the first in limit_req's delay queue and answers the health path itself.
 
-| server | clients connected | listen overflows | connect p50 | p99 | max | health p50 | p99 | max |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| server | clients connected | listen overflows | SYNs retransmitted | connect p50 | p99 | max | health p50 | p99 | max |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 $(cat "$TMP/storm-rows.md")
 
 | corral | clients parked | peak RSS | RSS before | reached the backend | queue after | in flight after |
@@ -881,6 +897,13 @@ for tool in $tools; do
 done
 if [[ ${BUILD:-1} != 0 ]]; then
     cargo build --release --bin corral --examples --quiet
+fi
+# The listen-overflow counter is per network namespace: `queue` runs in a
+# namespace of its own where it can (root), so that other programs'
+# listeners on the host do not count.
+if [[ $1 == queue && -z ${BENCH_NETNS:-} ]] && unshare -n true 2>/dev/null; then
+    rm -rf "$TMP"
+    exec env BUILD=0 BENCH_NETNS=1 unshare -n bash -c 'ip link set lo up && exec "$0" "$@"' "$ROOT/bench/run.sh" "$@"
 fi
 log "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [[ $1 == all ]]; then
