@@ -220,20 +220,23 @@ wrk_run() {
         END {printf "%s %.3f %s %d\n", rps, p50, n, bad}' <<<"$out"
 }
 
-# section NAME FILE: replaces NAME's section of results.md with FILE.
+# section NAME FILE: replaces NAME's section of results.md with FILE, put
+# at the top (newest first: after the `<!-- newest first -->` line).
 section() {
     local name=$1 file=$2
-    [[ -f $RESULTS ]] || printf '# corral benchmark results\n\nWritten by `bench/run.sh`; see bench/README.md.\n' >"$RESULTS"
-    awk -v name="$name" '
-        $0 == "<!-- " name " -->" {skip = 1; next}
-        $0 == "<!-- /" name " -->" {skip = 0; next}
-        !skip' "$RESULTS" >"$TMP/results.md"
+    [[ -f $RESULTS ]] || printf '# corral benchmark results\n\nNewest first; see bench/README.md.\n<!-- newest first -->\n' >"$RESULTS"
     {
-        cat "$TMP/results.md"
         echo "<!-- $name -->"
         cat "$file"
         echo "<!-- /$name -->"
-    } >"$RESULTS"
+    } >"$TMP/section.md"
+    awk -v name="$name" -v new="$TMP/section.md" '
+        $0 == "<!-- " name " -->" {skip = 1; next}
+        $0 == "<!-- /" name " -->" {skip = 0; next}
+        skip {next}
+        {print}
+        $0 == "<!-- newest first -->" {while ((getline line <new) > 0) print line}' "$RESULTS" >"$TMP/results.md"
+    cp "$TMP/results.md" "$RESULTS"
     cat "$file"
 }
 
@@ -527,6 +530,65 @@ EOF
     stop "$sims"
 }
 
+# listen_overflows: TcpExtListenOverflows, connections the kernel dropped
+# because a listener's accept queue was full (all listeners of the host).
+listen_overflows() {
+    awk '$1 == "TcpExt:" { if (!col) { for (i = 2; i <= NF; i++) if ($i == "ListenOverflows") col = i } else { print $col; exit } }' /proc/net/netstat
+}
+
+# tcpext FILE: the TcpExt counters as "name value" lines into FILE;
+# tcpext_moved BEFORE AFTER: those that moved, "name+delta" on one line.
+tcpext() { awk '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) k[i] = $i; n = NF } else for (i = 2; i <= n; i++) print k[i], $i }' /proc/net/netstat >"$1"; }
+tcpext_moved() { awk 'NR == FNR {b[$1] = $2; next} $2 != b[$1] {printf "%s+%d ", $1, $2 - b[$1]}' "$1" "$2"; }
+# tcpext_delta NAME: how far NAME moved between tcpext-before and tcpext-after.
+tcpext_delta() { awk -v k="$1" 'NR == FNR {if ($1 == k) b = $2; next} $1 == k {print $2 - b}' "$TMP/tcpext-before" "$TMP/tcpext-after"; }
+
+# storm_row LABEL LINE OVERFLOWS: one row of the connect-storm table.
+storm_row() {
+    local line=$2
+    echo "| $1 | $(kv connected "$line") | $3 | $(tcpext_delta TCPSynRetrans) | $(kv connect_p50_ms "$line") ms | $(kv connect_p99_ms "$line") ms | $(kv connect_max_ms "$line") ms | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms |" >>"$TMP/storm-rows.md"
+}
+
+# queue_nginx WANT: the same storm against nginx on CPU 0, which holds every
+# request but the first in limit_req's delay queue and answers
+# /__proxy/health itself.
+queue_nginx() {
+    local want=$1 line before
+    start_sims 31200 1 1 --parallel 1 --tokens-per-second 1
+    local sims=$SIM_PID
+    ports_free $NGINX_PORT $NGINX_PORT
+    mkdir -p "$TMP/nginx-queue"
+    { nginx_head "$TMP/nginx-queue"; cat <<EOF
+    limit_req_zone \$host zone=queue:1m rate=1r/m;
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location = /__proxy/health {
+            default_type application/json;
+            return 200 '{"status":"ok"}';
+        }
+        location / {
+            limit_req zone=queue burst=100000;
+            proxy_pass http://127.0.0.1:31200;
+            proxy_set_header Host localhost;
+        }
+    }
+}
+EOF
+    } >"$TMP/nginx-queue/nginx.conf"
+    start nginx-queue taskset -c 0 nginx -p "$TMP/nginx-queue" -c "$TMP/nginx-queue/nginx.conf" -e "$TMP/nginx-queue/error.log"
+    local nginx=$LAST_PID
+    wait_for "http://127.0.0.1:$NGINX_PORT/__proxy/health" '.status == "ok"'
+    before=$(listen_overflows)
+    tcpext "$TMP/tcpext-before"
+    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$NGINX_PORT" --clients "$want" --hold-secs 10)
+    tcpext "$TMP/tcpext-after"
+    log "nginx: $line"
+    log "nginx: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
+    storm_row nginx "$line" $(($(listen_overflows) - before))
+    stop "$nginx"
+    stop "$sims"
+}
+
 # queue_row LABEL BIN: one row of the queue table for the proxy binary BIN.
 queue_row() {
     local label=$1 bin=$2 want=$3
@@ -534,22 +596,28 @@ queue_row() {
     local sims=$SIM_PID
     CORRAL=$bin start_corral 0 BACKEND_PORT_START=31200 BACKEND_PORT_END=31200 MAX_CONCURRENT_PER_BACKEND=1
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
-    local rss0 line gen queued inflight
+    local rss0 line gen queued inflight before
     rss0=$(peak_rss_mb "$CORRAL_PID")
+    before=$(listen_overflows)
+    tcpext "$TMP/tcpext-before"
     line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
+    tcpext "$TMP/tcpext-after"
     log "$label: $line"
+    log "$label: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
+    storm_row "corral, $label" "$line" $(($(listen_overflows) - before))
     sleep 1
     gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
     queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
     inflight=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/__proxy/backends" | jq '[.backends[].in_flight] | add')
-    echo "| $label | $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms | $gen | ${queued:-?} | $inflight |" >>"$TMP/queue-rows.md"
+    echo "| $label | $(kv connected "$line") | $(peak_rss_mb "$CORRAL_PID") MB | $rss0 MB | $gen | ${queued:-?} | $inflight |" >>"$TMP/queue-rows.md"
     stop "$CORRAL_PID"
     stop "$sims"
 }
 
 queue() {
     log "queue: one slow backend, 10,000 waiting clients"
-    local want=10000
+    local want=10000 netns="the host's network namespace, shared with other programs' listeners"
+    [[ -n ${BENCH_NETNS:-} ]] && netns="a network namespace of its own"
     if [[ $(ulimit -Hn) == unlimited ]]; then ulimit -n 65536; else ulimit -n "$(ulimit -Hn)"; fi
     # corral and the loadgen each hold one descriptor per client.
     if (($(ulimit -n) < want + 1000)); then
@@ -557,16 +625,26 @@ queue() {
         log "ulimit -n is $(ulimit -n): $want clients"
     fi
     : >"$TMP/queue-rows.md"
+    : >"$TMP/storm-rows.md"
+    local machine_line
+    machine_line=$(machine "one run: nginx first${BASELINE_DIR:+, then the baseline binary}, then this build; in $netns")
+    queue_nginx "$want"
     if [[ -n ${BASELINE_DIR:-} ]]; then queue_row baseline "$BASELINE_DIR/corral" "$want"; fi
     queue_row "this build" "$CORRAL" "$want"
     cat >"$TMP/queue.md" <<EOF
 
 ## Queue at scale: one slow backend, $want waiting clients
 
-$(machine "one run${BASELINE_DIR:+, the baseline binary first, then this build}")
+$machine_line
 
-| corral | clients parked | peak RSS | RSS before | /__proxy/health p50 | p99 | max | reached the backend | queue after | in flight after |
+The storm: all $want clients connect at once (the loadgen on CPU 1, the proxy on CPU 0) while \`/__proxy/health\` is asked every 10 ms. Listen overflows are the rise of TcpExtListenOverflows in /proc/net/netstat over the run (connections the kernel dropped because the accept queue was full), SYNs retransmitted that of TcpExtTCPSynRetrans (clients that waited a second or more to connect). A connect time is from the call to the loadgen's task seeing the connection, so with no retransmission its tail is the loadgen's own single core getting round to all its tasks, alike for both servers. nginx holds every request but the first in limit_req's delay queue and answers the health path itself.
+
+| server | clients connected | listen overflows | SYNs retransmitted | connect p50 | p99 | max | health p50 | p99 | max |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+$(cat "$TMP/storm-rows.md")
+
+| corral | clients parked | peak RSS | RSS before | reached the backend | queue after | in flight after |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
 $(cat "$TMP/queue-rows.md")
 
 "Reached the backend" counts /api/generate requests the sim received: the first client holds the one slot until 2 s after all the others gave up while waiting, so 1 means that no client that gave up reached the backend.
@@ -813,12 +891,19 @@ overhead | syscalls | fleet | queue | discovery | streaming | fairness | placeme
     ;;
 esac
 tools="curl jq taskset"
-case $1 in overhead | profile | all) tools+=" wrk nginx" ;; syscalls) tools+=" wrk nginx strace" ;; placement) tools+=" nginx" ;; esac
+case $1 in overhead | profile | all) tools+=" wrk nginx" ;; syscalls) tools+=" wrk nginx strace" ;; placement | queue) tools+=" nginx" ;; esac
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool (apt-get install -y wrk nginx curl jq)" >&2; exit 2; }
 done
 if [[ ${BUILD:-1} != 0 ]]; then
     cargo build --release --bin corral --examples --quiet
+fi
+# The listen-overflow counter is per network namespace: `queue` runs in a
+# namespace of its own where it can (root), so that other programs'
+# listeners on the host do not count.
+if [[ $1 == queue && -z ${BENCH_NETNS:-} ]] && unshare -n true 2>/dev/null; then
+    rm -rf "$TMP"
+    exec env BUILD=0 BENCH_NETNS=1 unshare -n bash -c 'ip link set lo up && exec "$0" "$@"' "$ROOT/bench/run.sh" "$@"
 fi
 log "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [[ $1 == all ]]; then

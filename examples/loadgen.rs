@@ -57,7 +57,8 @@ enum Mode {
         timeout_secs: u64,
     },
     /// `clients` requests that wait, each on its own connection, for
-    /// `hold_secs`, while `/__proxy/health` is timed; then all give up.
+    /// `hold_secs`, while `/__proxy/health` is timed; then all give up. The
+    /// clients connect all at once (a storm), each connect timed.
     Queue {
         #[arg(long)]
         proxy: String,
@@ -286,14 +287,14 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
     // up: a waiter that reaches the backend then is one that did not leave.
     let stop = tokio_util::sync::CancellationToken::new();
     let stop_holder = tokio_util::sync::CancellationToken::new();
-    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let connects = Arc::new(std::sync::Mutex::new(Vec::with_capacity(clients)));
     let mut tasks = Vec::with_capacity(clients);
     for i in 0..clients {
-        let (addr, connected, answered, gate) = (
+        let (addr, connected, answered, connects) = (
             addr.clone(),
             connected.clone(),
             answered.clone(),
-            gate.clone(),
+            connects.clone(),
         );
         let stop = if i == 0 {
             stop_holder.clone()
@@ -301,9 +302,11 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
             stop.clone()
         };
         tasks.push(tokio::spawn(async move {
-            // Connect a few hundred at a time: the listen backlog is finite.
-            let permit = gate.acquire_owned().await.ok()?;
+            // A SYN the server dropped shows here as a second's retransmission.
+            let t = Instant::now();
             let tcp = tokio::net::TcpStream::connect(&addr).await.ok()?;
+            let connect_ms = t.elapsed().as_secs_f64() * 1e3;
+            connects.lock().unwrap().push(connect_ms);
             let (mut send, conn) =
                 hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
                     .await
@@ -318,7 +321,6 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
                 resp.into_body().collect().await.ok()
             };
             connected.fetch_add(1, Ordering::Relaxed);
-            drop(permit);
             // Dropping the connection at `stop` is the client giving up.
             tokio::select! {
                 _ = conn => None,
@@ -357,9 +359,13 @@ async fn queue(proxy: String, clients: usize, hold_secs: u64) {
         let _ = t.await;
     }
     let lat = sorted(lat);
+    let connects = sorted(std::mem::take(&mut *connects.lock().unwrap()));
     println!(
-        "clients={clients} connected={peak_connected} answered={} health_n={} health_errors={health_errors} health_p50_ms={:.2} health_p99_ms={:.2} health_max_ms={:.2}",
+        "clients={clients} connected={peak_connected} answered={} connect_p50_ms={:.2} connect_p99_ms={:.2} connect_max_ms={:.2} health_n={} health_errors={health_errors} health_p50_ms={:.2} health_p99_ms={:.2} health_max_ms={:.2}",
         answered.load(Ordering::Relaxed),
+        quantile(&connects, 0.5),
+        quantile(&connects, 0.99),
+        connects.last().copied().unwrap_or(f64::NAN),
         lat.len(),
         quantile(&lat, 0.5),
         quantile(&lat, 0.99),

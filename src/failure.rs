@@ -1,5 +1,5 @@
 //! The kinds of backend failure: one enum from which the `kind` label of
-//! `corral_backend_failures_total`, the README's failure-kinds table and the
+//! `corral_backend_failures_total`, the failure-kinds table of docs/operations.md and the
 //! series retired with a backend all derive.
 
 /// Why an attempt on a backend failed, or how its answer broke.
@@ -26,7 +26,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// Every kind, in the order the README lists them.
+    /// Every kind, in the order docs/operations.md lists them.
     pub const ALL: [Self; 9] = [
         Self::Connect,
         Self::Timeout,
@@ -86,18 +86,19 @@ impl std::fmt::Display for FailureKind {
 mod tests {
     use super::*;
 
-    /// The rows of the README's failure-kinds table: the first cell of each
-    /// row between the `<!-- failure-kinds -->` markers, without backticks.
-    fn readme_rows() -> Vec<(String, String)> {
-        let readme = include_str!("../README.md");
-        let start = readme
+    /// The rows of the failure-kinds table in docs/operations.md: the first
+    /// cell of each row between the `<!-- failure-kinds -->` markers,
+    /// without backticks.
+    fn documented_rows() -> Vec<(String, String)> {
+        let doc = include_str!("../docs/operations.md");
+        let start = doc
             .find("<!-- failure-kinds -->")
-            .expect("README has a failure-kinds table");
-        let end = readme[start..]
+            .expect("docs/operations.md has a failure-kinds table");
+        let end = doc[start..]
             .find("<!-- /failure-kinds -->")
             .expect("the table ends")
             + start;
-        readme[start..end]
+        doc[start..end]
             .lines()
             .filter(|l| l.starts_with("| `"))
             .map(|l| {
@@ -111,8 +112,8 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_table_lists_exactly_the_kinds_with_their_descriptions() {
-        let rows = readme_rows();
+    fn the_documented_table_lists_exactly_the_kinds_with_their_descriptions() {
+        let rows = documented_rows();
         let labels: Vec<&str> = rows.iter().map(|(l, _)| l.as_str()).collect();
         let expected: Vec<&str> = FailureKind::ALL.iter().map(|k| k.label()).collect();
         assert_eq!(labels, expected);

@@ -10,7 +10,7 @@ use corral::{demo, logging, proxy, register, shutdown, sim};
 /// jemalloc rather than glibc's malloc: it keeps its bookkeeping out of the
 /// blocks, so the 8 KiB buffers hyper gives each connection cost no memory
 /// until written; with 10,000 parked clients the peak RSS is lower at the
-/// same CPU per request (bench/README.md, "Parked connections"). The static
+/// same CPU per request (bench/results.md, "Parked connections"). The static
 /// musl build keeps musl's allocator (no C toolchain needed for it).
 #[cfg(not(target_env = "musl"))]
 #[global_allocator]
@@ -57,9 +57,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let addr = std::net::SocketAddr::new(args.proxy_host, args.proxy_port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = proxy::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     proxy::serve(listener, args, shutdown::signal())
         .await
         .map_err(|e| e.to_string())

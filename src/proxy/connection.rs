@@ -1,4 +1,11 @@
-//! Serving one accepted connection. A client that opens with HTTP/2's
+//! The listening socket, and serving one accepted connection.
+//!
+//! The socket is bound with the largest backlog the system allows: a storm
+//! of thousands of clients connecting at once otherwise overflows the
+//! accept queue, and each client whose SYN was dropped waits a second for
+//! its retransmission.
+//!
+//! A client that opens with HTTP/2's
 //! preface (h2c, as `examples/fairbench.rs` does) goes to hyper-util's auto
 //! builder; every other one straight to hyper's HTTP/1 server.
 //!
@@ -9,7 +16,34 @@
 //! requests parked in the queue. Peeking at the socket instead leaves the
 //! bytes where they are.
 
-use tokio::net::TcpStream;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The backlog asked for when the system's maximum cannot be read; the
+/// kernel caps it at that maximum anyway.
+const FALLBACK_BACKLOG: i32 = 65_535;
+
+/// Binds `addr` for the proxy, with the system's maximum listen backlog.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As tokio's own bind: a restarted proxy rebinds while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(max_backlog())?;
+    TcpListener::from_std(socket.into())
+}
+
+/// `net.core.somaxconn`, the largest backlog the kernel grants.
+fn max_backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&n: &i32| n > 0)
+        .unwrap_or(FALLBACK_BACKLOG)
+}
 
 /// HTTP/2's connection preface (RFC 9113, 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -30,11 +30,14 @@ mod routes;
 pub mod tenant;
 pub mod upstream;
 
+pub use connection::listen;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
+use futures_util::FutureExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -204,19 +207,7 @@ async fn run(
         .header_read_timeout(app.args.client_header_timeout);
     let builders = Arc::new((http1, auto));
     let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a moment instead of spinning.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let accept = |stream: tokio::net::TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
         let service =
             router
@@ -253,6 +244,26 @@ async fn run(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        accept(stream, peer);
+        // A storm of clients: take every connection already waiting before
+        // the next turn (an error is met there).
+        while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+            accept(stream, peer);
+        }
     }
     drop(listener);
     tracing::info!(

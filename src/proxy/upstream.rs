@@ -13,8 +13,8 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 
-pub use crate::failure::FailureKind;
 use super::headers::X_API_KEY;
+pub use crate::failure::FailureKind;
 use crate::fleet::Target;
 pub use crate::pool::BackendBody;
 
