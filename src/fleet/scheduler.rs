@@ -36,8 +36,8 @@ use crate::model::ModelName;
 use crate::policy::{Priority, Routing};
 
 use free::FreeIndex;
-pub use request::{Decision, Grant, Outcome, Rejection, Ticket, Want};
-pub use waiters::{Tenant, TenantId};
+pub use request::{Decision, Grant, Outcome, Rejection, TenantId, Ticket, Want};
+pub use waiters::Tenant;
 use waiters::{Waiter, Waiters};
 
 /// The limits the scheduler enforces.

@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::TenantId;
 use crate::fleet::backend::{BackendId, Target};
 use crate::fleet::placement::Signature;
 use crate::model::ModelName;
 use crate::policy::Priority;
+
+/// A tenant's number, never reused while the scheduler lives.
+pub type TenantId = u64;
 
 /// What a request needs from a backend.
 #[derive(Debug, Clone, Default)]

@@ -14,13 +14,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::Want;
+use super::request::{TenantId, Want};
 use crate::fleet::backend::BackendId;
 use crate::model::ModelName;
 use crate::policy::Priority;
-
-/// A tenant's number, never reused while the scheduler lives.
-pub type TenantId = u64;
 
 /// Which lane: a priority and the model, `None` for requests without one.
 type LaneKey = (Priority, Option<ModelName>);
