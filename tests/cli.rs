@@ -5,19 +5,14 @@
 
 mod common;
 
+use common::child::corral;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{TestFleet, eventually, generate};
 use corral::sim::expected_text;
-
-fn corral() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    c
-}
 
 /// Sends SIGTERM to a child we started, by its PID.
 fn terminate(child: &Child) {
@@ -108,20 +103,13 @@ async fn demo_serves_a_fleet_and_stops_on_sigterm() {
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let spec = common::slow(100, 10);
     let fleet = TestFleet::uniform(1, spec).await;
-    let port = common::bind_block(1).await.pop().unwrap();
-    let proxy_port = port.local_addr().unwrap().port();
-    drop(port);
-    let mut child = corral()
-        .env("PROXY_HOST", "127.0.0.1")
-        .env("PROXY_PORT", proxy_port.to_string())
+    let mut command = corral();
+    command
         .env("BACKEND_PORT_START", fleet.port_start.to_string())
         .env("BACKEND_PORT_END", fleet.port_end.to_string())
-        .env("SCAN_INTERVAL_SECONDS", "0.2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{proxy_port}");
+        .env("SCAN_INTERVAL_SECONDS", "0.2");
+    let mut served = common::child::spawn(command).await;
+    let url = served.url.clone();
     let client = reqwest::Client::new();
     common::wait_healthy_at(&url, 1).await;
     let request = tokio::spawn({
@@ -138,13 +126,13 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         fleet.servers[0].stats().in_flight == 1
     })
     .await;
-    terminate(&child);
+    served.terminate();
     let r = request.await.unwrap().unwrap();
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["response"], expected_text(0, "llama3.2", "slow", 10));
     let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+        tokio::task::spawn_blocking(move || wait_exit(&mut served.child, Duration::from_secs(10)))
             .await
             .unwrap();
     assert!(status.success(), "{status}");

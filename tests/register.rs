@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::child::corral;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,13 +16,6 @@ use std::time::Duration;
 use common::{TestFleet, TestProxy, eventually, generate, slow, start_proxy};
 use corral::sim::{ServerSpec, SimServer};
 use tokio::net::TcpListener;
-
-fn corral() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    c
-}
 
 /// Waits for a child we started to exit, up to a deadline.
 async fn wait_exit(mut child: Child, deadline: Duration) -> std::process::Output {
