@@ -44,6 +44,20 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let job = SimServer::start(listener, slow(40, 10)).await.unwrap();
     let id = format!("127.0.0.1:{}", job.port());
+    // Where the helper checks that its Ollama answers, once a renewal (a
+    // third of the lease): its `/api/tags` count is the helper's ticks.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let check = SimServer::start(listener, ServerSpec::default())
+        .await
+        .unwrap();
+    let ticks = || {
+        check
+            .stats()
+            .requests
+            .get("/api/tags")
+            .copied()
+            .unwrap_or(0)
+    };
     let lease = 0.6;
     let child = corral()
         .args([
@@ -54,19 +68,20 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
             &lease.to_string(),
         ])
         .args(["--url", &format!("http://{id}"), "--grace", "10"])
+        .args(["--check", &format!("http://{}", check.addr())])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     proxy.wait_healthy(2).await;
 
-    // Renewed: still registered and in service well past three lease periods.
-    let registered_at = tokio::time::Instant::now();
+    // Renewed: still registered and in service well past three lease
+    // periods, that is nine renewals (ten ticks) after the registration.
     eventually(Duration::from_secs(10), "three lease periods", || async {
         let r = proxy.backend_row(&id).await.expect("still registered");
         assert_eq!(r["draining"], false, "{r}");
         assert_eq!(r["healthy"], true, "{r}");
-        registered_at.elapsed() > Duration::from_secs_f64(lease * 3.0)
+        ticks() >= 10
     })
     .await;
 
@@ -157,8 +172,19 @@ async fn a_refused_registration_exits_1_with_one_line() {
 #[tokio::test]
 async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
     let empty = TestFleet::start(Vec::new(), 1).await;
-    let first = start_proxy(&empty, |a| a.scan_interval = Duration::from_secs(60)).await;
-    let addr = first.handle.addr;
+    // One listening socket for both corrals: the second takes it over, so
+    // the address is never free for anything else in between.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut args = common::test_args(&empty);
+    args.scan_interval = Duration::from_secs(60);
+    let listener = TcpListener::from_std(socket.try_clone().unwrap()).unwrap();
+    let first = TestProxy {
+        handle: corral::proxy::start(listener, args.clone()).unwrap(),
+        url: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let job = SimServer::start(listener, ServerSpec::default())
         .await
@@ -174,9 +200,7 @@ async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
     first.wait_healthy(1).await;
     // corral restarts on the same address, knowing nothing.
     first.handle.shutdown().await;
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let mut args = common::test_args(&empty);
-    args.scan_interval = Duration::from_secs(60);
+    let listener = TcpListener::from_std(socket).unwrap();
     let second = TestProxy {
         handle: corral::proxy::start(listener, args).unwrap(),
         url: format!("http://{addr}"),
