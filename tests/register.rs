@@ -6,9 +6,9 @@
 
 mod common;
 
-use common::child::corral;
+use common::child::{self, corral};
 
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,25 +16,6 @@ use std::time::Duration;
 use common::{TestFleet, TestProxy, eventually, generate, slow, start_proxy};
 use corral::sim::{ServerSpec, SimServer};
 use tokio::net::TcpListener;
-
-/// Waits for a child we started to exit, up to a deadline.
-async fn wait_exit(mut child: Child, deadline: Duration) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let end = std::time::Instant::now() + deadline;
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return child.wait_with_output().unwrap();
-            }
-            if std::time::Instant::now() > end {
-                let _ = child.kill();
-                panic!("corral register did not exit within {deadline:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap()
-}
 
 #[tokio::test]
 async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing() {
@@ -115,13 +96,8 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
         || async { job.stats().in_flight >= 1 },
     )
     .await;
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = wait_exit(child, Duration::from_secs(20)).await;
+    child::signal(&child, "TERM");
+    let out = child::exited(child, Duration::from_secs(20), "corral register exits").await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {log}", out.status);
     assert!(
@@ -159,7 +135,7 @@ async fn a_refused_registration_exits_1_with_one_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = wait_exit(out, Duration::from_secs(10)).await;
+    let out = child::exited(out, Duration::from_secs(10), "corral register exits").await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -223,11 +199,7 @@ async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-corral-backend"], id.as_str());
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let out = wait_exit(child, Duration::from_secs(10)).await;
+    child::signal(&child, "TERM");
+    let out = child::exited(child, Duration::from_secs(10), "corral register exits").await;
     assert!(out.status.success());
 }

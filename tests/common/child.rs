@@ -1,13 +1,15 @@
-//! `corral` as a child process serving on a port it binds itself: started
+//! Child processes: `corral` serving on a port it binds itself (started
 //! with `PROXY_PORT=0` and JSON logs on a pipe, its address read from its
-//! "corral listening" line, so no port is ever freed and bound again. Its
-//! log lines are kept for the test; warnings and errors are echoed.
+//! "corral listening" line, so no port is ever freed and bound again; its
+//! log lines kept for the test, warnings and errors echoed), signals sent
+//! by PID, and a bounded wait for a child's exit.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -108,14 +110,58 @@ impl Corral {
 
     /// Sends it SIGTERM, by its PID.
     pub fn terminate(&self) {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {}", self.child.id());
+        signal(&self.child, "TERM");
     }
+}
+
+/// Sends SIG`name` (`TERM`, `USR1`) to a child we started, by its PID.
+pub fn signal(child: &Child, name: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} {}", child.id());
+}
+
+/// Kills and reaps the child unless it was seen to exit (a failed wait).
+struct KillUnlessExited<'a> {
+    child: &'a mut Child,
+    status: Option<ExitStatus>,
+}
+
+impl Drop for KillUnlessExited<'_> {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until `child` exits, up to `deadline`; past it the child is
+/// killed and the test fails, naming `what`.
+pub async fn wait_exit(child: &mut Child, deadline: Duration, what: &str) -> ExitStatus {
+    let mut wait = KillUnlessExited {
+        child,
+        status: None,
+    };
+    super::eventually(deadline, what, || {
+        wait.status = wait.child.try_wait().unwrap();
+        let exited = wait.status.is_some();
+        async move { exited }
+    })
+    .await;
+    wait.status.unwrap()
+}
+
+/// [`wait_exit`], then what the child wrote to its piped stdout and stderr.
+pub async fn exited(mut child: Child, deadline: Duration, what: &str) -> Output {
+    wait_exit(&mut child, deadline, what).await;
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
 }
 
 impl Drop for Corral {
