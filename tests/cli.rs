@@ -5,45 +5,14 @@
 
 mod common;
 
+use common::child::{self, corral};
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::{TestFleet, eventually, generate};
 use corral::sim::expected_text;
-
-fn corral() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    c
-}
-
-/// Sends SIGTERM to a child we started, by its PID.
-fn terminate(child: &Child) {
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM {}", child.id());
-}
-
-/// Waits for a child to exit, up to a deadline (then kills it and fails).
-fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
-    let end = std::time::Instant::now() + deadline;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > end {
-            let _ = child.kill();
-            panic!("corral did not exit within {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn a_reversed_port_range_exits_2_with_a_clear_message() {
@@ -96,11 +65,8 @@ async fn demo_serves_a_fleet_and_stops_on_sigterm() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["message"]["role"], "assistant");
     assert!(!body["message"]["content"].as_str().unwrap().is_empty());
-    terminate(&child);
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
-            .await
-            .unwrap();
+    child::signal(&child, "TERM");
+    let status = child::wait_exit(&mut child, Duration::from_secs(10), "corral exits").await;
     assert!(status.success(), "{status}");
 }
 
@@ -108,20 +74,13 @@ async fn demo_serves_a_fleet_and_stops_on_sigterm() {
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let spec = common::slow(100, 10);
     let fleet = TestFleet::uniform(1, spec).await;
-    let port = common::bind_block(1).await.pop().unwrap();
-    let proxy_port = port.local_addr().unwrap().port();
-    drop(port);
-    let mut child = corral()
-        .env("PROXY_HOST", "127.0.0.1")
-        .env("PROXY_PORT", proxy_port.to_string())
+    let mut command = corral();
+    command
         .env("BACKEND_PORT_START", fleet.port_start.to_string())
         .env("BACKEND_PORT_END", fleet.port_end.to_string())
-        .env("SCAN_INTERVAL_SECONDS", "0.2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{proxy_port}");
+        .env("SCAN_INTERVAL_SECONDS", "0.2");
+    let mut served = common::child::spawn(command).await;
+    let url = served.url.clone();
     let client = reqwest::Client::new();
     common::wait_healthy_at(&url, 1).await;
     let request = tokio::spawn({
@@ -138,15 +97,12 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         fleet.servers[0].stats().in_flight == 1
     })
     .await;
-    terminate(&child);
+    served.terminate();
     let r = request.await.unwrap().unwrap();
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["response"], expected_text(0, "llama3.2", "slow", 10));
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
-            .await
-            .unwrap();
+    let status = child::wait_exit(&mut served.child, Duration::from_secs(10), "corral exits").await;
     assert!(status.success(), "{status}");
 }
 
@@ -199,33 +155,32 @@ async fn the_demo_moves_traffic_runs_and_jobs_come_and_go() {
     // until traffic was counted and a job that joined has left. The first
     // job leaves on the third tick (12 s), and leaving may take the helper's
     // 10 s grace and a scan more: 90 s is that with room for a loaded machine.
-    let mut seen = std::collections::BTreeSet::new();
-    let end = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(s) = stats(client.clone(), url.clone()).await {
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    eventually(
+        Duration::from_secs(90),
+        "traffic, a job that joined and one that left (jobs seen: above)",
+        || async {
+            let Some(s) = stats(client.clone(), url.clone()).await else {
+                return false;
+            };
             let now: std::collections::BTreeSet<String> = s["backends"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .filter_map(|b| b["id"].as_str().map(str::to_owned))
                 .collect();
+            let mut seen = seen.borrow_mut();
             let left = seen.iter().any(|j| !now.contains(j));
-            seen.extend(now);
-            if left && s["totals"]["requests"].as_u64().unwrap_or(0) > 0 {
-                break;
+            if !now.is_subset(&seen) {
+                seen.extend(now);
+                eprintln!("jobs seen: {seen:?}");
             }
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "within 90 s: traffic, a job that joined and one that left (jobs seen: {seen:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    terminate(&child);
+            left && s["totals"]["requests"].as_u64().unwrap_or(0) > 0
+        },
+    )
+    .await;
+    child::signal(&child, "TERM");
     let mut child = child;
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-            .await
-            .unwrap();
+    let status = child::wait_exit(&mut child, Duration::from_secs(20), "corral exits").await;
     assert!(status.success(), "{status}");
 }

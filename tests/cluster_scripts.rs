@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestFleet, TestProxy, eventually, generate, start_proxy};
+use common::{TestFleet, TestProxy, child, eventually, generate, start_proxy};
 use serde_json::Value;
 
 fn examples() -> PathBuf {
@@ -70,26 +70,13 @@ async fn run_job(script: &'static str, signal: &'static str) {
     let body: Value = r.json().await.unwrap();
     assert!(!body["response"].as_str().unwrap().is_empty());
 
-    let sent = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(job.id().to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut job = job;
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while job.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > end {
-                let _ = job.kill();
-                panic!("{script} did not end within 30 s of SIG{signal}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        job.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
+    child::signal(&job, signal);
+    let out = child::exited(
+        job,
+        Duration::from_secs(30),
+        &format!("{script} ends within 30 s of SIG{signal}"),
+    )
+    .await;
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

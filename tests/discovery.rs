@@ -1,25 +1,32 @@
 //! Discovery: the range and `BACKENDS` are probed concurrently, so one scan
-//! takes about one probe timeout however many ports hang; URL backends are
+//! costs one probe timeout however many ports hang (every hanging port is
+//! probed before the first is given up); URL backends are
 //! served like range backends; a backend that stops answering probes leaves
 //! the healthy set.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
-use common::{TestFleet, bind_block, generate, start_proxy, test_args};
+use common::{TestFleet, bind_block, generate, start_proxy, test_args, unhung};
 use corral::config::BackendSource;
 use corral::fleet::discovery::Discovery;
 use corral::fleet::{Fleet, Limits};
 use corral::sim::{ServerSpec, SimServer};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+
+/// Ports that accept a probe's connection and never answer.
+const HANGING: usize = 20;
 
 #[tokio::test]
 async fn a_scan_probes_every_port_at_once_so_hanging_ports_cost_one_timeout() {
-    // 20 ports that accept connections (the kernel does) but never answer,
-    // then 2 real backends, all in one range.
+    // 20 ports that accept connections but never answer, then 2 real
+    // backends, all in one range.
     let mut block = bind_block(22).await;
-    let real: Vec<TcpListener> = block.split_off(20);
+    let real: Vec<TcpListener> = block.split_off(HANGING);
     let port_start = block[0].local_addr().unwrap().port();
     let servers = corral::sim::start_fleet(real, vec![ServerSpec::default(); 2])
         .await
@@ -31,7 +38,27 @@ async fn a_scan_probes_every_port_at_once_so_hanging_ports_cost_one_timeout() {
         port_end: port_start + 21,
     };
     let mut args = test_args(&fleet_spec);
-    args.probe_timeout = Duration::from_millis(300);
+    args.probe_timeout = Duration::from_secs(1);
+    // Each hanging port holds its probe's connection, unanswered, until the
+    // prober gives up on it and closes it. Probed one after the other, the
+    // first would be given up before the last was tried.
+    let probed = Arc::new(AtomicUsize::new(0));
+    let given_up_early = Arc::new(AtomicBool::new(false));
+    let holders: Vec<_> = block
+        .into_iter()
+        .map(|listener| {
+            let (probed, early) = (Arc::clone(&probed), Arc::clone(&given_up_early));
+            tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                probed.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 1024];
+                while !matches!(s.read(&mut buf).await, Ok(0) | Err(_)) {}
+                if probed.load(Ordering::SeqCst) < HANGING {
+                    early.store(true, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
 
     let fleet = Fleet::new(
         Limits {
@@ -42,16 +69,15 @@ async fn a_scan_probes_every_port_at_once_so_hanging_ports_cost_one_timeout() {
         Duration::from_secs(1),
     );
     let discovery = Discovery::new(fleet.clone(), &args);
-    let started = Instant::now();
-    discovery.scan().await;
-    let elapsed = started.elapsed();
-    // One after the other, the hanging ports alone would take 20 × 300 ms.
+    unhung("one scan", discovery.scan()).await;
+    for h in holders {
+        unhung("every hanging probe given up", h).await.unwrap();
+    }
     assert!(
-        elapsed < Duration::from_millis(300 * 5),
-        "scan took {elapsed:?}"
+        !given_up_early.load(Ordering::SeqCst),
+        "a probe timed out before every hanging port was probed"
     );
     assert_eq!(fleet.read(|s| s.healthy_count()), 2);
-    drop(block);
 }
 
 #[tokio::test]

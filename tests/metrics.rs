@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestFleet, TestProxy, bind_block, eventually, generate, hold_slot, start_proxy};
@@ -558,34 +556,15 @@ async fn the_request_id_reaches_the_backend() {
 #[tokio::test]
 async fn the_binary_logs_one_json_line_per_request() {
     let fleet = TestFleet::uniform(1, spec()).await;
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = probe.local_addr().unwrap().port();
-    drop(probe);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LOG_FORMAT", "json")
-        .env("PROXY_HOST", "127.0.0.1")
-        .env("PROXY_PORT", port.to_string())
+    let mut command = common::child::corral();
+    command
         .env("BACKEND_PORT_START", fleet.port_start.to_string())
         .env("BACKEND_PORT_END", fleet.port_end.to_string())
-        .env("SCAN_INTERVAL_SECONDS", "0.2")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let lines = Arc::clone(&lines);
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        })
-    };
+        .env("SCAN_INTERVAL_SECONDS", "0.2");
+    let mut served = common::child::spawn(command).await;
+    let lines = Arc::clone(&served.lines);
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = served.url.clone();
     common::wait_healthy_at(&url, 1).await;
     for (model, id) in [("llama3.2", "ok-1"), ("ghost", "refused-1")] {
         let r = client
@@ -629,9 +608,7 @@ async fn the_binary_logs_one_json_line_per_request() {
             .all(|id| find(id).is_some())
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
+    served.kill();
     // Every line is JSON.
     for l in lines.lock().unwrap().iter() {
         assert!(serde_json::from_str::<Value>(l).is_ok(), "not JSON: {l}");

@@ -6,7 +6,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use common::child::{self, corral};
+
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,32 +16,6 @@ use std::time::Duration;
 use common::{TestFleet, TestProxy, eventually, generate, slow, start_proxy};
 use corral::sim::{ServerSpec, SimServer};
 use tokio::net::TcpListener;
-
-fn corral() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_corral"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    c
-}
-
-/// Waits for a child we started to exit, up to a deadline.
-async fn wait_exit(mut child: Child, deadline: Duration) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let end = std::time::Instant::now() + deadline;
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return child.wait_with_output().unwrap();
-            }
-            if std::time::Instant::now() > end {
-                let _ = child.kill();
-                panic!("corral register did not exit within {deadline:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap()
-}
 
 #[tokio::test]
 async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing() {
@@ -49,6 +25,20 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let job = SimServer::start(listener, slow(40, 10)).await.unwrap();
     let id = format!("127.0.0.1:{}", job.port());
+    // Where the helper checks that its Ollama answers, once a renewal (a
+    // third of the lease): its `/api/tags` count is the helper's ticks.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let check = SimServer::start(listener, ServerSpec::default())
+        .await
+        .unwrap();
+    let ticks = || {
+        check
+            .stats()
+            .requests
+            .get("/api/tags")
+            .copied()
+            .unwrap_or(0)
+    };
     let lease = 0.6;
     let child = corral()
         .args([
@@ -59,19 +49,20 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
             &lease.to_string(),
         ])
         .args(["--url", &format!("http://{id}"), "--grace", "10"])
+        .args(["--check", &format!("http://{}", check.addr())])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     proxy.wait_healthy(2).await;
 
-    // Renewed: still registered and in service well past three lease periods.
-    let registered_at = tokio::time::Instant::now();
+    // Renewed: still registered and in service well past three lease
+    // periods, that is nine renewals (ten ticks) after the registration.
     eventually(Duration::from_secs(10), "three lease periods", || async {
         let r = proxy.backend_row(&id).await.expect("still registered");
         assert_eq!(r["draining"], false, "{r}");
         assert_eq!(r["healthy"], true, "{r}");
-        registered_at.elapsed() > Duration::from_secs_f64(lease * 3.0)
+        ticks() >= 10
     })
     .await;
 
@@ -105,13 +96,8 @@ async fn register_renews_then_on_sigterm_drains_and_deregisters_losing_nothing()
         || async { job.stats().in_flight >= 1 },
     )
     .await;
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = wait_exit(child, Duration::from_secs(20)).await;
+    child::signal(&child, "TERM");
+    let out = child::exited(child, Duration::from_secs(20), "corral register exits").await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {log}", out.status);
     assert!(
@@ -149,7 +135,7 @@ async fn a_refused_registration_exits_1_with_one_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = wait_exit(out, Duration::from_secs(10)).await;
+    let out = child::exited(out, Duration::from_secs(10), "corral register exits").await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -162,8 +148,19 @@ async fn a_refused_registration_exits_1_with_one_line() {
 #[tokio::test]
 async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
     let empty = TestFleet::start(Vec::new(), 1).await;
-    let first = start_proxy(&empty, |a| a.scan_interval = Duration::from_secs(60)).await;
-    let addr = first.handle.addr;
+    // One listening socket for both corrals: the second takes it over, so
+    // the address is never free for anything else in between.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut args = common::test_args(&empty);
+    args.scan_interval = Duration::from_secs(60);
+    let listener = TcpListener::from_std(socket.try_clone().unwrap()).unwrap();
+    let first = TestProxy {
+        handle: corral::proxy::start(listener, args.clone()).unwrap(),
+        url: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let job = SimServer::start(listener, ServerSpec::default())
         .await
@@ -179,9 +176,7 @@ async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
     first.wait_healthy(1).await;
     // corral restarts on the same address, knowing nothing.
     first.handle.shutdown().await;
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let mut args = common::test_args(&empty);
-    args.scan_interval = Duration::from_secs(60);
+    let listener = TcpListener::from_std(socket).unwrap();
     let second = TestProxy {
         handle: corral::proxy::start(listener, args).unwrap(),
         url: format!("http://{addr}"),
@@ -204,12 +199,8 @@ async fn a_restarted_corral_relearns_the_backend_from_the_next_renewal() {
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-corral-backend"], id.as_str());
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let out = wait_exit(child, Duration::from_secs(10)).await;
+    child::signal(&child, "TERM");
+    let out = child::exited(child, Duration::from_secs(10), "corral register exits").await;
     assert!(out.status.success());
 }
 

@@ -9,7 +9,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+mod common;
+
+use common::eventually;
+
 // ===== helpers =====
+
+/// How long a condition polled with [`eventually`] may take.
+const SECS: Duration = Duration::from_secs(5);
 
 async fn start(spec: ServerSpec) -> SimServer {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,15 +55,6 @@ async fn get_json(s: &SimServer, path: &str) -> Value {
         .json()
         .await
         .unwrap()
-}
-
-/// Polls `f` until it holds, for at most 5 s.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn lines(body: &str) -> Vec<Value> {
@@ -602,13 +600,16 @@ async fn hang_fault_never_answers_and_counts_a_cancel_when_the_client_leaves() {
         "x-sim-fault: hang\r\n",
     )
     .await;
-    eventually("request in flight", || stats(&s).in_flight == 1).await;
+    eventually(SECS, "request in flight", || async {
+        stats(&s).in_flight == 1
+    })
+    .await;
     let mut t = t;
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_millis(200), t.read(&mut buf)).await;
     assert!(read.is_err(), "no byte while hanging");
     drop(t);
-    eventually("hang cancelled", || {
+    eventually(SECS, "hang cancelled", || async {
         stats(&s).cancelled == 1 && stats(&s).in_flight == 0
     })
     .await;
@@ -685,7 +686,9 @@ async fn fault_rates_hit_requests_evenly_and_can_change_at_run_time() {
     assert_eq!(stats(&s).faults["error"], 3);
 }
 
-#[tokio::test]
+// On the paused clock: the delay is time logic, and the clock moves only
+// when every task waits, so the elapsed time is the simulator's own wait.
+#[tokio::test(start_paused = true)]
 async fn delay_header_holds_the_first_byte() {
     let s = start(ServerSpec::default()).await;
     let t0 = Instant::now();
@@ -716,14 +719,13 @@ async fn start_delay_refuses_connections_first_and_lifetime_kills_the_server() {
         TcpStream::connect(s.addr()).await.is_err(),
         "refused while starting"
     );
-    eventually("server up", || s.is_running()).await;
+    eventually(SECS, "server up", || async { s.is_running() }).await;
     assert_eq!(get_json(&s, "/api/version").await["version"], "0.33.0-rc2");
-    eventually("server dead", || !s.is_running()).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(s.addr()).await.is_ok() {
-        assert!(Instant::now() < deadline, "port still accepts");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(SECS, "server dead", || async { !s.is_running() }).await;
+    eventually(SECS, "the port refuses connections", || async {
+        TcpStream::connect(s.addr()).await.is_err()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -770,7 +772,10 @@ async fn parallel_slots_make_extra_requests_wait_fifo_and_count_oversubscription
             order.lock().unwrap().push(i);
             st
         }));
-        eventually("request arrived", || stats(&s).in_flight == i + 1).await;
+        eventually(SECS, "request arrived", || async {
+            stats(&s).in_flight == i + 1
+        })
+        .await;
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -794,7 +799,10 @@ async fn full_load_queue_answers_503_with_the_exact_text() {
     })
     .await;
     let t = raw_post(&s, "/api/generate", &gen_body(false).to_string(), "").await;
-    eventually("first request loading", || stats(&s).in_flight == 1).await;
+    eventually(SECS, "first request loading", || async {
+        stats(&s).in_flight == 1
+    })
+    .await;
     let (st, v) = post_json(&s, "/api/generate", gen_body(false)).await;
     assert_eq!(st, 503);
     assert_eq!(
@@ -802,7 +810,10 @@ async fn full_load_queue_answers_503_with_the_exact_text() {
         "server busy, please try again.  maximum pending requests exceeded"
     );
     drop(t);
-    eventually("loading request cancelled", || stats(&s).cancelled == 1).await;
+    eventually(SECS, "loading request cancelled", || async {
+        stats(&s).cancelled == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -822,15 +833,13 @@ async fn keep_alive_expiry_is_visible_in_ps() {
             .len(),
         1
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !get_json(&s, "/api/ps").await["models"]
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "model never unloaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(SECS, "the model unloaded", || async {
+        get_json(&s, "/api/ps").await["models"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
     let loaded = start(ServerSpec {
         loaded: vec!["llama3.2".into()],
         keep_alive: None,
@@ -891,7 +900,7 @@ async fn streaming_client_disconnect_is_counted_as_cancelled() {
     let n = t.read(&mut buf).await.unwrap();
     assert!(n > 0);
     drop(t);
-    eventually("stream cancelled", || {
+    eventually(SECS, "stream cancelled", || async {
         stats(&s).cancelled == 1 && stats(&s).in_flight == 0
     })
     .await;
@@ -909,28 +918,41 @@ async fn streaming_client_disconnect_is_counted_as_cancelled() {
 async fn non_streaming_client_disconnect_is_counted_as_cancelled_promptly() {
     let s = start(slow(100_000, 10)).await;
     let t = raw_post(&s, "/api/generate", &gen_body(false).to_string(), "").await;
-    eventually("generating", || stats(&s).in_flight == 1).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let t0 = Instant::now();
+    // Its prompt evaluated: it waits for its first token (100 s away).
+    eventually(SECS, "generating", || async {
+        stats(&s).in_flight == 1 && stats(&s).prompt_tokens_evaluated > 0
+    })
+    .await;
     drop(t);
-    eventually("non-stream cancelled", || {
+    // Promptly: counted while the answer had ten tokens of 100 s to go, so
+    // never at the end of the answer (nothing completed).
+    eventually(SECS, "non-stream cancelled", || async {
         stats(&s).cancelled == 1 && stats(&s).in_flight == 0
     })
     .await;
-    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(stats(&s).completed, 0);
 }
 
 #[tokio::test]
 async fn waiting_client_disconnect_gives_up_its_place() {
     let s = start(slow(100_000, 10)).await;
     let first = raw_post(&s, "/api/generate", &gen_body(false).to_string(), "").await;
-    eventually("first generating", || stats(&s).in_flight == 1).await;
+    eventually(SECS, "first generating", || async {
+        stats(&s).in_flight == 1
+    })
+    .await;
     let second = raw_post(&s, "/api/generate", &gen_body(false).to_string(), "").await;
-    eventually("second waiting", || stats(&s).oversubscribed == 1).await;
+    eventually(SECS, "second waiting", || async {
+        stats(&s).oversubscribed == 1
+    })
+    .await;
     drop(second);
-    eventually("waiter cancelled", || stats(&s).cancelled == 1).await;
+    eventually(SECS, "waiter cancelled", || async {
+        stats(&s).cancelled == 1
+    })
+    .await;
     drop(first);
-    eventually("both cancelled", || {
+    eventually(SECS, "both cancelled", || async {
         stats(&s).cancelled == 2 && stats(&s).in_flight == 0
     })
     .await;

@@ -6,10 +6,10 @@ mod common;
 
 use common::backend_of;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{TestFleet, eventually, generate, in_flight, start_proxy};
-use corral::sim::{FaultSpec, ModelSpec, ServerSpec, expected_embedding, expected_text};
+use corral::sim::{FaultSpec, ModelSpec, ServerSpec, SimServer, expected_embedding, expected_text};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -42,17 +42,30 @@ fn chat(model: &str, content: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": content}]})
 }
 
-/// Reads a streamed body, noting when its first and last bytes arrived.
-async fn read_stream(r: reqwest::Response) -> (String, Duration, Duration) {
-    let started = Instant::now();
-    let mut first = None;
+/// Reads a streamed body whole.
+async fn read_stream(r: reqwest::Response) -> String {
+    read_stream_from(r, None).await.0
+}
+
+/// Reads a streamed body served by `backend`, noting whether the backend
+/// was still generating when the first chunk arrived.
+async fn read_stream_from(
+    r: reqwest::Response,
+    backend: Option<&SimServer>,
+) -> (String, Option<bool>) {
+    let mut generating_at_first = None;
     let mut text = String::new();
     let mut body = r.bytes_stream();
     while let Some(chunk) = body.next().await {
-        first.get_or_insert_with(|| started.elapsed());
+        if let Some(b) = backend {
+            generating_at_first.get_or_insert_with(|| {
+                let st = b.stats();
+                st.in_flight == 1 && st.completed == 0
+            });
+        }
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    (text, first.unwrap_or_default(), started.elapsed())
+    (text, generating_at_first)
 }
 
 #[tokio::test]
@@ -128,10 +141,11 @@ async fn ndjson_streams_arrive_chunk_by_chunk_before_the_backend_finishes() {
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/x-ndjson");
-    let (body, first, total) = read_stream(r).await;
-    assert!(
-        first + Duration::from_millis(500) < total,
-        "first chunk at {first:?}, end at {total:?}"
+    let (body, generating) = read_stream_from(r, Some(&fleet.servers[0])).await;
+    assert_eq!(
+        generating,
+        Some(true),
+        "the first chunk arrived while the backend was still generating"
     );
     let lines: Vec<Value> = body
         .lines()
@@ -162,10 +176,11 @@ async fn sse_streams_arrive_event_by_event_and_end_with_done() {
             .unwrap()
             .starts_with("text/event-stream")
     );
-    let (body, first, total) = read_stream(r).await;
-    assert!(
-        first + Duration::from_millis(500) < total,
-        "first event at {first:?}, end at {total:?}"
+    let (body, generating) = read_stream_from(r, Some(&fleet.servers[0])).await;
+    assert_eq!(
+        generating,
+        Some(true),
+        "the first event arrived while the backend was still generating"
     );
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     let text: String = body
@@ -324,7 +339,7 @@ async fn a_stream_that_fails_before_its_first_byte_is_retried() {
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(backend_of(&r), fleet.port_start + 1);
-    let (body, _, _) = read_stream(r).await;
+    let body = read_stream(r).await;
     let text: String = body
         .lines()
         .map(|l| {
@@ -345,7 +360,7 @@ async fn a_stream_broken_after_its_first_byte_ends_with_an_error_line() {
         .post("/api/generate", generate("llama3.2", "x", true))
         .await;
     assert_eq!(r.status(), 200);
-    let (body, _, _) = read_stream(r).await;
+    let body = read_stream(r).await;
     let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
     assert!(
         last["error"]
@@ -378,7 +393,7 @@ async fn an_sse_stream_broken_after_its_first_byte_ends_with_an_error_event() {
     let r = proxy
         .post("/v1/chat/completions", chat("llama3.2", "x", true))
         .await;
-    let (body, _, _) = read_stream(r).await;
+    let body = read_stream(r).await;
     let last = body.trim_end().rsplit("\n\n").next().unwrap();
     let event: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert!(
@@ -402,7 +417,7 @@ async fn a_backend_error_line_mid_stream_passes_through() {
         .send()
         .await
         .unwrap();
-    let (body, _, _) = read_stream(r).await;
+    let body = read_stream(r).await;
     let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
     assert!(
         last["error"]

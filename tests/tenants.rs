@@ -305,11 +305,11 @@ async fn a_retried_request_waits_at_its_first_place_not_at_the_back() {
     };
     let mut tasks = vec![send("first", "llama3.2")];
     wait_waiting(&proxy, 1).await;
-    for name in ["second", "third", "fourth"] {
+    // Each one waiting before the next is sent: they queue in this order.
+    for (waiting, name) in (2..).zip(["second", "third", "fourth"]) {
         tasks.push(send(name, "qwen"));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        wait_waiting(&proxy, waiting).await;
     }
-    wait_waiting(&proxy, 4).await;
     let mut failing = common::failing();
     failing.models = vec![ModelSpec::named("llama3.2")];
     fleet.start_spare(failing).await;

@@ -1,7 +1,11 @@
 //! Test harness: a simulated fleet on a race-free block of consecutive
-//! loopback ports, a proxy scanning exactly that block, and bounded polling.
-//! No logic of its own beyond wiring: every assertion lives in the tests.
+//! loopback ports, a proxy scanning exactly that block, `corral` child
+//! processes on ports they bind themselves (`child`), bounded polling and a
+//! hang guard. No logic of its own beyond wiring: every assertion lives in
+//! the tests.
 #![allow(dead_code)]
+
+pub mod child;
 
 use std::future::Future;
 use std::time::Duration;
@@ -26,6 +30,19 @@ where
             panic!("not within {deadline:?}: {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long one awaited step may take before the test counts it as hung:
+/// a guard that fails the test, never a measurement of how fast it was.
+pub const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// Awaits `step`, failing the test (naming `what`) if it is still pending
+/// after [`HANG_GUARD`].
+pub async fn unhung<T>(what: &str, step: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(HANG_GUARD, step).await {
+        Ok(out) => out,
+        Err(_) => panic!("hung for {HANG_GUARD:?}: {what}"),
     }
 }
 
