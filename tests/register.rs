@@ -246,12 +246,8 @@ async fn a_job_registers_as_soon_as_its_ollama_first_answers() {
         },
     )
     .await;
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let out = wait_exit(child, Duration::from_secs(10)).await;
+    child::signal(&child, "TERM");
+    let out = child::exited(child, Duration::from_secs(10), "corral register exits").await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(
