@@ -221,13 +221,15 @@ async fn a_job_registers_as_soon_as_its_ollama_first_answers() {
     });
     // A lease of 30 s renews every 10 s: a helper that checked only at that
     // pace would register 10 s after Ollama came up.
-    let child = corral()
-        .args(["register", "--proxy", &proxy.url, "--lease", "30"])
-        .args(["--url", &format!("http://{id}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = child::Reaped::new(
+        corral()
+            .args(["register", "--proxy", &proxy.url, "--lease", "30"])
+            .args(["--url", &format!("http://{id}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the helper looked for its Ollama");
@@ -247,7 +249,12 @@ async fn a_job_registers_as_soon_as_its_ollama_first_answers() {
     )
     .await;
     child::signal(&child, "TERM");
-    let out = child::exited(child, Duration::from_secs(10), "corral register exits").await;
+    let out = child::exited(
+        child.take(),
+        Duration::from_secs(10),
+        "corral register exits",
+    )
+    .await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(
