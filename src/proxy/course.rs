@@ -1,10 +1,15 @@
 //! Where a routed request may go next, as the fleet grants it: a backend
-//! slot, or for a cloud model (`cloud.rs`) an unslotted grant; a Responses
+//! slot, or for a cloud model an unslotted grant; a Responses
 //! request that continues a response is pinned to the backend that produced
 //! it (`responses.rs`). Once every backend left has answered Ollama's 503
 //! `server busy`, the same backends are asked again after a pause that
 //! doubles, within QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its
 //! queue is full).
+//!
+//! Cloud models (`gpt-oss:120b:cloud`, `gpt-oss:120b-cloud`): Ollama relays
+//! them to ollama.com without a local model or a scheduler slot, so they
+//! take none here either and do not count against
+//! MAX_CONCURRENT_PER_BACKEND. The name rules are OLLAMA_API_ADDENDUM.md §3.1.
 
 use tokio::time::Instant;
 
@@ -101,4 +106,49 @@ pub fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, Pr
         return Err(ProxyError::PreviousResponseGone);
     }
     Ok(Some(owner))
+}
+
+/// Whether `name` asks explicitly for a cloud model: its last `:` part is
+/// `cloud`, or its tag ends in `-cloud` (with no `/` after the last `:`);
+/// case does not matter. A conflicting `:cloud:local` counts as cloud too:
+/// the backend answers it with its own 400.
+pub fn is_cloud(name: &str) -> bool {
+    let name = name.trim();
+    let Some((_, tag)) = name.rsplit_once(':') else {
+        return false;
+    };
+    if tag.contains('/') {
+        return false;
+    }
+    let tag = tag.to_ascii_lowercase();
+    tag == "cloud" || tag.ends_with("-cloud")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloud_names_follow_ollamas_suffix_rules() {
+        for cloud in [
+            "gpt-oss:120b:cloud",
+            "qwen3:cloud",
+            "gpt-oss:120b-cloud",
+            "QWEN3:CLOUD",
+            " deepseek-v3.1:671b-cloud ",
+            "x:cloud:local:cloud",
+        ] {
+            assert!(is_cloud(cloud), "{cloud}");
+        }
+        for local in [
+            "llama3.2",
+            "gpt-oss:20b:local",
+            "model-cloud",
+            "host:5000/ns/m-cloud",
+            "qwen3:8b",
+            "",
+        ] {
+            assert!(!is_cloud(local), "{local}");
+        }
+    }
 }

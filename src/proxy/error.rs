@@ -148,6 +148,13 @@ impl ProxyError {
     }
 }
 
+/// Outside the routed APIs (the proxy's own endpoints), Ollama's shape.
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        self.render(Api::Ollama)
+    }
+}
+
 /// OpenAI's error `type` for a status, as Ollama's compatibility layer sets it.
 fn openai_type(status: StatusCode) -> &'static str {
     match status {

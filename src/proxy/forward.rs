@@ -17,7 +17,7 @@
 //! Variations: Ollama's 503 `server busy` leaves the backend healthy and
 //! does not count as a retry (when every backend left is busy, they are
 //! tried again after a short doubling pause, within QUEUE_TIMEOUT_SECONDS);
-//! cloud models take no slot ([`super::cloud`]); a Responses request that
+//! cloud models take no slot ([`super::course`]); a Responses request that
 //! continues an earlier response goes to the backend that produced it
 //! ([`responses`]).
 //!

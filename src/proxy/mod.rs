@@ -10,7 +10,6 @@ mod aggregate;
 mod auth;
 mod body;
 mod claim;
-mod cloud;
 mod connection;
 mod context;
 mod course;

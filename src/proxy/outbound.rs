@@ -14,10 +14,10 @@ use http::request::Parts;
 use super::App;
 use super::body;
 use super::context::RequestContext;
-use super::course::{Course, pinned_backend};
+use super::course::{Course, is_cloud, pinned_backend};
 use super::endpoint::{Endpoint, Format, Streaming};
 use super::error::ProxyError;
-use super::{cloud, inspect, responses};
+use super::{inspect, responses};
 use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{Ticket, Want};
 use crate::model::ModelName;
@@ -73,7 +73,7 @@ pub async fn prepare(
     let model = peek.model.as_deref().map(ModelName::parse);
     ctx.model = model.clone();
     let text = plain.as_deref().unwrap_or(&bytes);
-    let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
+    let cloud = peek.model.as_deref().is_some_and(is_cloud);
     let previous = ctx
         .endpoint
         .keeps_answers()

@@ -10,21 +10,16 @@ use axum::response::Response;
 
 use super::App;
 use super::body;
-use super::endpoint::Api;
 use super::error::ProxyError;
 use super::headers::BACKEND;
 use super::upstream::strip_hop_by_hop;
 use crate::fleet::Want;
 
 /// Forwards the request to a healthy backend.
-pub async fn forward(State(app): State<Arc<App>>, request: Request) -> Response {
-    match relay(&app, request).await {
-        Ok(response) => response,
-        Err(e) => e.render(Api::Ollama),
-    }
-}
-
-async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
+pub async fn forward(
+    State(app): State<Arc<App>>,
+    request: Request,
+) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
     let bytes = body::read(
         &parts.headers,
