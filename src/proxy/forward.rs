@@ -253,12 +253,7 @@ async fn attempt(
     body: Bytes,
     model: Option<&ModelName>,
 ) -> Result<Answer, BackendError> {
-    let root = http::uri::PathAndQuery::from_static("/");
-    let path = parts.uri.path_and_query().unwrap_or(&root);
-    let response = app
-        .upstream
-        .send(target, &parts.method, path, &parts.headers, body)
-        .await?;
+    let response = app.upstream.send(target, parts, body).await?;
     if let Some(model) = model.filter(|_| response.status() == http::StatusCode::NOT_FOUND) {
         return Err(BackendError::new(
             FailureKind::ModelMissing,

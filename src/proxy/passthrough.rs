@@ -28,19 +28,13 @@ pub async fn forward(
         app.args.client_header_timeout,
     )
     .await?;
-    let root = http::uri::PathAndQuery::from_static("/");
-    let path = parts.uri.path_and_query().unwrap_or(&root);
     let mut want = Want::default();
     let mut last = None;
     while want.tried.len() <= app.args.max_retries as usize {
         let Some(target) = app.fleet.grant_unslotted(&want) else {
             break;
         };
-        let sent = app
-            .upstream
-            .send(&target, &parts.method, path, &parts.headers, bytes.clone())
-            .await;
-        match sent {
+        match app.upstream.send(&target, &parts, bytes.clone()).await {
             Ok(response) => {
                 let (mut head, rest) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);

@@ -40,22 +40,20 @@ impl Relay {
         claim: Claim,
         framing: Framing,
         read_timeout: Duration,
-        ledger: Ledger,
+        mut ledger: Ledger,
     ) -> Self {
-        let mut relay = Self {
+        if let Some(chunk) = &first {
+            ledger.observe(chunk);
+        }
+        Self {
             body,
-            first: None,
+            first,
             claim: Some(claim),
             framing,
             read_timeout,
             ended: false,
             ledger,
-        };
-        if let Some(chunk) = &first {
-            relay.ledger.observe(chunk);
         }
-        relay.first = first;
-        relay
     }
 
     /// The client's body.
@@ -144,10 +142,8 @@ impl Relay {
                 .mark_failed(&claim.target().id, message.clone());
         }
         drop(claim);
-        match endpoint.break_chunk(self.framing, &message) {
-            Some(chunk) => Some(Ok(chunk)),
-            None => Some(Err(std::io::Error::other(message))),
-        }
+        let chunk = endpoint.break_chunk(self.framing, &message);
+        Some(chunk.ok_or_else(|| std::io::Error::other(message)))
     }
 }
 

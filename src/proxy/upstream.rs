@@ -123,17 +123,18 @@ impl Upstream {
         self.read_timeout
     }
 
-    /// Sends one attempt and waits for the response head. A 5xx is returned
-    /// as an error: the caller retries it like a broken connection.
+    /// Sends one attempt of the client's request `head` and waits for the
+    /// response head. A 5xx is returned as an error: the caller retries it
+    /// like a broken connection.
     pub async fn send(
         &self,
         target: &Target,
-        method: &Method,
-        path_and_query: &http::uri::PathAndQuery,
-        headers: &HeaderMap,
+        head: &http::request::Parts,
         body: Bytes,
     ) -> Result<Response<BackendBody>, BackendError> {
-        let request = outgoing(target, method, path_and_query, headers, body)?;
+        let root = http::uri::PathAndQuery::from_static("/");
+        let path = head.uri.path_and_query().unwrap_or(&root);
+        let request = outgoing(target, &head.method, path, &head.headers, body)?;
         let sent = target.conns.send(request, self.connect_timeout);
         let response = tokio::time::timeout(self.read_timeout, sent)
             .await
@@ -170,13 +171,8 @@ impl Upstream {
     /// pending requests exceeded` (a short body, read with the read timeout).
     async fn is_busy(&self, response: Response<BackendBody>) -> bool {
         let body = http_body_util::Limited::new(response.into_body(), 4096).collect();
-        match tokio::time::timeout(self.read_timeout, body).await {
-            Ok(Ok(body)) => {
-                let body = body.to_bytes();
-                body.windows(BUSY.len()).any(|w| w == BUSY)
-            }
-            _ => false,
-        }
+        let body = tokio::time::timeout(self.read_timeout, body).await;
+        body.is_ok_and(|b| b.is_ok_and(|b| memchr::memmem::find(&b.to_bytes(), BUSY).is_some()))
     }
 }
 
