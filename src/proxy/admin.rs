@@ -110,46 +110,26 @@ pub async fn backends(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-/// `POST /__proxy/backends/{id}/drain`.
-pub async fn drain(
+/// `POST /__proxy/backends/{id}/drain` (`DRAINING`) and `.../undrain`.
+pub async fn set_draining<const DRAINING: bool>(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ProxyError> {
-    set_draining(&app, peer, &headers, &id, true)
-}
-
-/// `POST /__proxy/backends/{id}/undrain`.
-pub async fn undrain(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ProxyError> {
-    set_draining(&app, peer, &headers, &id, false)
-}
-
-fn set_draining(
-    app: &App,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    id: &str,
-    draining: bool,
-) -> Result<Response, ProxyError> {
-    let backend = BackendId::parse(id);
+    let backend = BackendId::parse(&id);
     // A job may drain its own registered backend with the registration key.
     if app.registry.contains(&backend) {
-        check_registrar(app, peer, headers)?;
+        check_registrar(&app, peer, &headers)?;
     } else {
-        check_admin(app, peer, headers)?;
+        check_admin(&app, peer, &headers)?;
     }
-    if !app.fleet.set_draining(&backend, draining) {
+    if !app.fleet.set_draining(&backend, DRAINING) {
         return Err(ProxyError::NotFound(format!(
             "no backend '{id}' (see GET /__proxy/backends)"
         )));
     }
-    Ok(Json(json!({ "id": backend, "draining": draining })).into_response())
+    Ok(Json(json!({ "id": backend, "draining": DRAINING })).into_response())
 }
 
 /// PROXY_ADMIN_KEY set: its bearer token is required; unset: loopback clients only.

@@ -103,8 +103,7 @@ async fn route(
                 return Ok((claim, answer));
             }
             Err(error) => {
-                let again = failed(app, ctx, &mut out, claim, &error);
-                if !again {
+                if !failed(app, ctx, &mut out, claim, &error) {
                     return Err(ProxyError::AllAttemptsFailed {
                         attempts: ctx.attempts,
                         last: error.to_string(),

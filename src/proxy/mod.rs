@@ -53,7 +53,7 @@ use crate::fleet::registry::Registry;
 use crate::fleet::shared::SharedState;
 use crate::fleet::{Fleet, Limits};
 use crate::metrics::Metrics;
-use history::{History, Sampler};
+use history::History;
 use upstream::Upstream;
 
 /// What every request handler shares.
@@ -188,12 +188,12 @@ async fn run(
     if let Some(shared) = app.fleet.shared_state() {
         shared.start(&app.fleet, Arc::clone(&app.registry), &tasks, &background);
     }
-    let sampler = Sampler::new(
+    tasks.spawn(history::sample(
         app.fleet.clone(),
         Arc::clone(&app.metrics),
         Arc::clone(&app.history),
-    );
-    tasks.spawn(sampler.run(background.clone()));
+        background.clone(),
+    ));
 
     let router = routes::router(Arc::clone(&app));
     let mut auto = auto::Builder::new(TokioExecutor::new());

@@ -45,8 +45,14 @@ pub fn router(app: Arc<App>) -> Router {
             get(admin::backends).post(admin::register),
         )
         .route("/__proxy/backends/{id}", delete(admin::deregister))
-        .route("/__proxy/backends/{id}/drain", post(admin::drain))
-        .route("/__proxy/backends/{id}/undrain", post(admin::undrain))
+        .route(
+            "/__proxy/backends/{id}/drain",
+            post(admin::set_draining::<true>),
+        )
+        .route(
+            "/__proxy/backends/{id}/undrain",
+            post(admin::set_draining::<false>),
+        )
         .route("/metrics", get(admin::metrics));
     for endpoint in Endpoint::ALL {
         router = router.route(
