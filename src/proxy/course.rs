@@ -61,30 +61,28 @@ impl Course {
             };
             match claimed {
                 Ok(claim) => return Ok(claim),
-                Err(Rejection::Exhausted) => {}
+                Err(Rejection::Exhausted) if !self.busy.is_empty() => {}
+                Err(Rejection::Exhausted) => break,
                 Err(why) => return Err(why),
             }
-            if !self.busy.is_empty() {
-                // Every backend left is busy: try them again after a pause
-                // that doubles (25 ms up to 0.8 s), within the queue timeout.
-                let pause = std::time::Duration::from_millis(25 << self.busy_rounds.min(5));
-                self.busy_rounds += 1;
-                if Instant::now() + pause >= self.deadline {
-                    return Err(Rejection::QueueTimeout);
-                }
-                want.tried.retain(|id| !self.busy.contains(id));
-                self.busy.clear();
-                tokio::time::sleep(pause).await;
-                continue;
+            // Every backend left is busy: try them again after a pause that
+            // doubles (25 ms up to 0.8 s), within the queue timeout.
+            let pause = std::time::Duration::from_millis(25 << self.busy_rounds.min(5));
+            self.busy_rounds += 1;
+            if Instant::now() + pause >= self.deadline {
+                return Err(Rejection::QueueTimeout);
             }
-            if want.pin.is_some() {
-                return Err(Rejection::PreviousResponseGone);
-            }
-            if self.cloud && attempts == 0 && last.is_none() {
-                return Err(Rejection::NoHealthyBackend);
-            }
-            return Err(Rejection::Exhausted);
+            want.tried.retain(|id| !self.busy.contains(id));
+            self.busy.clear();
+            tokio::time::sleep(pause).await;
         }
+        if want.pin.is_some() {
+            return Err(Rejection::PreviousResponseGone);
+        }
+        if self.cloud && attempts == 0 && last.is_none() {
+            return Err(Rejection::NoHealthyBackend);
+        }
+        Err(Rejection::Exhausted)
     }
 }
 

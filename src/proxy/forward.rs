@@ -47,7 +47,9 @@ use super::ledger::Ledger;
 use super::outbound::{Outbound, prepare};
 use super::relay::Relay;
 use super::responses;
-use super::upstream::{BackendBody, BackendError, Cut, FailureKind, next_chunk, strip_hop_by_hop};
+use super::upstream::{
+    self, BackendBody, BackendError, Cut, FailureKind, next_chunk, strip_hop_by_hop,
+};
 use crate::fleet::{Rejection, Target};
 use crate::model::ModelName;
 
@@ -252,7 +254,7 @@ async fn attempt(
     body: Bytes,
     model: Option<&ModelName>,
 ) -> Result<Answer, BackendError> {
-    let response = app.upstream.send(target, parts, body).await?;
+    let response = upstream::send(&app.args, target, parts, body).await?;
     if let Some(model) = model.filter(|_| response.status() == http::StatusCode::NOT_FOUND) {
         return Err(BackendError::new(
             FailureKind::ModelMissing,
@@ -264,7 +266,7 @@ async fn attempt(
         ));
     }
     let (head, mut rest) = response.into_parts();
-    let read_timeout = app.upstream.read_timeout();
+    let read_timeout = app.args.backend_read_timeout;
     match next_chunk(&mut rest, read_timeout).await {
         Ok(first) => Ok(Answer { head, rest, first }),
         Err(Cut::Broke(e)) => Err(BackendError::new(
@@ -311,7 +313,7 @@ fn respond(app: &App, mut ctx: RequestContext, claim: Claim, answer: Answer) -> 
         QUEUE_MS,
         HeaderValue::from(ctx.queue_wait.as_millis() as u64),
     );
-    let read_timeout = app.upstream.read_timeout();
+    let read_timeout = app.args.backend_read_timeout;
     let ledger = Ledger::new(Arc::clone(&app.metrics), series, ctx, status);
     let body = Relay::new(rest, first, claim, framing, read_timeout, ledger).into_body();
     Response::from_parts(head, body)

@@ -54,7 +54,6 @@ use crate::fleet::shared::SharedState;
 use crate::fleet::{Fleet, Limits};
 use crate::metrics::Metrics;
 use history::History;
-use upstream::Upstream;
 
 /// What every request handler shares.
 pub struct App {
@@ -64,8 +63,6 @@ pub struct App {
     pub fleet: Fleet,
     /// The tenant settings (API keys and their tenants among them).
     pub tenancy: tenant::Tenancy,
-    /// The client to the backends.
-    pub upstream: Upstream,
     /// The metric families.
     pub metrics: Arc<Metrics>,
     /// When the proxy started, for the dashboard's uptime.
@@ -94,7 +91,6 @@ impl App {
                 fleet
             },
             tenancy: tenant::Tenancy::new(&args),
-            upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),
             history: Arc::new(History::default()),

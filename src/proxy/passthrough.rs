@@ -12,7 +12,7 @@ use super::App;
 use super::body;
 use super::error::ProxyError;
 use super::headers::BACKEND;
-use super::upstream::strip_hop_by_hop;
+use super::upstream::{self, strip_hop_by_hop};
 use crate::fleet::Want;
 
 /// Forwards the request to a healthy backend.
@@ -34,7 +34,7 @@ pub async fn forward(
         let Some(target) = app.fleet.grant_unslotted(&want) else {
             break;
         };
-        match app.upstream.send(&target, &parts, bytes.clone()).await {
+        match upstream::send(&app.args, &target, &parts, bytes.clone()).await {
             Ok(response) => {
                 let (mut head, rest) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
