@@ -89,11 +89,7 @@ impl Ledger {
     /// Keeps the end of a chunk that went to the client.
     pub fn observe(&mut self, chunk: &[u8]) {
         self.counts = None;
-        if chunk.len() >= TAIL {
-            self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - TAIL..]);
-            return;
-        }
+        let chunk = &chunk[chunk.len().saturating_sub(TAIL)..];
         let overflow = (self.tail.len() + chunk.len()).saturating_sub(TAIL);
         self.tail.drain(..overflow);
         self.tail.extend_from_slice(chunk);
