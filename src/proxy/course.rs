@@ -1,23 +1,25 @@
-//! Where a routed request may go next, as the fleet grants it: a backend
-//! slot, or for a cloud model an unslotted grant; a Responses
-//! request that continues a response is pinned to the backend that produced
-//! it (`responses.rs`). Once every backend left has answered Ollama's 503
-//! `server busy`, the same backends are asked again after a pause that
-//! doubles, within QUEUE_TIMEOUT_SECONDS (a busy backend is healthy; its
-//! queue is full).
+//! Where a routed request may go next, as the fleet grants it, and what it
+//! holds there while it is answered ([`Claim`], given back by the relay when
+//! the answer ends): a backend slot, or for a cloud model an unslotted
+//! grant; a Responses request that continues a response is pinned to the
+//! backend that produced it (`responses.rs`). Once every backend left has
+//! answered Ollama's 503 `server busy`, the same backends are asked again
+//! after a pause that doubles, within QUEUE_TIMEOUT_SECONDS (a busy backend
+//! is healthy; its queue is full).
 //!
 //! Cloud models (`gpt-oss:120b:cloud`, `gpt-oss:120b-cloud`): Ollama relays
 //! them to ollama.com without a local model or a scheduler slot, so they
 //! take none here either and do not count against
 //! MAX_CONCURRENT_PER_BACKEND. The name rules are OLLAMA_API_ADDENDUM.md §3.1.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use super::App;
-use super::claim::Claim;
 use super::error::ProxyError;
 use super::upstream::BackendError;
-use crate::fleet::{BackendId, Rejection, Ticket, Want};
+use crate::fleet::{BackendId, Fleet, Rejection, Slot, Target, Ticket, Want};
 
 /// Where a request may still go: a cloud model takes no slot, and backends
 /// that answered `server busy` are tried again after a pause once no other
@@ -104,6 +106,50 @@ pub fn pinned_backend(app: &App, previous: &str) -> Result<Option<BackendId>, Pr
         return Err(ProxyError::PreviousResponseGone);
     }
     Ok(Some(owner))
+}
+
+/// A request's hold on the backend that answers it.
+pub enum Claim {
+    /// A slot, counted against MAX_CONCURRENT_PER_BACKEND.
+    Slot(Slot),
+    /// No slot: the backend only relays (cloud models).
+    Unslotted {
+        /// The fleet, to count the answer.
+        fleet: Fleet,
+        /// The backend.
+        target: Arc<Target>,
+    },
+}
+
+impl Claim {
+    /// The backend.
+    pub fn target(&self) -> &Arc<Target> {
+        match self {
+            Self::Slot(slot) => slot.target(),
+            Self::Unslotted { target, .. } => target,
+        }
+    }
+
+    /// The fleet the backend belongs to.
+    pub fn fleet(&self) -> &Fleet {
+        match self {
+            Self::Slot(slot) => slot.fleet(),
+            Self::Unslotted { fleet, .. } => fleet,
+        }
+    }
+
+    /// Whether a failure here is the backend's own (and marks it unhealthy):
+    /// a relayed cloud request that fails may be ollama.com's doing.
+    pub fn owns_failures(&self) -> bool {
+        matches!(self, Self::Slot(_))
+    }
+
+    /// The answer ended cleanly: a slot goes back at once.
+    pub fn finish(self) {
+        if let Self::Slot(slot) = self {
+            slot.finish();
+        }
+    }
 }
 
 /// Whether `name` asks explicitly for a cloud model: its last `:` part is

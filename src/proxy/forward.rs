@@ -38,8 +38,8 @@ use http::request::Parts;
 use tokio::time::Instant;
 
 use super::App;
-use super::claim::Claim;
 use super::context::{Failure, RequestContext};
+use super::course::Claim;
 use super::endpoint::{Endpoint, Framing};
 use super::error::ProxyError;
 use super::headers::{ATTEMPTS, BACKEND, QUEUE_MS};

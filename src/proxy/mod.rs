@@ -9,7 +9,6 @@ mod admin;
 mod aggregate;
 mod auth;
 mod body;
-mod claim;
 mod connection;
 mod context;
 mod course;

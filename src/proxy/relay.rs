@@ -14,8 +14,8 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 
-use super::claim::Claim;
 use super::context::RequestContext;
+use super::course::Claim;
 use super::endpoint::Framing;
 use super::ledger::{Ledger, TokenCounts};
 use super::upstream::{BackendBody, Cut, FailureKind, next_chunk};
