@@ -17,11 +17,8 @@ use crate::model::ModelName;
 
 /// `GET /` and `HEAD /`, as Ollama answers them.
 pub async fn root() -> Response {
-    (
-        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "Ollama is running",
-    )
-        .into_response()
+    let content_type = [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    (content_type, "Ollama is running").into_response()
 }
 
 /// The entries of every healthy backend, each model once (first backend by id wins).

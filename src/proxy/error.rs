@@ -112,12 +112,9 @@ impl ProxyError {
         let message = self.to_string();
         if matches!(self, Self::PreviousResponseGone) {
             // Exactly the answer of the backend that no longer has it.
-            return (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                format!("{}\n", super::responses::NOT_FOUND_BODY),
-            )
-                .into_response();
+            let content_type = [(header::CONTENT_TYPE, "application/json")];
+            let body = format!("{}\n", super::responses::NOT_FOUND_BODY);
+            return (status, content_type, body).into_response();
         }
         let body = match api {
             Api::Ollama => json!({ "error": message }),

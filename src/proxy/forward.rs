@@ -125,18 +125,13 @@ async fn claim(
     last: Option<&BackendError>,
 ) -> Result<Claim, ProxyError> {
     let waited = Instant::now();
+    let (want, ticket, bytes) = (&mut out.want, &mut out.ticket, out.bytes.len());
     let claimed = out
         .course
-        .claim(
-            app,
-            &mut out.want,
-            out.bytes.len(),
-            &mut out.ticket,
-            ctx.attempts,
-            last,
-        )
-        .await;
-    let claim = claimed.map_err(|why| refusal(app, why, ctx, out, last))?;
+        .claim(app, want, bytes, ticket, ctx.attempts, last);
+    let claim = claimed
+        .await
+        .map_err(|why| refusal(app, why, ctx, out, last))?;
     let wait = waited.elapsed();
     ctx.queue_wait += wait;
     app.metrics.queue_waited(wait);
