@@ -82,13 +82,10 @@ impl App {
             max_queue: args.max_queue,
             max_queue_bytes: args.max_queue_bytes,
         };
+        let fleet = Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout);
+        fleet.update(|s| s.set_routing(args.routing));
         Self {
-            fleet: {
-                let fleet =
-                    Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout);
-                fleet.update(|s| s.set_routing(args.routing));
-                fleet
-            },
+            fleet,
             tenancy: tenant::Tenancy::new(&args),
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),
