@@ -24,9 +24,7 @@ use crate::model::ModelName;
 pub struct RequestContext {
     /// The request's `X-Request-Id` (set by the request-id middleware).
     pub id: Option<HeaderValue>,
-    /// The HTTP method.
     pub method: Method,
-    /// The routed endpoint.
     pub endpoint: Endpoint,
     /// The model asked for, once the body is read.
     pub model: Option<ModelName>,
@@ -36,13 +34,11 @@ pub struct RequestContext {
     pub priority: Priority,
     /// The body's `stream`, where it said.
     pub stream: Option<bool>,
-    /// When the request arrived.
     pub arrived: Instant,
     /// Time spent waiting for slots, over every attempt.
     pub queue_wait: Duration,
     /// Time from arrival until the answer's first byte was ready.
     pub first_byte: Option<Duration>,
-    /// Attempts made.
     pub attempts: u32,
     /// The attempts that failed, in order.
     pub failures: Vec<Failure>,
@@ -56,9 +52,7 @@ pub struct RequestContext {
 /// A failed attempt.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    /// The backend it went to.
     pub backend: Arc<str>,
-    /// How it failed.
     pub kind: FailureKind,
 }
 

@@ -68,7 +68,6 @@ impl Ledger {
         }
     }
 
-    /// The request.
     pub fn context(&self) -> &RequestContext {
         &self.context
     }
@@ -142,9 +141,7 @@ impl Drop for Ledger {
 /// Token counts of a finished generation, native or OpenAI-style.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct TokenCounts {
-    /// Prompt tokens.
     pub prompt: u64,
-    /// Generated tokens.
     pub generated: u64,
     /// Generation time in nanoseconds, where the backend said.
     pub eval_ns: Option<u64>,

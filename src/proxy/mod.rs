@@ -56,7 +56,6 @@ use history::History;
 
 /// What every request handler shares.
 pub struct App {
-    /// The settings.
     pub args: ServeArgs,
     /// The backends, slots and queue.
     pub fleet: Fleet,

@@ -79,10 +79,11 @@ pub async fn prepare(
         .keeps_answers()
         .then(|| responses::previous_id(text))
         .flatten();
-    let pin = match &previous {
-        Some(id) => pinned_backend(app, id)?,
-        None => None,
-    };
+    let pin = previous
+        .as_deref()
+        .map(|id| pinned_backend(app, id))
+        .transpose()?
+        .flatten();
     let prompted = ctx.endpoint.format() != Format::Form;
     let signature = (args.routing == Routing::CacheAware && prompted)
         .then(|| Signature::of(text, &head.headers))

@@ -56,7 +56,6 @@ impl Relay {
         }
     }
 
-    /// The client's body.
     pub fn into_body(self) -> Body {
         Body::from_stream(futures_util::stream::unfold(self, |mut relay| async move {
             relay.next().await.map(|item| (item, relay))

@@ -38,7 +38,6 @@ impl BackendError {
         }
     }
 
-    /// The kind of failure.
     pub fn kind(&self) -> FailureKind {
         self.kind
     }
