@@ -29,7 +29,6 @@ pub struct Course {
     pub cloud: bool,
     /// Backends that answered busy since the last pause.
     pub busy: Vec<BackendId>,
-    /// Pauses taken so far.
     pub busy_rounds: u32,
     /// QUEUE_TIMEOUT_SECONDS after arrival.
     pub deadline: Instant,

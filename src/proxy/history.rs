@@ -49,7 +49,6 @@ pub type BackendRates = BTreeMap<String, f64>;
 /// What the sampler reads at each tick.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reading {
-    /// The running totals.
     pub totals: TotalsView,
     /// Requests waiting for a slot.
     pub queue_waiting: usize,

@@ -72,7 +72,6 @@ impl Ledger {
         &self.context
     }
 
-    /// The end of the body seen so far.
     pub fn tail(&self) -> &[u8] {
         &self.tail
     }

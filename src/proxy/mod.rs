@@ -61,7 +61,6 @@ pub struct App {
     pub fleet: Fleet,
     /// The tenant settings (API keys and their tenants among them).
     pub tenancy: tenant::Tenancy,
-    /// The metric families.
     pub metrics: Arc<Metrics>,
     /// When the proxy started, for the dashboard's uptime.
     pub started: tokio::time::Instant,
@@ -98,7 +97,6 @@ impl App {
 
 /// A running proxy, for tests and the demo.
 pub struct ProxyHandle {
-    /// The address it listens on.
     pub addr: SocketAddr,
     /// The shared state, to look at the fleet.
     pub app: Arc<App>,
