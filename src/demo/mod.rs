@@ -25,9 +25,7 @@ use crate::sim::{FaultSpec, ModelSpec, ServerSpec, SimServer};
 
 /// A running demo.
 pub struct Demo {
-    /// The proxy.
     pub proxy: ProxyHandle,
-    /// The simulated backends.
     pub backends: Vec<SimServer>,
 }
 

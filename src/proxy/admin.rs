@@ -3,6 +3,7 @@
 //! queue and the active tenants beside them), drain and undrain,
 //! self-registration (`POST /__proxy/backends`, `DELETE
 //! /__proxy/backends/{id}`), and `/metrics`. The dashboard is in `dashboard.rs`.
+//! Their refusals are in Ollama's shape.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use serde_json::json;
 
 use super::App;
 use super::auth::{admin_keys, bearer_matches};
-use super::endpoint::Api;
 use super::error::ProxyError;
 use crate::fleet::registration::Retired;
 use crate::fleet::registry::Registered;
@@ -30,17 +30,12 @@ const MAX_LEASE_SECONDS: f64 = 86_400.0;
 /// `GET /__proxy/health`.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
     let healthy = app.fleet.read(|s| s.healthy_count());
-    match app.fleet.shared_state() {
-        None => Json(json!({ "status": "ok", "healthy_backends": healthy })).into_response(),
-        Some(shared) => Json(json!({
-            "status": "ok",
-            "healthy_backends": healthy,
-            "shared_state": shared.view(),
-        }))
-        .into_response(),
+    let mut body = json!({ "status": "ok", "healthy_backends": healthy });
+    if let Some(shared) = app.fleet.shared_state() {
+        body["shared_state"] = json!(shared.view());
     }
+    Json(body).into_response()
 }
-
 /// One row of `/__proxy/backends`.
 #[derive(Serialize)]
 pub struct BackendView {
@@ -115,84 +110,63 @@ pub async fn backends(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-/// `POST /__proxy/backends/{id}/drain`.
-pub async fn drain(
+/// `POST /__proxy/backends/{id}/drain` (`DRAINING`) and `.../undrain`.
+pub async fn set_draining<const DRAINING: bool>(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    set_draining(&app, peer, &headers, &id, true)
-}
-
-/// `POST /__proxy/backends/{id}/undrain`.
-pub async fn undrain(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    set_draining(&app, peer, &headers, &id, false)
-}
-
-fn set_draining(
-    app: &App,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    id: &str,
-    draining: bool,
-) -> Response {
-    let backend = BackendId::parse(id);
+) -> Result<Response, ProxyError> {
+    let backend = BackendId::parse(&id);
     // A job may drain its own registered backend with the registration key.
-    let allowed = if app.registry.contains(&backend) {
-        check_registrar(app, peer, headers)
+    if app.registry.contains(&backend) {
+        check_registrar(&app, peer, &headers)?;
     } else {
-        check_admin(app, peer, headers)
-    };
-    if let Err(e) = allowed {
-        return e.render(Api::Ollama);
+        check_admin(&app, peer, &headers)?;
     }
-    if !app.fleet.set_draining(&backend, draining) {
-        return ProxyError::NotFound(format!("no backend '{id}' (see GET /__proxy/backends)"))
-            .render(Api::Ollama);
+    if !app.fleet.set_draining(&backend, DRAINING) {
+        return Err(ProxyError::NotFound(format!(
+            "no backend '{id}' (see GET /__proxy/backends)"
+        )));
     }
-    Json(json!({ "id": backend, "draining": draining })).into_response()
+    Ok(Json(json!({ "id": backend, "draining": DRAINING })).into_response())
 }
 
 /// PROXY_ADMIN_KEY set: its bearer token is required; unset: loopback clients only.
 fn check_admin(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
-    if app.args.admin_key.is_empty() {
-        if peer.ip().is_loopback() {
-            return Ok(());
-        }
-        return Err(ProxyError::Forbidden(
-            "admin actions are allowed only from loopback when PROXY_ADMIN_KEY is unset",
-        ));
-    }
-    if bearer_matches(headers, std::slice::from_ref(&app.args.admin_key)) {
-        Ok(())
-    } else {
-        Err(ProxyError::Unauthorized)
-    }
+    check_keys(
+        peer,
+        headers,
+        std::slice::from_ref(&app.args.admin_key),
+        "admin actions are allowed only from loopback when PROXY_ADMIN_KEY is unset",
+    )
 }
 
 /// PROXY_ADMIN_KEY or REGISTRATION_KEY set: the bearer of one of them is
 /// required; neither set: loopback clients only.
 fn check_registrar(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
-    let keys = admin_keys(app);
-    if keys.is_empty() {
-        if peer.ip().is_loopback() {
-            return Ok(());
-        }
-        return Err(ProxyError::Forbidden(
-            "registration is allowed only from loopback when neither PROXY_ADMIN_KEY nor REGISTRATION_KEY is set",
-        ));
+    check_keys(
+        peer,
+        headers,
+        &admin_keys(app),
+        "registration is allowed only from loopback when neither PROXY_ADMIN_KEY nor REGISTRATION_KEY is set",
+    )
+}
+
+/// The bearer of one of `keys` is required; no (non-empty) key: loopback
+/// clients only, others are refused with `unkeyed`.
+fn check_keys(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    keys: &[String],
+    unkeyed: &'static str,
+) -> Result<(), ProxyError> {
+    if keys.iter().all(String::is_empty) {
+        let local = peer.ip().is_loopback();
+        return local.then_some(()).ok_or(ProxyError::Forbidden(unkeyed));
     }
-    if bearer_matches(headers, &keys) {
-        Ok(())
-    } else {
-        Err(ProxyError::Unauthorized)
-    }
+    let matched = bearer_matches(headers, keys);
+    matched.then_some(()).ok_or(ProxyError::Unauthorized)
 }
 
 /// The body of `POST /__proxy/backends`.
@@ -210,48 +184,32 @@ pub async fn register(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(e) = check_registrar(&app, peer, &headers) {
-        return e.render(Api::Ollama);
-    }
-    let registration: Registration = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return ProxyError::BadRequest(format!(
-                "expected {{\"url\": \"http://host:port\", \"lease_seconds\": N}}: {e}"
-            ))
-            .render(Api::Ollama);
-        }
-    };
-    let url = match crate::config::parse_backend_url(&registration.url) {
-        Ok(url) => url,
-        Err(e) => return ProxyError::BadRequest(e).render(Api::Ollama),
-    };
+) -> Result<Response, ProxyError> {
+    check_registrar(&app, peer, &headers)?;
+    let registration: Registration = serde_json::from_slice(&body).map_err(|e| {
+        ProxyError::BadRequest(format!(
+            "expected {{\"url\": \"http://host:port\", \"lease_seconds\": N}}: {e}"
+        ))
+    })?;
+    let url =
+        crate::config::parse_backend_url(&registration.url).map_err(ProxyError::BadRequest)?;
     let lease = match registration.lease_seconds {
         None => None,
         Some(s) if s > 0.0 && s <= MAX_LEASE_SECONDS => Some(Duration::from_secs_f64(s)),
         Some(s) => {
-            return ProxyError::BadRequest(format!(
+            return Err(ProxyError::BadRequest(format!(
                 "lease_seconds must be more than 0 and at most {MAX_LEASE_SECONDS}, not {s}"
-            ))
-            .render(Api::Ollama);
+            )));
         }
     };
     let (target, what) = app.fleet.register_backend(&app.registry, &url, lease).await;
-    let id = target.id.clone();
     let status = match what {
         Registered::New => StatusCode::CREATED,
         Registered::Revived | Registered::Renewed => StatusCode::OK,
     };
-    (
-        status,
-        Json(json!({
-            "id": id,
-            "url": target.base,
-            "lease_seconds": lease.map(|l| l.as_secs_f64()),
-        })),
-    )
-        .into_response()
+    let lease_seconds = lease.map(|l| l.as_secs_f64());
+    let body = json!({ "id": target.id, "url": target.base, "lease_seconds": lease_seconds });
+    Ok((status, Json(body)).into_response())
 }
 
 /// `DELETE /__proxy/backends/{id}`: drains a registered backend and removes
@@ -262,66 +220,48 @@ pub async fn deregister(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    if let Err(e) = check_registrar(&app, peer, &headers) {
-        return e.render(Api::Ollama);
-    }
+) -> Result<Response, ProxyError> {
+    check_registrar(&app, peer, &headers)?;
     let backend = BackendId::parse(&id);
     let Some(Retired { removed, in_flight }) =
         app.fleet.deregister_backend(&app.registry, &backend).await
     else {
-        return ProxyError::NotFound(format!(
+        return Err(ProxyError::NotFound(format!(
             "no registered backend '{id}' (range and BACKENDS backends are drained, not deleted)"
-        ))
-        .render(Api::Ollama);
+        )));
     };
     let status = if removed {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    (
-        status,
-        Json(json!({ "id": backend, "removed": removed, "in_flight": in_flight })),
-    )
-        .into_response()
+    let body = json!({ "id": backend, "removed": removed, "in_flight": in_flight });
+    Ok((status, Json(body)).into_response())
 }
 
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let (rows, depth) = app.fleet.read(|s| {
-        let rows: Vec<(Arc<str>, bool, u32, Option<Duration>)> = s
+    let now = tokio::time::Instant::now();
+    let (rows, depth, tenants) = app.fleet.read(|s| {
+        let rows: Vec<_> = s
             .backends()
             .values()
             .map(|b| {
-                (
-                    Arc::clone(&b.target.label),
-                    b.healthy,
-                    b.in_flight,
-                    b.report.latency,
-                )
+                let label = Arc::clone(&b.target.label);
+                (label, b.healthy, b.in_flight, b.report.latency)
             })
             .collect();
-        (rows, s.queue_len())
+        (rows, s.queue_len(), s.tenants(now))
     });
-    let tenants = app.fleet.read(|s| s.tenants(tokio::time::Instant::now()));
     app.metrics.set_tenants(tenants.into_iter().map(|t| {
-        (
-            app.tenancy.label(&Arc::from(t.name)),
-            t.waiting,
-            t.in_flight,
-        )
+        let label = app.tenancy.label(&Arc::from(t.name));
+        (label, t.waiting, t.in_flight)
     }));
     app.metrics.queue_depth.set(depth as i64);
     app.metrics.set_backends(rows.into_iter());
-    (
-        [(
-            http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.encode(),
-    )
-        .into_response()
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    let headers = [(http::header::CONTENT_TYPE, content_type)];
+    (headers, app.metrics.encode()).into_response()
 }
 
 #[cfg(test)]

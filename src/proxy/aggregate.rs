@@ -17,34 +17,31 @@ use crate::model::ModelName;
 
 /// `GET /` and `HEAD /`, as Ollama answers them.
 pub async fn root() -> Response {
-    (
-        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "Ollama is running",
-    )
-        .into_response()
+    let content_type = [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    (content_type, "Ollama is running").into_response()
 }
 
 /// The entries of every healthy backend, each model once (first backend by id wins).
 fn union(app: &App, pick: fn(&crate::fleet::ProbeReport) -> &Vec<Value>) -> Vec<Value> {
     app.fleet.read(|s| {
         let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for b in s.backends().values().filter(|b| b.healthy) {
-            for entry in pick(&b.report) {
-                let name = entry
-                    .get("model")
-                    .or_else(|| entry.get("name"))
-                    .and_then(Value::as_str);
-                if name.is_some_and(|n| seen.insert(ModelName::parse(n))) {
-                    out.push(entry.clone());
-                }
-            }
-        }
-        out
+        let healthy = s.backends().values().filter(|b| b.healthy);
+        healthy
+            .flat_map(|b| pick(&b.report))
+            .filter(|e| entry_id(e).is_some_and(|n| seen.insert(ModelName::parse(n))))
+            .cloned()
+            .collect()
     })
 }
 
-/// Newest-modified first, as Ollama lists them.
+/// Every model of the fleet, newest-modified first, as Ollama lists them.
+fn listed(app: &App) -> Vec<Value> {
+    let mut models = union(app, |r| &r.tags);
+    sort_by_modified(&mut models);
+    models
+}
+
+/// Newest-modified first.
 fn sort_by_modified(entries: &mut [Value]) {
     entries.sort_by_key(|e| std::cmp::Reverse(modified_unix(e)));
 }
@@ -59,9 +56,7 @@ fn modified_unix(entry: &Value) -> i64 {
 
 /// `GET /api/tags`.
 pub async fn tags(State(app): State<Arc<App>>) -> Response {
-    let mut models = union(&app, |r| &r.tags);
-    sort_by_modified(&mut models);
-    Json(json!({ "models": models })).into_response()
+    Json(json!({ "models": listed(&app) })).into_response()
 }
 
 /// `GET /api/ps`.
@@ -83,9 +78,7 @@ fn entry_id(entry: &Value) -> Option<&str> {
 
 /// `GET /v1/models`, in OpenAI's list shape.
 pub async fn v1_models(State(app): State<Arc<App>>) -> Response {
-    let mut models = union(&app, |r| &r.tags);
-    sort_by_modified(&mut models);
-    let data: Vec<Value> = models
+    let data: Vec<Value> = listed(&app)
         .iter()
         .filter_map(|e| Some(openai_model(e, entry_id(e)?)))
         .collect();
@@ -106,17 +99,13 @@ pub async fn v1_model(State(app): State<Arc<App>>, Path(model): Path<String>) ->
 }
 
 /// `GET /api/version`: the version of a healthy backend.
-pub async fn version(State(app): State<Arc<App>>) -> Response {
+pub async fn version(State(app): State<Arc<App>>) -> Result<Response, ProxyError> {
     let version = app.fleet.read(|s| {
-        s.backends()
-            .values()
-            .filter(|b| b.healthy)
-            .find_map(|b| b.report.version.clone())
+        let mut healthy = s.backends().values().filter(|b| b.healthy);
+        healthy.find_map(|b| b.report.version.clone())
     });
-    match version {
-        Some(v) => Json(json!({ "version": v })).into_response(),
-        None => ProxyError::NoHealthyBackend.render(Api::Ollama),
-    }
+    let version = version.ok_or(ProxyError::NoHealthyBackend)?;
+    Ok(Json(json!({ "version": version })).into_response())
 }
 
 #[cfg(test)]

@@ -38,14 +38,10 @@ fn client_token(headers: &HeaderMap) -> Option<&[u8]> {
 /// Which of `keys` `token` is. Every key is compared, each in constant time,
 /// so timing tells nothing about which one matched or how much of one did.
 fn position<'k>(token: &[u8], keys: impl Iterator<Item = &'k str>) -> Option<usize> {
-    let mut found: Option<usize> = None;
-    for (i, key) in keys.enumerate() {
+    keys.enumerate().fold(None, |found, (i, key)| {
         let hit = token.ct_eq(key.as_bytes()).unwrap_u8() == 1;
-        if hit && found.is_none() {
-            found = Some(i);
-        }
-    }
-    found
+        found.or(hit.then_some(i))
+    })
 }
 
 /// Which of `keys` the request's client key (bearer or `x-api-key`) is.

@@ -24,9 +24,7 @@ use crate::model::ModelName;
 pub struct RequestContext {
     /// The request's `X-Request-Id` (set by the request-id middleware).
     pub id: Option<HeaderValue>,
-    /// The HTTP method.
     pub method: Method,
-    /// The routed endpoint.
     pub endpoint: Endpoint,
     /// The model asked for, once the body is read.
     pub model: Option<ModelName>,
@@ -36,13 +34,11 @@ pub struct RequestContext {
     pub priority: Priority,
     /// The body's `stream`, where it said.
     pub stream: Option<bool>,
-    /// When the request arrived.
     pub arrived: Instant,
     /// Time spent waiting for slots, over every attempt.
     pub queue_wait: Duration,
     /// Time from arrival until the answer's first byte was ready.
     pub first_byte: Option<Duration>,
-    /// Attempts made.
     pub attempts: u32,
     /// The attempts that failed, in order.
     pub failures: Vec<Failure>,
@@ -56,9 +52,7 @@ pub struct RequestContext {
 /// A failed attempt.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    /// The backend it went to.
     pub backend: Arc<str>,
-    /// How it failed.
     pub kind: FailureKind,
 }
 
@@ -106,16 +100,6 @@ impl RequestContext {
         self.tenant.as_deref().unwrap_or_default()
     }
 
-    /// The rule that placed the request, as the log and metrics spell it.
-    pub fn placement(&self) -> &'static str {
-        self.placed.map_or("least_busy", |(p, _)| p.reason.label())
-    }
-
-    /// Prompt tokens the chosen backend was expected to hold.
-    pub fn expected_hit_tokens(&self) -> u64 {
-        self.placed.map_or(0, |(p, _)| p.expected_hit_tokens)
-    }
-
     /// The failed attempts for the log: `backend:kind` joined by commas,
     /// written as the line is, without a `String` of its own.
     pub fn failed(&self) -> Failed<'_> {
@@ -139,8 +123,9 @@ impl RequestContext {
             duration_ms = done.duration.as_millis() as u64,
             tokens_in = done.tokens_in,
             tokens_out = done.tokens_out,
-            placement = self.placement(),
-            expected_hit_tokens = self.expected_hit_tokens(),
+            // The rule that placed it, and the prompt tokens it expected there.
+            placement = self.placed.map_or("least_busy", |(p, _)| p.reason.label()),
+            expected_hit_tokens = self.placed.map_or(0, |(p, _)| p.expected_hit_tokens),
             outcome = done.outcome,
             "request done"
         );
@@ -191,11 +176,10 @@ pub struct Failed<'a>(&'a [Failure]);
 
 impl fmt::Display for Failed<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, failure) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{}:{}", failure.backend, failure.kind.label())?;
+        let mut comma = "";
+        for failure in self.0 {
+            write!(f, "{comma}{}:{}", failure.backend, failure.kind.label())?;
+            comma = ",";
         }
         Ok(())
     }

@@ -175,21 +175,17 @@ impl Endpoint {
                 !last.starts_with(b"{\"error\"")
             }
             Framing::Sse => {
-                let last_event = |name: &[u8]| {
-                    let mut needle = b"event: ".to_vec();
-                    needle.extend_from_slice(name);
-                    let Some(at) = trimmed.windows(needle.len()).rposition(|w| w == needle) else {
-                        return false;
-                    };
-                    // Nothing but that event's own data after it.
-                    !trimmed[at + needle.len()..]
-                        .windows(7)
-                        .any(|w| w == b"event: ")
+                // That event, with nothing but its own data after it.
+                let last_event = |name: &str| {
+                    let needle = format!("event: {name}");
+                    memchr::memmem::rfind(trimmed, needle.as_bytes()).is_some_and(|at| {
+                        memchr::memmem::find(&trimmed[at + needle.len()..], b"event: ").is_none()
+                    })
                 };
                 match self.api() {
-                    Api::Anthropic => last_event(b"message_stop"),
+                    Api::Anthropic => last_event("message_stop"),
                     Api::Responses => {
-                        last_event(b"response.completed") || last_event(b"response.failed")
+                        last_event("response.completed") || last_event("response.failed")
                     }
                     Api::Ollama | Api::OpenAi => trimmed.ends_with(b"data: [DONE]"),
                 }

@@ -112,12 +112,9 @@ impl ProxyError {
         let message = self.to_string();
         if matches!(self, Self::PreviousResponseGone) {
             // Exactly the answer of the backend that no longer has it.
-            return (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                format!("{}\n", super::responses::NOT_FOUND_BODY),
-            )
-                .into_response();
+            let content_type = [(header::CONTENT_TYPE, "application/json")];
+            let body = format!("{}\n", super::responses::NOT_FOUND_BODY);
+            return (status, content_type, body).into_response();
         }
         let body = match api {
             Api::Ollama => json!({ "error": message }),
@@ -134,17 +131,21 @@ impl ProxyError {
             }}),
         };
         let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
         if let Some(secs) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+/// Outside the routed APIs (the proxy's own endpoints), Ollama's shape.
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        self.render(Api::Ollama)
     }
 }
 

@@ -17,7 +17,7 @@
 //! Variations: Ollama's 503 `server busy` leaves the backend healthy and
 //! does not count as a retry (when every backend left is busy, they are
 //! tried again after a short doubling pause, within QUEUE_TIMEOUT_SECONDS);
-//! cloud models take no slot ([`super::cloud`]); a Responses request that
+//! cloud models take no slot ([`super::course`]); a Responses request that
 //! continues an earlier response goes to the backend that produced it
 //! ([`responses`]).
 //!
@@ -38,8 +38,8 @@ use http::request::Parts;
 use tokio::time::Instant;
 
 use super::App;
-use super::claim::Claim;
 use super::context::{Failure, RequestContext};
+use super::course::Claim;
 use super::endpoint::{Endpoint, Framing};
 use super::error::ProxyError;
 use super::headers::{ATTEMPTS, BACKEND, QUEUE_MS};
@@ -47,7 +47,9 @@ use super::ledger::Ledger;
 use super::outbound::{Outbound, prepare};
 use super::relay::Relay;
 use super::responses;
-use super::upstream::{BackendBody, BackendError, Cut, FailureKind, next_chunk, strip_hop_by_hop};
+use super::upstream::{
+    self, BackendBody, BackendError, Cut, FailureKind, next_chunk, strip_hop_by_hop,
+};
 use crate::fleet::{Rejection, Target};
 use crate::model::ModelName;
 
@@ -103,8 +105,7 @@ async fn route(
                 return Ok((claim, answer));
             }
             Err(error) => {
-                let again = failed(app, ctx, &mut out, claim, &error);
-                if !again {
+                if !failed(app, ctx, &mut out, claim, &error) {
                     return Err(ProxyError::AllAttemptsFailed {
                         attempts: ctx.attempts,
                         last: error.to_string(),
@@ -124,18 +125,13 @@ async fn claim(
     last: Option<&BackendError>,
 ) -> Result<Claim, ProxyError> {
     let waited = Instant::now();
+    let (want, ticket, bytes) = (&mut out.want, &mut out.ticket, out.bytes.len());
     let claimed = out
         .course
-        .claim(
-            app,
-            &mut out.want,
-            out.bytes.len(),
-            &mut out.ticket,
-            ctx.attempts,
-            last,
-        )
-        .await;
-    let claim = claimed.map_err(|why| refusal(app, why, ctx, out, last))?;
+        .claim(app, want, bytes, ticket, ctx.attempts, last);
+    let claim = claimed
+        .await
+        .map_err(|why| refusal(app, why, ctx, out, last))?;
     let wait = waited.elapsed();
     ctx.queue_wait += wait;
     app.metrics.queue_waited(wait);
@@ -253,12 +249,7 @@ async fn attempt(
     body: Bytes,
     model: Option<&ModelName>,
 ) -> Result<Answer, BackendError> {
-    let root = http::uri::PathAndQuery::from_static("/");
-    let path = parts.uri.path_and_query().unwrap_or(&root);
-    let response = app
-        .upstream
-        .send(target, &parts.method, path, &parts.headers, body)
-        .await?;
+    let response = upstream::send(&app.args, target, parts, body).await?;
     if let Some(model) = model.filter(|_| response.status() == http::StatusCode::NOT_FOUND) {
         return Err(BackendError::new(
             FailureKind::ModelMissing,
@@ -270,7 +261,7 @@ async fn attempt(
         ));
     }
     let (head, mut rest) = response.into_parts();
-    let read_timeout = app.upstream.read_timeout();
+    let read_timeout = app.args.backend_read_timeout;
     match next_chunk(&mut rest, read_timeout).await {
         Ok(first) => Ok(Answer { head, rest, first }),
         Err(Cut::Broke(e)) => Err(BackendError::new(
@@ -317,7 +308,7 @@ fn respond(app: &App, mut ctx: RequestContext, claim: Claim, answer: Answer) -> 
         QUEUE_MS,
         HeaderValue::from(ctx.queue_wait.as_millis() as u64),
     );
-    let read_timeout = app.upstream.read_timeout();
+    let read_timeout = app.args.backend_read_timeout;
     let ledger = Ledger::new(Arc::clone(&app.metrics), series, ctx, status);
     let body = Relay::new(rest, first, claim, framing, read_timeout, ledger).into_body();
     Response::from_parts(head, body)

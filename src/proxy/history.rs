@@ -1,6 +1,6 @@
 //! The dashboard's recent history, kept by the proxy so that a page opened
-//! now shows the last five minutes at once. Once a second the [`Sampler`]
-//! reads the running totals and the queue (one short fleet-lock read) and
+//! now shows the last five minutes at once. Once a second the sampler
+//! ([`sample`]) reads the running totals and the queue (one short fleet-lock read) and
 //! pushes a [`Sample`] into the [`History`] ring, along with each backend's
 //! requests per second; `/__proxy/stats` returns both. Turning two readings
 //! into a sample and the ring itself are pure.
@@ -49,7 +49,6 @@ pub type BackendRates = BTreeMap<String, f64>;
 /// What the sampler reads at each tick.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reading {
-    /// The running totals.
     pub totals: TotalsView,
     /// Requests waiting for a slot.
     pub queue_waiting: usize,
@@ -177,62 +176,46 @@ impl History {
     }
 }
 
-/// The background task that fills a [`History`].
-pub struct Sampler {
+/// What the sampler reads: one short fleet-lock read, then the totals.
+fn read(fleet: &Fleet, metrics: &Metrics) -> Reading {
+    fleet.read(|s| Reading {
+        queue_waiting: s.queue_len(),
+        in_flight: s.backends().values().map(|b| b.in_flight).sum(),
+        served: s
+            .backends()
+            .values()
+            .map(|b| (b.target.id.to_string(), b.served))
+            .collect(),
+        totals: metrics.totals.view(),
+    })
+}
+
+/// The background task that fills `history` from this fleet's queue and
+/// these totals: a sample every [`INTERVAL`] until `shutdown` is cancelled.
+pub async fn sample(
     fleet: Fleet,
     metrics: Arc<Metrics>,
     history: Arc<History>,
-}
-
-impl Sampler {
-    /// A sampler of this fleet's queue and these totals into `history`.
-    pub fn new(fleet: Fleet, metrics: Arc<Metrics>, history: Arc<History>) -> Self {
-        Self {
-            fleet,
-            metrics,
-            history,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(INTERVAL);
+    // After a stall, one sample over the longer span, not a burst of them.
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick is immediate: it gives the baseline.
+    ticks.tick().await;
+    let mut before = (Instant::now(), read(&fleet, &metrics));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
         }
-    }
-
-    fn read(&self) -> Reading {
-        let (queue_waiting, in_flight, served) = self.fleet.read(|s| {
-            let in_flight = s.backends().values().map(|b| b.in_flight).sum::<u32>();
-            let served = s
-                .backends()
-                .values()
-                .map(|b| (b.target.id.to_string(), b.served))
-                .collect();
-            (s.queue_len(), in_flight, served)
-        });
-        Reading {
-            totals: self.metrics.totals.view(),
-            queue_waiting,
-            in_flight,
-            served,
-        }
-    }
-
-    /// Takes a sample every [`INTERVAL`] until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(INTERVAL);
-        // After a stall, one sample over the longer span, not a burst of them.
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // The first tick is immediate: it gives the baseline.
-        ticks.tick().await;
-        let mut before = (Instant::now(), self.read());
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let at = Instant::now();
-            let now = self.read();
-            let seconds = at.duration_since(before.0).as_secs_f64();
-            let sample = Sample::between(&before.1.totals, &now, seconds, unix_ms());
-            let backends = backend_rates(&before.1.served, &now.served, seconds);
-            self.history.push(sample, backends);
-            before = (at, now);
-        }
+        let at = Instant::now();
+        let now = read(&fleet, &metrics);
+        let seconds = at.duration_since(before.0).as_secs_f64();
+        let sample = Sample::between(&before.1.totals, &now, seconds, unix_ms());
+        let backends = backend_rates(&before.1.served, &now.served, seconds);
+        history.push(sample, backends);
+        before = (at, now);
     }
 }
 

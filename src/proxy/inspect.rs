@@ -73,8 +73,7 @@ async fn form_model(headers: &HeaderMap, bytes: Bytes) -> Result<Peek, ProxyErro
     let mut form = multer::Multipart::new(stream, boundary);
     while let Some(field) = form.next_field().await.map_err(|e| bad(&e))? {
         if field.name() == Some("model") {
-            let model = field.text().await.map_err(|e| bad(&e))?;
-            let model = model.trim().to_string();
+            let model = field.text().await.map_err(|e| bad(&e))?.trim().to_string();
             return Ok(Peek {
                 model: (!model.is_empty()).then_some(model),
                 stream: None,

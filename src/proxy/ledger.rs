@@ -68,12 +68,10 @@ impl Ledger {
         }
     }
 
-    /// The request.
     pub fn context(&self) -> &RequestContext {
         &self.context
     }
 
-    /// The end of the body seen so far.
     pub fn tail(&self) -> &[u8] {
         &self.tail
     }
@@ -89,11 +87,7 @@ impl Ledger {
     /// Keeps the end of a chunk that went to the client.
     pub fn observe(&mut self, chunk: &[u8]) {
         self.counts = None;
-        if chunk.len() >= TAIL {
-            self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - TAIL..]);
-            return;
-        }
+        let chunk = &chunk[chunk.len().saturating_sub(TAIL)..];
         let overflow = (self.tail.len() + chunk.len()).saturating_sub(TAIL);
         self.tail.drain(..overflow);
         self.tail.extend_from_slice(chunk);
@@ -146,9 +140,7 @@ impl Drop for Ledger {
 /// Token counts of a finished generation, native or OpenAI-style.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct TokenCounts {
-    /// Prompt tokens.
     pub prompt: u64,
-    /// Generated tokens.
     pub generated: u64,
     /// Generation time in nanoseconds, where the backend said.
     pub eval_ns: Option<u64>,

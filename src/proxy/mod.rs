@@ -9,8 +9,6 @@ mod admin;
 mod aggregate;
 mod auth;
 mod body;
-mod claim;
-mod cloud;
 mod connection;
 mod context;
 mod course;
@@ -54,20 +52,15 @@ use crate::fleet::registry::Registry;
 use crate::fleet::shared::SharedState;
 use crate::fleet::{Fleet, Limits};
 use crate::metrics::Metrics;
-use history::{History, Sampler};
-use upstream::Upstream;
+use history::History;
 
 /// What every request handler shares.
 pub struct App {
-    /// The settings.
     pub args: ServeArgs,
     /// The backends, slots and queue.
     pub fleet: Fleet,
     /// The tenant settings (API keys and their tenants among them).
     pub tenancy: tenant::Tenancy,
-    /// The client to the backends.
-    pub upstream: Upstream,
-    /// The metric families.
     pub metrics: Arc<Metrics>,
     /// When the proxy started, for the dashboard's uptime.
     pub started: tokio::time::Instant,
@@ -87,15 +80,11 @@ impl App {
             max_queue: args.max_queue,
             max_queue_bytes: args.max_queue_bytes,
         };
+        let fleet = Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout);
+        fleet.update(|s| s.set_routing(args.routing));
         Self {
-            fleet: {
-                let fleet =
-                    Fleet::with_policy(limits, tenant::Tenancy::policy(&args), args.queue_timeout);
-                fleet.update(|s| s.set_routing(args.routing));
-                fleet
-            },
+            fleet,
             tenancy: tenant::Tenancy::new(&args),
-            upstream: Upstream::new(args.backend_connect_timeout, args.backend_read_timeout),
             metrics: Arc::new(Metrics::new()),
             started: tokio::time::Instant::now(),
             history: Arc::new(History::default()),
@@ -108,7 +97,6 @@ impl App {
 
 /// A running proxy, for tests and the demo.
 pub struct ProxyHandle {
-    /// The address it listens on.
     pub addr: SocketAddr,
     /// The shared state, to look at the fleet.
     pub app: Arc<App>,
@@ -189,12 +177,12 @@ async fn run(
     if let Some(shared) = app.fleet.shared_state() {
         shared.start(&app.fleet, Arc::clone(&app.registry), &tasks, &background);
     }
-    let sampler = Sampler::new(
+    tasks.spawn(history::sample(
         app.fleet.clone(),
         Arc::clone(&app.metrics),
         Arc::clone(&app.history),
-    );
-    tasks.spawn(sampler.run(background.clone()));
+        background.clone(),
+    ));
 
     let router = routes::router(Arc::clone(&app));
     let mut auto = auto::Builder::new(TokioExecutor::new());

@@ -14,10 +14,10 @@ use http::request::Parts;
 use super::App;
 use super::body;
 use super::context::RequestContext;
-use super::course::{Course, pinned_backend};
+use super::course::{Course, is_cloud, pinned_backend};
 use super::endpoint::{Endpoint, Format, Streaming};
 use super::error::ProxyError;
-use super::{cloud, inspect, responses};
+use super::{inspect, responses};
 use crate::fleet::placement::{Routing, Signature};
 use crate::fleet::{Ticket, Want};
 use crate::model::ModelName;
@@ -73,16 +73,17 @@ pub async fn prepare(
     let model = peek.model.as_deref().map(ModelName::parse);
     ctx.model = model.clone();
     let text = plain.as_deref().unwrap_or(&bytes);
-    let cloud = peek.model.as_deref().is_some_and(cloud::is_cloud);
+    let cloud = peek.model.as_deref().is_some_and(is_cloud);
     let previous = ctx
         .endpoint
         .keeps_answers()
         .then(|| responses::previous_id(text))
         .flatten();
-    let pin = match &previous {
-        Some(id) => pinned_backend(app, id)?,
-        None => None,
-    };
+    let pin = previous
+        .as_deref()
+        .map(|id| pinned_backend(app, id))
+        .transpose()?
+        .flatten();
     let prompted = ctx.endpoint.format() != Format::Form;
     let signature = (args.routing == Routing::CacheAware && prompted)
         .then(|| Signature::of(text, &head.headers))

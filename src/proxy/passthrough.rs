@@ -10,21 +10,16 @@ use axum::response::Response;
 
 use super::App;
 use super::body;
-use super::endpoint::Api;
 use super::error::ProxyError;
 use super::headers::BACKEND;
-use super::upstream::strip_hop_by_hop;
+use super::upstream::{self, strip_hop_by_hop};
 use crate::fleet::Want;
 
 /// Forwards the request to a healthy backend.
-pub async fn forward(State(app): State<Arc<App>>, request: Request) -> Response {
-    match relay(&app, request).await {
-        Ok(response) => response,
-        Err(e) => e.render(Api::Ollama),
-    }
-}
-
-async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
+pub async fn forward(
+    State(app): State<Arc<App>>,
+    request: Request,
+) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
     let bytes = body::read(
         &parts.headers,
@@ -33,19 +28,13 @@ async fn relay(app: &App, request: Request) -> Result<Response, ProxyError> {
         app.args.client_header_timeout,
     )
     .await?;
-    let root = http::uri::PathAndQuery::from_static("/");
-    let path = parts.uri.path_and_query().unwrap_or(&root);
     let mut want = Want::default();
     let mut last = None;
     while want.tried.len() <= app.args.max_retries as usize {
         let Some(target) = app.fleet.grant_unslotted(&want) else {
             break;
         };
-        let sent = app
-            .upstream
-            .send(&target, &parts.method, path, &parts.headers, bytes.clone())
-            .await;
-        match sent {
+        match upstream::send(&app.args, &target, &parts, bytes.clone()).await {
             Ok(response) => {
                 let (mut head, rest) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);

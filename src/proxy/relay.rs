@@ -14,8 +14,8 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 
-use super::claim::Claim;
 use super::context::RequestContext;
+use super::course::Claim;
 use super::endpoint::Framing;
 use super::ledger::{Ledger, TokenCounts};
 use super::upstream::{BackendBody, Cut, FailureKind, next_chunk};
@@ -40,25 +40,22 @@ impl Relay {
         claim: Claim,
         framing: Framing,
         read_timeout: Duration,
-        ledger: Ledger,
+        mut ledger: Ledger,
     ) -> Self {
-        let mut relay = Self {
+        if let Some(chunk) = &first {
+            ledger.observe(chunk);
+        }
+        Self {
             body,
-            first: None,
+            first,
             claim: Some(claim),
             framing,
             read_timeout,
             ended: false,
             ledger,
-        };
-        if let Some(chunk) = &first {
-            relay.ledger.observe(chunk);
         }
-        relay.first = first;
-        relay
     }
 
-    /// The client's body.
     pub fn into_body(self) -> Body {
         Body::from_stream(futures_util::stream::unfold(self, |mut relay| async move {
             relay.next().await.map(|item| (item, relay))
@@ -144,10 +141,8 @@ impl Relay {
                 .mark_failed(&claim.target().id, message.clone());
         }
         drop(claim);
-        match endpoint.break_chunk(self.framing, &message) {
-            Some(chunk) => Some(Ok(chunk)),
-            None => Some(Err(std::io::Error::other(message))),
-        }
+        let chunk = endpoint.break_chunk(self.framing, &message);
+        Some(chunk.ok_or_else(|| std::io::Error::other(message)))
     }
 }
 

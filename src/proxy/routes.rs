@@ -7,11 +7,11 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{MethodRouter, any, delete, get, post};
 use http::{HeaderValue, StatusCode};
 
-use super::endpoint::{Api, Endpoint};
+use super::endpoint::Endpoint;
 use super::error::ProxyError;
 use super::headers::REQUEST_ID;
 use super::{App, admin, aggregate, auth, dashboard, forward, passthrough};
@@ -45,8 +45,14 @@ pub fn router(app: Arc<App>) -> Router {
             get(admin::backends).post(admin::register),
         )
         .route("/__proxy/backends/{id}", delete(admin::deregister))
-        .route("/__proxy/backends/{id}/drain", post(admin::drain))
-        .route("/__proxy/backends/{id}/undrain", post(admin::undrain))
+        .route(
+            "/__proxy/backends/{id}/drain",
+            post(admin::set_draining::<true>),
+        )
+        .route(
+            "/__proxy/backends/{id}/undrain",
+            post(admin::set_draining::<false>),
+        )
         .route("/metrics", get(admin::metrics));
     for endpoint in Endpoint::ALL {
         router = router.route(
@@ -55,41 +61,31 @@ pub fn router(app: Arc<App>) -> Router {
         );
     }
     router
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        // Unknown paths and wrong methods, as Ollama answers them.
+        .fallback(|| async { (StatusCode::NOT_FOUND, PLAIN, "404 page not found") })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                PLAIN,
+                "405 method not allowed",
+            )
+        })
         .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
         .with_state(app)
 }
 
 /// Model management (all Ollama's) answers 403 whatever the method.
 fn management(what: &'static str) -> MethodRouter<Arc<App>> {
-    any(move || async move { ProxyError::ModelManagement(what).render(Api::Ollama) })
+    any(move || async move { ProxyError::ModelManagement(what) })
 }
 
 /// Account endpoints answer 403: sign-in state belongs to each backend.
 fn account() -> MethodRouter<Arc<App>> {
-    any(|| async { ProxyError::Account.render(Api::Ollama) })
+    any(|| async { ProxyError::Account })
 }
 
-/// Unknown paths, as Ollama answers them.
-async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        [(http::header::CONTENT_TYPE, "text/plain")],
-        "404 page not found",
-    )
-        .into_response()
-}
-
-/// A known path with the wrong method, as Ollama answers it.
-async fn method_not_allowed() -> Response {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        [(http::header::CONTENT_TYPE, "text/plain")],
-        "405 method not allowed",
-    )
-        .into_response()
-}
+/// The `Content-Type` of Ollama's plain-text refusals.
+const PLAIN: [(http::HeaderName, &str); 1] = [(http::header::CONTENT_TYPE, "text/plain")];
 
 /// The one middleware, in front of every route (one layer, not two: it runs
 /// on every request). It takes the client's `X-Request-Id` or makes one,

@@ -112,9 +112,6 @@ impl Tenancy {
     /// The metric label of a tenant: its name when the settings name it,
     /// else `other`, so that client addresses cannot grow the series.
     pub fn label(&self, tenant: &Arc<str>) -> Arc<str> {
-        match self.labels.get(tenant) {
-            Some(name) => Arc::clone(name),
-            None => Arc::clone(&self.other),
-        }
+        Arc::clone(self.labels.get(tenant).unwrap_or(&self.other))
     }
 }

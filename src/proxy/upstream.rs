@@ -14,6 +14,7 @@ use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 
 use super::headers::X_API_KEY;
+use crate::config::ServeArgs;
 pub use crate::failure::FailureKind;
 use crate::fleet::Target;
 pub use crate::pool::BackendBody;
@@ -37,7 +38,6 @@ impl BackendError {
         }
     }
 
-    /// The kind of failure.
     pub fn kind(&self) -> FailureKind {
         self.kind
     }
@@ -102,82 +102,56 @@ fn connection_named(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
 }
 
-/// Sends requests to backends.
-#[derive(Clone)]
-pub struct Upstream {
-    connect_timeout: Duration,
-    read_timeout: Duration,
-}
-
-impl Upstream {
-    /// Requests with these timeouts; idle connections are kept per backend.
-    pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Self {
-        Self {
-            connect_timeout,
-            read_timeout,
-        }
-    }
-
-    /// The longest silence allowed from a backend.
-    pub fn read_timeout(&self) -> Duration {
-        self.read_timeout
-    }
-
-    /// Sends one attempt and waits for the response head. A 5xx is returned
-    /// as an error: the caller retries it like a broken connection.
-    pub async fn send(
-        &self,
-        target: &Target,
-        method: &Method,
-        path_and_query: &http::uri::PathAndQuery,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<BackendBody>, BackendError> {
-        let request = outgoing(target, method, path_and_query, headers, body)?;
-        let sent = target.conns.send(request, self.connect_timeout);
-        let response = tokio::time::timeout(self.read_timeout, sent)
-            .await
-            .map_err(|_| {
-                BackendError::new(
-                    FailureKind::Timeout,
-                    target,
-                    format!(
-                        "no response within {:.0?} (BACKEND_READ_TIMEOUT_SECONDS)",
-                        self.read_timeout
-                    ),
-                )
-            })?
-            .map_err(|e| BackendError::new(e.kind(), target, e.to_string()))?;
-        let status = response.status();
-        if status.is_server_error() {
-            if status == http::StatusCode::SERVICE_UNAVAILABLE && self.is_busy(response).await {
-                return Err(BackendError::new(
-                    FailureKind::Busy,
-                    target,
-                    "server busy: its own queue is full (503)",
-                ));
-            }
-            return Err(BackendError::new(
-                FailureKind::Status5xx,
+/// Sends one attempt of the client's request `head` and waits for the
+/// response head, under BACKEND_CONNECT_TIMEOUT_SECONDS and
+/// BACKEND_READ_TIMEOUT_SECONDS. A 5xx is returned as an error: the caller
+/// retries it like a broken connection.
+pub async fn send(
+    args: &ServeArgs,
+    target: &Target,
+    head: &http::request::Parts,
+    body: Bytes,
+) -> Result<Response<BackendBody>, BackendError> {
+    let read_timeout = args.backend_read_timeout;
+    let root = http::uri::PathAndQuery::from_static("/");
+    let path = head.uri.path_and_query().unwrap_or(&root);
+    let request = outgoing(target, &head.method, path, &head.headers, body)?;
+    let sent = target.conns.send(request, args.backend_connect_timeout);
+    let response = tokio::time::timeout(read_timeout, sent)
+        .await
+        .map_err(|_| {
+            BackendError::new(
+                FailureKind::Timeout,
                 target,
-                format!("answered {status}"),
+                format!("no response within {read_timeout:.0?} (BACKEND_READ_TIMEOUT_SECONDS)"),
+            )
+        })?
+        .map_err(|e| BackendError::new(e.kind(), target, e.to_string()))?;
+    let status = response.status();
+    if status.is_server_error() {
+        if status == http::StatusCode::SERVICE_UNAVAILABLE && is_busy(response, read_timeout).await
+        {
+            return Err(BackendError::new(
+                FailureKind::Busy,
+                target,
+                "server busy: its own queue is full (503)",
             ));
         }
-        Ok(response)
+        return Err(BackendError::new(
+            FailureKind::Status5xx,
+            target,
+            format!("answered {status}"),
+        ));
     }
+    Ok(response)
+}
 
-    /// Whether a 503 is Ollama's `server busy, please try again.  maximum
-    /// pending requests exceeded` (a short body, read with the read timeout).
-    async fn is_busy(&self, response: Response<BackendBody>) -> bool {
-        let body = http_body_util::Limited::new(response.into_body(), 4096).collect();
-        match tokio::time::timeout(self.read_timeout, body).await {
-            Ok(Ok(body)) => {
-                let body = body.to_bytes();
-                body.windows(BUSY.len()).any(|w| w == BUSY)
-            }
-            _ => false,
-        }
-    }
+/// Whether a 503 is Ollama's `server busy, please try again.  maximum
+/// pending requests exceeded` (a short body, read with the read timeout).
+async fn is_busy(response: Response<BackendBody>, read_timeout: Duration) -> bool {
+    let body = http_body_util::Limited::new(response.into_body(), 4096).collect();
+    let body = tokio::time::timeout(read_timeout, body).await;
+    body.is_ok_and(|b| b.is_ok_and(|b| memchr::memmem::find(&b.to_bytes(), BUSY).is_some()))
 }
 
 /// The request as the backend gets it: origin-form path (with the backend
