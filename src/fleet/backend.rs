@@ -101,9 +101,7 @@ impl Target {
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
         }
     }
-}
 
-impl Target {
     /// The request target of `path_and_query` on this backend, in origin
     /// form (`/api/chat`) as a request on one of its connections carries it.
     /// Without a path prefix it is the path itself, with no formatting.

@@ -10,7 +10,7 @@
 //! whose DNS record went is drained, and forgotten once nothing is in flight.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -115,13 +115,12 @@ impl Discovery {
         let extra: Vec<Arc<Target>> = args
             .backends
             .iter()
-            .filter_map(|b| match b {
-                BackendSource::Url(uri) => Some(uri),
-                _ => None,
-            })
-            .map(|uri| {
+            .filter_map(|b| {
+                let BackendSource::Url(uri) = b else {
+                    return None;
+                };
                 let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-                Arc::new(Target::new(BackendId::Url(authority.into()), uri))
+                Some(Arc::new(Target::new(BackendId::Url(authority.into()), uri)))
             })
             .collect();
         fleet.update(|s| {
@@ -170,7 +169,7 @@ impl Discovery {
             None => Vec::new(),
         };
         let registered = self.registry.live();
-        let mut probes: FuturesUnordered<_> = self
+        let probes: FuturesUnordered<_> = self
             .range
             .iter()
             .chain(&self.extra)
@@ -178,10 +177,7 @@ impl Discovery {
             .chain(&dns)
             .map(|t| async move { (t, self.probe(t).await) })
             .collect();
-        let mut results = Vec::with_capacity(self.range.len() + self.extra.len());
-        while let Some(r) = probes.next().await {
-            results.push(r);
-        }
+        let results: Vec<_> = probes.collect().await;
         let retiring = self.retiring();
         // Registrations withdrawn (and maybe forgotten at once) while their
         // probe ran: not brought back either.
@@ -208,10 +204,7 @@ impl Discovery {
         });
         for id in forgotten {
             self.registry.forget(&id);
-            self.dns_retiring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.dns_retiring().remove(&id);
             tracing::info!(backend = %id, "backend drained and forgotten");
         }
         tracing::debug!(
@@ -225,19 +218,16 @@ impl Discovery {
     /// what came back stops retiring.
     async fn resolve(&self, dns: &DnsDiscovery) -> Vec<Arc<Target>> {
         let (found, gone) = dns.resolve().await;
-        let mut retiring = self.dns_retiring.lock().unwrap_or_else(|e| e.into_inner());
-        let mut undrain = Vec::new();
-        for t in &found {
-            if retiring.remove(&t.id) {
-                undrain.push(t.id.clone());
-            }
-        }
-        let mut drain = Vec::new();
-        for id in gone {
-            if retiring.insert(id.clone()) {
-                drain.push(id);
-            }
-        }
+        let mut retiring = self.dns_retiring();
+        let undrain: Vec<BackendId> = found
+            .iter()
+            .filter(|t| retiring.remove(&t.id))
+            .map(|t| t.id.clone())
+            .collect();
+        let drain: Vec<BackendId> = gone
+            .into_iter()
+            .filter(|id| retiring.insert(id.clone()))
+            .collect();
         drop(retiring);
         for id in undrain {
             tracing::info!(backend = %id, "back in DNS");
@@ -253,14 +243,12 @@ impl Discovery {
     /// Everything retiring now: expired or deregistered leases and addresses gone from DNS.
     fn retiring(&self) -> BTreeSet<BackendId> {
         let mut ids: BTreeSet<BackendId> = self.registry.retiring().into_iter().collect();
-        ids.extend(
-            self.dns_retiring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .cloned(),
-        );
+        ids.extend(self.dns_retiring().iter().cloned());
         ids
+    }
+
+    fn dns_retiring(&self) -> MutexGuard<'_, BTreeSet<BackendId>> {
+        self.dns_retiring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn probe(&self, target: &Target) -> ProbeResult {

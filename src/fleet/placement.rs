@@ -139,7 +139,7 @@ pub enum Choice {
 }
 
 /// Placement state of the fleet.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Placement {
     routing: Routing,
     /// Measured model load time (zero until a load was seen).
@@ -157,11 +157,7 @@ impl Placement {
     pub fn new(routing: Routing) -> Self {
         Self {
             routing,
-            load_cost: Duration::ZERO,
-            backends: HashMap::new(),
-            sessions: HashMap::new(),
-            session_age: BTreeMap::new(),
-            session_tick: 0,
+            ..Self::default()
         }
     }
 

@@ -193,9 +193,7 @@ impl SharedState {
         for (target, left) in &writes {
             registration_args(&mut inv, target, *left);
         }
-        for d in &deletes {
-            inv.arg(d.to_string());
-        }
+        inv.arg(super::strings(&deletes));
         let Registrations(out) = match self.redis.run(inv).await {
             Ok(out) => out,
             Err(e) => return self.mark_down(fleet, &e),
