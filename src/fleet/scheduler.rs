@@ -190,10 +190,10 @@ impl<W> Scheduler<W> {
 
     /// Counts a request a backend answered (a counter only: no re-index).
     pub fn count_served(&mut self, target: &Arc<Target>) {
-        if let Some(b) = self.backends.get_mut(&target.id) {
-            if Arc::ptr_eq(&b.target, target) {
-                b.served += 1;
-            }
+        if let Some(b) = self.backends.get_mut(&target.id)
+            && Arc::ptr_eq(&b.target, target)
+        {
+            b.served += 1;
         }
     }
 
@@ -431,16 +431,14 @@ impl<W> Scheduler<W> {
             }
             return out;
         }
-        if !self.fragile.is_empty() {
-            let fragile: Vec<u64> = self.fragile.iter().copied().collect();
-            for arrival in fragile {
-                let Some(w) = self.waiters.by_arrival.get(&arrival) else {
-                    continue;
-                };
-                if let Some(rejection) = self.rejection(&w.want) {
-                    let payload = self.dequeue(arrival).expect("waiter was just found");
-                    out.push((payload, Outcome::Rejected(rejection)));
-                }
+        let fragile: Vec<u64> = self.fragile.iter().copied().collect();
+        for arrival in fragile {
+            let Some(w) = self.waiters.by_arrival.get(&arrival) else {
+                continue;
+            };
+            if let Some(rejection) = self.rejection(&w.want) {
+                let payload = self.dequeue(arrival).expect("waiter was just found");
+                out.push((payload, Outcome::Rejected(rejection)));
             }
         }
         while let Some(id) = self.free.dirty.pop_first() {
@@ -748,10 +746,11 @@ impl<W> Scheduler<W> {
         if self.closed {
             return Some(Rejection::ShuttingDown);
         }
-        if let Some(model) = &want.model {
-            if !self.known.contains(model) && self.free.healthy > 0 {
-                return Some(Rejection::UnknownModel);
-            }
+        if let Some(model) = &want.model
+            && !self.known.contains(model)
+            && self.free.healthy > 0
+        {
+            return Some(Rejection::UnknownModel);
         }
         let bound = !want.tried.is_empty() || want.pin.is_some();
         let nowhere_to_go = bound && !self.backends.values().any(|b| self.is_eligible(b, want));
