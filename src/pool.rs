@@ -126,8 +126,7 @@ impl Conns {
 
     /// Closes every idle connection (the backend was forgotten or replaced).
     pub fn close_idle(&self) {
-        let idle = std::mem::take(&mut *self.lock());
-        drop(idle);
+        self.lock().clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -183,21 +182,14 @@ impl Conns {
 
     /// A new connection, its driver spawned.
     async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&self.address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                return Err(SendError::Connect {
-                    address: self.address.clone(),
-                    error,
-                });
-            }
-            Err(_) => {
-                return Err(SendError::ConnectTimeout {
-                    address: self.address.clone(),
-                    timeout,
-                });
-            }
-        };
+        let address = self.address.clone();
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| SendError::ConnectTimeout {
+                address: address.clone(),
+                timeout,
+            })?
+            .map_err(|error| SendError::Connect { address, error })?;
         // Both are best effort: a socket that refuses them still works.
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);

@@ -80,9 +80,7 @@ impl Default for Policy {
 /// A tenant as `/__proxy/backends` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TenantView {
-    /// Its name.
     pub name: String,
-    /// Its weight.
     pub weight: f64,
     /// Requests waiting.
     pub waiting: usize,
