@@ -460,10 +460,7 @@ impl<W> Scheduler<W> {
     /// free lately (or its slots over its usual service time).
     pub fn retry_after(&self, model: Option<&ModelName>, tenant: &str) -> Duration {
         let tenant_id = self.waiters.tenant_named(tenant);
-        let (mine, sharing) = match tenant_id {
-            Some(id) => self.waiters.standing(id, model),
-            None => (0, 0),
-        };
+        let (mine, sharing) = tenant_id.map_or((0, 0), |id| self.waiters.standing(id, model));
         let ahead = ((mine + 1) * sharing.max(1)).min(self.waiters.waiting_for(model) + 1);
         let stats = self.stats.get(&model.cloned());
         let rate = match stats {
@@ -497,11 +494,8 @@ impl<W> Scheduler<W> {
                 weight: t.weight,
                 waiting: t.waiting,
                 in_flight: t.in_flight,
-                share: if held == 0 {
-                    0.0
-                } else {
-                    f64::from(t.in_flight) / f64::from(held)
-                },
+                // No slot held: every in_flight is 0, and so every share.
+                share: f64::from(t.in_flight) / f64::from(held.max(1)),
                 oldest_wait_ms: self.waiters.oldest_of(*id).map_or(0, |since| {
                     now.saturating_duration_since(since).as_millis() as u64
                 }),
@@ -588,13 +582,11 @@ impl<W> Scheduler<W> {
             return;
         }
         loop {
-            let Some(backend) = self.backends.get(id) else {
-                return;
-            };
-            if !(backend.healthy && !backend.draining && self.slot_free(backend)) {
-                return;
-            }
-            let Some(arrival) = self.next_waiter(backend) else {
+            let usable = self
+                .backends
+                .get(id)
+                .filter(|b| b.healthy && !b.draining && self.slot_free(b));
+            let Some(arrival) = usable.and_then(|b| self.next_waiter(b)) else {
                 return;
             };
             let waiter = self

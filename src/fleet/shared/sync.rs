@@ -143,11 +143,9 @@ impl SharedState {
         let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
         inv.arg("set").arg(0).arg(id.to_string());
         match self.write_registered(inv).await {
-            Some(true) => {
-                self.inner().registering.deregistered.remove(id);
-            }
+            Some(true) => _ = self.inner().registering.deregistered.remove(id),
             Some(false) => {
-                tracing::warn!(backend = %id, "shared state: deregistration not shared yet");
+                tracing::warn!(backend = %id, "shared state: deregistration not shared yet")
             }
             None => {}
         }
