@@ -63,18 +63,11 @@ impl std::fmt::Debug for Conns {
 pub enum SendError {
     /// No connection within the connect timeout.
     #[error("connect to {address} timed out after {timeout:.0?}")]
-    ConnectTimeout {
-        /// Where to.
-        address: String,
-        /// The connect timeout.
-        timeout: Duration,
-    },
+    ConnectTimeout { address: String, timeout: Duration },
     /// The TCP connect failed.
     #[error("connect to {address}: {error}")]
     Connect {
-        /// Where to.
         address: String,
-        /// The socket error.
         error: std::io::Error,
     },
     /// The HTTP exchange failed.

@@ -63,7 +63,6 @@ impl Serialize for BackendId {
 /// with every slot so that forwarding needs no lock.
 #[derive(Debug)]
 pub struct Target {
-    /// The backend's id.
     pub id: BackendId,
     /// Base URL without a trailing slash, `http://127.0.0.1:24001`.
     pub base: String,

@@ -285,14 +285,10 @@ impl Discovery {
         deadline: Instant,
     ) -> Result<Value, ProbeError> {
         let fail = |kind, detail: String| ProbeError::new(kind, path, detail);
+        let failed = |kind, detail: String| fail(ProbeFailure::Request(kind), detail);
         let uri = target
             .path(&http::uri::PathAndQuery::from_static(path))
-            .map_err(|e| {
-                fail(
-                    ProbeFailure::Request(FailureKind::Connect),
-                    format!("bad URL: {e}"),
-                )
-            })?;
+            .map_err(|e| failed(FailureKind::Connect, format!("bad URL: {e}")))?;
         let mut request = http::Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
         request
@@ -303,13 +299,11 @@ impl Discovery {
                 .conns
                 .send(request, self.timeout)
                 .await
-                .map_err(|e| fail(ProbeFailure::Request(e.kind()), e.to_string()))?;
+                .map_err(|e| failed(e.kind(), e.to_string()))?;
             let status = response.status();
             if !status.is_success() {
-                return Err(fail(
-                    ProbeFailure::Status(status),
-                    format!("status {status}"),
-                ));
+                let detail = format!("status {status}");
+                return Err(fail(ProbeFailure::Status(status), detail));
             }
             let body = http_body_util::Limited::new(response.into_body(), MAX_PROBE_BODY)
                 .collect()
@@ -329,12 +323,7 @@ impl Discovery {
         };
         tokio::time::timeout_at(deadline, fetch)
             .await
-            .unwrap_or_else(|_| {
-                Err(fail(
-                    ProbeFailure::Request(FailureKind::Timeout),
-                    "timed out".to_string(),
-                ))
-            })
+            .unwrap_or_else(|_| Err(failed(FailureKind::Timeout, "timed out".into())))
     }
 }
 

@@ -155,7 +155,7 @@ impl Fleet {
         ticket: &mut Ticket,
     ) -> Result<Slot, Rejection> {
         let deadline = ticket.since + self.shared.queue_timeout;
-        let (seq, rx, held) = {
+        let (seq, mut rx, held) = {
             let mut state = self.lock();
             let held = match state.try_acquire(&want, ticket, Instant::now()) {
                 Decision::Granted(lease) => return Ok(Slot::new(self.clone(), lease)),
@@ -181,7 +181,6 @@ impl Fleet {
             fleet: self,
             seq: Some(seq),
         };
-        let mut rx = rx;
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(grant) => {
                 place.seq = None;

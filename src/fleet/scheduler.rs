@@ -571,23 +571,13 @@ impl<W> Scheduler<W> {
 
     /// Grants the free slots of one backend to the waiters next in line.
     fn hand_out(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
-        self.hand_out_slots(id, now, out);
-        // Nobody left who can use what is free there: nothing to revisit
-        // until the backend or the queue changes.
-        self.free.dirty.remove(id);
-    }
-
-    fn hand_out_slots(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
-        if self.closed {
-            return;
-        }
-        loop {
+        while !self.closed {
             let usable = self
                 .backends
                 .get(id)
                 .filter(|b| b.healthy && !b.draining && self.slot_free(b));
             let Some(arrival) = usable.and_then(|b| self.next_waiter(b)) else {
-                return;
+                break;
             };
             let waiter = self
                 .waiters
@@ -603,6 +593,9 @@ impl<W> Scheduler<W> {
             let grant = self.take_slot(id, waiter.tenant, waiter.want.model, now, true);
             out.push((waiter.payload, Outcome::Granted(grant)));
         }
+        // Nobody left who can use what is free there: nothing to revisit
+        // until the backend or the queue changes.
+        self.free.dirty.remove(id);
     }
 
     /// The waiter a free slot of `backend` goes to: interactive first unless
@@ -635,10 +628,7 @@ impl<W> Scheduler<W> {
         );
         let target = Arc::clone(&backend.target);
         self.reindex(id);
-        let charged = self
-            .stats
-            .get(&model)
-            .map_or(DEFAULT_SERVICE.as_nanos() as u64, |s| s.service_ns as u64);
+        let charged = self.usual_service(model.as_ref()).as_nanos() as u64;
         if let Some(t) = self.waiters.tenants.get_mut(&tenant) {
             t.in_flight += 1;
         }

@@ -77,14 +77,10 @@ impl SharedState {
             .filter(|b| !b.is_empty())
             .map(BackendId::parse)
             .collect();
-        let (pending, known): (HashSet<BackendId>, HashSet<BackendId>) = {
-            let inner = self.inner();
-            let drains = &inner.drains;
-            (
-                drains.pending.keys().cloned().collect(),
-                drains.known().into_iter().collect(),
-            )
-        };
+        let inner = self.inner();
+        let pending: HashSet<BackendId> = inner.drains.pending.keys().cloned().collect();
+        let known: HashSet<BackendId> = inner.drains.known().into_iter().collect();
+        drop(inner);
         let changes: Vec<(BackendId, bool)> = fleet.read(|s| {
             let backends = s.backends().iter().filter(|(id, _)| !pending.contains(*id));
             backends
