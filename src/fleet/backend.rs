@@ -135,7 +135,6 @@ pub struct ProbeReport {
 /// A backend's state.
 #[derive(Debug)]
 pub struct Backend {
-    /// Where its requests go.
     pub target: Arc<Target>,
     /// Healthy: the last probe succeeded and no request failed on it since.
     pub healthy: bool,

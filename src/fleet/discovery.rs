@@ -80,7 +80,6 @@ impl ProbeError {
         }
     }
 
-    /// The kind of failure.
     pub fn kind(&self) -> ProbeFailure {
         self.kind
     }

@@ -39,7 +39,6 @@ pub struct DnsDiscovery {
     found: Mutex<Vec<Found>>,
 }
 
-/// The backend at `ip:port`.
 fn target(ip: IpAddr, port: u16) -> Arc<Target> {
     let addr = SocketAddr::new(ip, port);
     let uri: http::Uri = format!("http://{addr}")

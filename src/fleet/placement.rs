@@ -153,7 +153,6 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Empty memory.
     pub fn new(routing: Routing) -> Self {
         Self {
             routing,
@@ -161,7 +160,6 @@ impl Placement {
         }
     }
 
-    /// The routing rule.
     pub fn routing(&self) -> Routing {
         self.routing
     }

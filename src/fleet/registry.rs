@@ -14,7 +14,6 @@ use tokio::time::Instant;
 
 use super::{BackendId, Target};
 
-/// One registration.
 #[derive(Debug)]
 struct Registration {
     target: Arc<Target>,

@@ -145,7 +145,6 @@ impl<W> Scheduler<W> {
         Self::with_policy(limits, Policy::default())
     }
 
-    /// An empty fleet.
     pub fn with_policy(limits: Limits, policy: Policy) -> Self {
         Self {
             backends: BTreeMap::new(),

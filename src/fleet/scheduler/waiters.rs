@@ -22,7 +22,6 @@ use crate::policy::Priority;
 /// Which lane: a priority and the model, `None` for requests without one.
 type LaneKey = (Priority, Option<ModelName>);
 
-/// One waiting request.
 pub(super) struct Waiter<W> {
     pub want: Want,
     pub tenant: TenantId,

@@ -237,7 +237,6 @@ impl Drop for Handover<'_> {
     }
 }
 
-/// Milliseconds since `since`.
 fn age_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
