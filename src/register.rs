@@ -128,9 +128,8 @@ impl Registrar {
     /// Drains the backend, waits for its requests (up to the grace), deregisters.
     async fn leave(&self, id: &str) -> Result<(), String> {
         let base = format!("{}/__proxy/backends", self.proxy);
-        let (status, body) = self
-            .call(Method::POST, &format!("{base}/{id}/drain"), None)
-            .await?;
+        let drain = format!("{base}/{id}/drain");
+        let (status, body) = self.call(Method::POST, &drain, None).await?;
         if !status.is_success() && status != StatusCode::NOT_FOUND {
             return Err(format!("draining failed: {status}: {}", error_text(&body)));
         }
@@ -156,9 +155,8 @@ impl Registrar {
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }
-        let (status, body) = self
-            .call(Method::DELETE, &format!("{base}/{id}"), None)
-            .await?;
+        let this = format!("{base}/{id}");
+        let (status, body) = self.call(Method::DELETE, &this, None).await?;
         if status.is_success() || status == StatusCode::NOT_FOUND {
             tracing::info!(backend = id, "deregistered");
             Ok(())
