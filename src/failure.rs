@@ -2,26 +2,18 @@
 //! `corral_backend_failures_total`, the failure-kinds table of docs/operations.md and the
 //! series retired with a backend all derive.
 
-/// Why an attempt on a backend failed, or how its answer broke.
+/// Why an attempt on a backend failed, or how its answer broke; what each
+/// kind means is its [`FailureKind::description`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureKind {
-    /// TCP connect refused or timed out.
     Connect,
-    /// The backend was silent longer than BACKEND_READ_TIMEOUT_SECONDS.
     Timeout,
-    /// The connection broke before the first byte of the answer.
     Reset,
-    /// A 5xx status.
     Status5xx,
-    /// Ollama's 503 `server busy`.
     Busy,
-    /// The answer was not HTTP that could be read.
     Body,
-    /// 404 for a model the backend listed at the last scan.
     ModelMissing,
-    /// The answer broke after its first byte reached the client.
     MidStream,
-    /// A clean end that is not a whole answer.
     BrokenAnswer,
 }
 

@@ -71,12 +71,6 @@ impl fmt::Debug for ModelName {
     }
 }
 
-impl From<&str> for ModelName {
-    fn from(name: &str) -> Self {
-        Self::parse(name)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

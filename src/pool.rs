@@ -63,18 +63,11 @@ impl std::fmt::Debug for Conns {
 pub enum SendError {
     /// No connection within the connect timeout.
     #[error("connect to {address} timed out after {timeout:.0?}")]
-    ConnectTimeout {
-        /// Where to.
-        address: String,
-        /// The connect timeout.
-        timeout: Duration,
-    },
+    ConnectTimeout { address: String, timeout: Duration },
     /// The TCP connect failed.
     #[error("connect to {address}: {error}")]
     Connect {
-        /// Where to.
         address: String,
-        /// The socket error.
         error: std::io::Error,
     },
     /// The HTTP exchange failed.
@@ -126,8 +119,7 @@ impl Conns {
 
     /// Closes every idle connection (the backend was forgotten or replaced).
     pub fn close_idle(&self) {
-        let idle = std::mem::take(&mut *self.lock());
-        drop(idle);
+        self.lock().clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -183,21 +175,14 @@ impl Conns {
 
     /// A new connection, its driver spawned.
     async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&self.address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                return Err(SendError::Connect {
-                    address: self.address.clone(),
-                    error,
-                });
-            }
-            Err(_) => {
-                return Err(SendError::ConnectTimeout {
-                    address: self.address.clone(),
-                    timeout,
-                });
-            }
-        };
+        let address = self.address.clone();
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| SendError::ConnectTimeout {
+                address: address.clone(),
+                timeout,
+            })?
+            .map_err(|error| SendError::Connect { address, error })?;
         // Both are best effort: a socket that refuses them still works.
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);

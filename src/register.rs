@@ -64,13 +64,10 @@ impl Registrar {
                 format!("Bearer {}", self.args.key),
             );
         }
-        let body = match body {
-            Some(v) => {
-                request = request.header(http::header::CONTENT_TYPE, "application/json");
-                Full::new(Bytes::from(v.to_string()))
-            }
-            None => Full::new(Bytes::new()),
-        };
+        if body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let body = Full::new(body.map_or_else(Bytes::new, |v| Bytes::from(v.to_string())));
         let request = request
             .body(body)
             .map_err(|e| format!("bad URL {url}: {e}"))?;
@@ -87,10 +84,8 @@ impl Registrar {
                 .await
                 .map_err(|e| format!("{url}: reading the answer: {e}"))?
                 .to_bytes();
-            Ok((
-                status,
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            ))
+            let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Ok((status, json))
         };
         tokio::time::timeout(CALL_TIMEOUT, exchange)
             .await
@@ -112,10 +107,9 @@ impl Registrar {
         });
         let url = format!("{}/__proxy/backends", self.proxy);
         match self.call(Method::POST, &url, Some(body)).await {
-            Ok((status, body)) if status.is_success() => Ok(body["id"]
-                .as_str()
-                .map(str::to_owned)
-                .or(Some(String::new()))),
+            Ok((status, body)) if status.is_success() => {
+                Ok(Some(body["id"].as_str().unwrap_or_default().to_owned()))
+            }
             Ok((status, body)) if status.is_client_error() => Err(format!(
                 "the proxy refused the registration: {status}: {}",
                 error_text(&body)
@@ -134,9 +128,8 @@ impl Registrar {
     /// Drains the backend, waits for its requests (up to the grace), deregisters.
     async fn leave(&self, id: &str) -> Result<(), String> {
         let base = format!("{}/__proxy/backends", self.proxy);
-        let (status, body) = self
-            .call(Method::POST, &format!("{base}/{id}/drain"), None)
-            .await?;
+        let drain = format!("{base}/{id}/drain");
+        let (status, body) = self.call(Method::POST, &drain, None).await?;
         if !status.is_success() && status != StatusCode::NOT_FOUND {
             return Err(format!("draining failed: {status}: {}", error_text(&body)));
         }
@@ -162,9 +155,8 @@ impl Registrar {
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }
-        let (status, body) = self
-            .call(Method::DELETE, &format!("{base}/{id}"), None)
-            .await?;
+        let this = format!("{base}/{id}");
+        let (status, body) = self.call(Method::DELETE, &this, None).await?;
         if status.is_success() || status == StatusCode::NOT_FOUND {
             tracing::info!(backend = id, "deregistered");
             Ok(())

@@ -63,7 +63,6 @@ impl Serialize for BackendId {
 /// with every slot so that forwarding needs no lock.
 #[derive(Debug)]
 pub struct Target {
-    /// The backend's id.
     pub id: BackendId,
     /// Base URL without a trailing slash, `http://127.0.0.1:24001`.
     pub base: String,
@@ -101,9 +100,7 @@ impl Target {
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
         }
     }
-}
 
-impl Target {
     /// The request target of `path_and_query` on this backend, in origin
     /// form (`/api/chat`) as a request on one of its connections carries it.
     /// Without a path prefix it is the path itself, with no formatting.
@@ -138,7 +135,6 @@ pub struct ProbeReport {
 /// A backend's state.
 #[derive(Debug)]
 pub struct Backend {
-    /// Where its requests go.
     pub target: Arc<Target>,
     /// Healthy: the last probe succeeded and no request failed on it since.
     pub healthy: bool,

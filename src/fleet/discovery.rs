@@ -10,7 +10,7 @@
 //! whose DNS record went is drained, and forgotten once nothing is in flight.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -80,7 +80,6 @@ impl ProbeError {
         }
     }
 
-    /// The kind of failure.
     pub fn kind(&self) -> ProbeFailure {
         self.kind
     }
@@ -115,13 +114,12 @@ impl Discovery {
         let extra: Vec<Arc<Target>> = args
             .backends
             .iter()
-            .filter_map(|b| match b {
-                BackendSource::Url(uri) => Some(uri),
-                _ => None,
-            })
-            .map(|uri| {
+            .filter_map(|b| {
+                let BackendSource::Url(uri) = b else {
+                    return None;
+                };
                 let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-                Arc::new(Target::new(BackendId::Url(authority.into()), uri))
+                Some(Arc::new(Target::new(BackendId::Url(authority.into()), uri)))
             })
             .collect();
         fleet.update(|s| {
@@ -170,7 +168,7 @@ impl Discovery {
             None => Vec::new(),
         };
         let registered = self.registry.live();
-        let mut probes: FuturesUnordered<_> = self
+        let probes: FuturesUnordered<_> = self
             .range
             .iter()
             .chain(&self.extra)
@@ -178,10 +176,7 @@ impl Discovery {
             .chain(&dns)
             .map(|t| async move { (t, self.probe(t).await) })
             .collect();
-        let mut results = Vec::with_capacity(self.range.len() + self.extra.len());
-        while let Some(r) = probes.next().await {
-            results.push(r);
-        }
+        let results: Vec<_> = probes.collect().await;
         let retiring = self.retiring();
         // Registrations withdrawn (and maybe forgotten at once) while their
         // probe ran: not brought back either.
@@ -208,10 +203,7 @@ impl Discovery {
         });
         for id in forgotten {
             self.registry.forget(&id);
-            self.dns_retiring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.dns_retiring().remove(&id);
             tracing::info!(backend = %id, "backend drained and forgotten");
         }
         tracing::debug!(
@@ -225,19 +217,16 @@ impl Discovery {
     /// what came back stops retiring.
     async fn resolve(&self, dns: &DnsDiscovery) -> Vec<Arc<Target>> {
         let (found, gone) = dns.resolve().await;
-        let mut retiring = self.dns_retiring.lock().unwrap_or_else(|e| e.into_inner());
-        let mut undrain = Vec::new();
-        for t in &found {
-            if retiring.remove(&t.id) {
-                undrain.push(t.id.clone());
-            }
-        }
-        let mut drain = Vec::new();
-        for id in gone {
-            if retiring.insert(id.clone()) {
-                drain.push(id);
-            }
-        }
+        let mut retiring = self.dns_retiring();
+        let undrain: Vec<BackendId> = found
+            .iter()
+            .filter(|t| retiring.remove(&t.id))
+            .map(|t| t.id.clone())
+            .collect();
+        let drain: Vec<BackendId> = gone
+            .into_iter()
+            .filter(|id| retiring.insert(id.clone()))
+            .collect();
         drop(retiring);
         for id in undrain {
             tracing::info!(backend = %id, "back in DNS");
@@ -253,14 +242,12 @@ impl Discovery {
     /// Everything retiring now: expired or deregistered leases and addresses gone from DNS.
     fn retiring(&self) -> BTreeSet<BackendId> {
         let mut ids: BTreeSet<BackendId> = self.registry.retiring().into_iter().collect();
-        ids.extend(
-            self.dns_retiring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .cloned(),
-        );
+        ids.extend(self.dns_retiring().iter().cloned());
         ids
+    }
+
+    fn dns_retiring(&self) -> MutexGuard<'_, BTreeSet<BackendId>> {
+        self.dns_retiring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn probe(&self, target: &Target) -> ProbeResult {
@@ -297,14 +284,10 @@ impl Discovery {
         deadline: Instant,
     ) -> Result<Value, ProbeError> {
         let fail = |kind, detail: String| ProbeError::new(kind, path, detail);
+        let failed = |kind, detail: String| fail(ProbeFailure::Request(kind), detail);
         let uri = target
             .path(&http::uri::PathAndQuery::from_static(path))
-            .map_err(|e| {
-                fail(
-                    ProbeFailure::Request(FailureKind::Connect),
-                    format!("bad URL: {e}"),
-                )
-            })?;
+            .map_err(|e| failed(FailureKind::Connect, format!("bad URL: {e}")))?;
         let mut request = http::Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
         request
@@ -315,13 +298,11 @@ impl Discovery {
                 .conns
                 .send(request, self.timeout)
                 .await
-                .map_err(|e| fail(ProbeFailure::Request(e.kind()), e.to_string()))?;
+                .map_err(|e| failed(e.kind(), e.to_string()))?;
             let status = response.status();
             if !status.is_success() {
-                return Err(fail(
-                    ProbeFailure::Status(status),
-                    format!("status {status}"),
-                ));
+                let detail = format!("status {status}");
+                return Err(fail(ProbeFailure::Status(status), detail));
             }
             let body = http_body_util::Limited::new(response.into_body(), MAX_PROBE_BODY)
                 .collect()
@@ -341,12 +322,7 @@ impl Discovery {
         };
         tokio::time::timeout_at(deadline, fetch)
             .await
-            .unwrap_or_else(|_| {
-                Err(fail(
-                    ProbeFailure::Request(FailureKind::Timeout),
-                    "timed out".to_string(),
-                ))
-            })
+            .unwrap_or_else(|_| Err(failed(FailureKind::Timeout, "timed out".into())))
     }
 }
 

@@ -27,17 +27,9 @@ type Found = BTreeMap<BackendId, Arc<Target>>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsSource {
     /// Every address of `host`, at `port`.
-    Addresses {
-        /// The name.
-        host: String,
-        /// The port.
-        port: u16,
-    },
+    Addresses { host: String, port: u16 },
     /// Every target of the SRV records of `name`.
-    Srv {
-        /// The name.
-        name: String,
-    },
+    Srv { name: String },
 }
 
 /// The resolver and what each entry found at the last scan.
@@ -47,7 +39,6 @@ pub struct DnsDiscovery {
     found: Mutex<Vec<Found>>,
 }
 
-/// The backend at `ip:port`.
 fn target(ip: IpAddr, port: u16) -> Arc<Target> {
     let addr = SocketAddr::new(ip, port);
     let uri: http::Uri = format!("http://{addr}")
@@ -130,10 +121,11 @@ impl DnsDiscovery {
                 }
             }
         }
-        let mut all: Found = Found::new();
-        for f in found.iter() {
-            all.extend(f.iter().map(|(id, t)| (id.clone(), Arc::clone(t))));
-        }
+        let all: Found = found
+            .iter()
+            .flatten()
+            .map(|(id, t)| (id.clone(), Arc::clone(t)))
+            .collect();
         // An address that one entry dropped and another still has is not gone.
         gone.retain(|id| !all.contains_key(id));
         gone.sort();

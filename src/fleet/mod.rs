@@ -85,7 +85,7 @@ impl Fleet {
             let value = f(&mut state);
             (value, state.dispatch(Instant::now()))
         };
-        self.deliver(out);
+        self.deliver(out, None);
         value
     }
 
@@ -155,7 +155,7 @@ impl Fleet {
         ticket: &mut Ticket,
     ) -> Result<Slot, Rejection> {
         let deadline = ticket.since + self.shared.queue_timeout;
-        let (seq, rx, held) = {
+        let (seq, mut rx, held) = {
             let mut state = self.lock();
             let held = match state.try_acquire(&want, ticket, Instant::now()) {
                 Decision::Granted(lease) => return Ok(Slot::new(self.clone(), lease)),
@@ -175,13 +175,12 @@ impl Fleet {
             (seq, rx, held)
         };
         if let Some(due) = held {
-            self.wake_at(due);
+            self.wake_on(&tokio::runtime::Handle::current(), due, None);
         }
         let mut place = QueuePlace {
             fleet: self,
             seq: Some(seq),
         };
-        let mut rx = rx;
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(grant) => {
                 place.seq = None;
@@ -192,10 +191,7 @@ impl Fleet {
                     return Err(Rejection::QueueTimeout);
                 }
                 // Granted in the same instant: the grant is on its way.
-                match rx.await {
-                    Ok(grant) => grant,
-                    Err(_) => Err(Rejection::QueueTimeout),
-                }
+                rx.await.unwrap_or(Err(Rejection::QueueTimeout))
             }
         }
     }
@@ -253,10 +249,8 @@ impl Fleet {
     /// SHARED_STATE; false when there is no such backend.
     pub fn set_draining(&self, id: &BackendId, draining: bool) -> bool {
         let found = self.set_draining_here(id, draining);
-        if found {
-            if let Some(remote) = self.shared.remote.get() {
-                remote.share_drain(id, draining);
-            }
+        if found && let Some(remote) = self.shared.remote.get() {
+            remote.share_drain(id, draining);
         }
         found
     }
@@ -264,13 +258,7 @@ impl Fleet {
     /// The same on this instance only: for drains every instance makes by
     /// itself (a registration that ran out or was withdrawn everywhere).
     pub fn set_draining_here(&self, id: &BackendId, draining: bool) -> bool {
-        let found = self.update(|s| match s.backend_mut(id) {
-            Some(b) => {
-                b.draining = draining;
-                true
-            }
-            None => false,
-        });
+        let found = self.update(|s| s.backend_mut(id).map(|b| b.draining = draining).is_some());
         if found {
             tracing::info!(backend = %id, draining, "drain state changed");
         }
@@ -283,7 +271,7 @@ impl Fleet {
     fn release(&self, grant: Grant, remote: Option<slot::Remote>) {
         let id = grant.target.id.clone();
         let out = self.lock().release(grant, Instant::now());
-        self.deliver_with(out, remote.map(|r| (id, r)));
+        self.deliver(out, remote.map(|r| (id, r)));
     }
 
     /// Keeps an abandoned slot taken for the settle time; a wake-up at its
@@ -298,14 +286,9 @@ impl Fleet {
         self.wake_on(runtime, due, remote);
     }
 
-    /// Hands out what the scheduler keeps until `due` (settling slots, held
-    /// waiters) once it is due.
-    fn wake_at(&self, due: Instant) {
-        self.wake_on(&tokio::runtime::Handle::current(), due, None);
-    }
-
-    /// The same on `runtime`; an abandoned slot's shared lease (`remote`)
-    /// goes back to the shared state at the same time.
+    /// Hands out, on `runtime`, what the scheduler keeps until `due`
+    /// (settling slots, held waiters) once it is due; an abandoned slot's
+    /// shared lease (`remote`) goes back to the shared state at the same time.
     fn wake_on(
         &self,
         runtime: &tokio::runtime::Handle,
@@ -319,20 +302,16 @@ impl Fleet {
             if let Some((state, lease)) = remote {
                 state.give_back(lease);
             }
-            fleet.deliver(out);
+            fleet.deliver(out, None);
         });
     }
 
-    /// Sends outcomes to their waiters, outside the lock. A waiter that gave
-    /// up meanwhile drops its receiver; the slot then comes back through
-    /// `Slot`'s drop and goes to the next waiter.
-    fn deliver(&self, out: Vec<(oneshot::Sender<Verdict>, Outcome)>) {
-        self.deliver_with(out, None);
-    }
-
-    /// The same, handing a released slot's shared lease to the first
-    /// waiter granted a slot on that backend (given back if none is).
-    fn deliver_with(
+    /// Sends outcomes to their waiters, outside the lock, handing a released
+    /// slot's shared lease (`handover`) to the first waiter granted a slot on
+    /// that backend (given back if none is). A waiter that gave up meanwhile
+    /// drops its receiver; the slot then comes back through `Slot`'s drop and
+    /// goes to the next waiter.
+    fn deliver(
         &self,
         out: Vec<(oneshot::Sender<Verdict>, Outcome)>,
         mut handover: Option<(BackendId, slot::Remote)>,
@@ -341,13 +320,8 @@ impl Fleet {
             let grant = match outcome {
                 Outcome::Granted(lease) => {
                     let mut slot = Slot::new(self.clone(), lease);
-                    if handover
-                        .as_ref()
-                        .is_some_and(|(id, _)| *id == slot.target().id)
-                    {
-                        if let Some((_, remote)) = handover.take() {
-                            slot.set_handed(remote);
-                        }
+                    if let Some((_, remote)) = handover.take_if(|(id, _)| *id == slot.target().id) {
+                        slot.set_handed(remote);
                     }
                     Ok(slot)
                 }
@@ -374,10 +348,9 @@ struct QueuePlace<'a> {
 impl QueuePlace<'_> {
     /// Leaves the queue; false when the waiter had already been granted.
     fn leave(&mut self) -> bool {
-        match self.seq.take() {
-            Some(seq) => self.fleet.lock().dequeue(seq).is_some(),
-            None => false,
-        }
+        self.seq
+            .take()
+            .is_some_and(|seq| self.fleet.lock().dequeue(seq).is_some())
     }
 }
 

@@ -139,7 +139,7 @@ pub enum Choice {
 }
 
 /// Placement state of the fleet.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Placement {
     routing: Routing,
     /// Measured model load time (zero until a load was seen).
@@ -153,19 +153,13 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Empty memory.
     pub fn new(routing: Routing) -> Self {
         Self {
             routing,
-            load_cost: Duration::ZERO,
-            backends: HashMap::new(),
-            sessions: HashMap::new(),
-            session_age: BTreeMap::new(),
-            session_tick: 0,
+            ..Self::default()
         }
     }
 
-    /// The routing rule.
     pub fn routing(&self) -> Routing {
         self.routing
     }
@@ -217,13 +211,8 @@ impl Placement {
     /// A response came back: learn the backend's prompt speed and service
     /// time, and the load time when the model was expected cold there.
     pub fn observed(&mut self, id: &BackendId, seen: &Observed) {
-        let Observed {
-            prompt_tokens,
-            prompt_ns,
-            service,
-            load,
-        } = *seen;
-        if let Some(load) = load {
+        let (tokens, ns) = (seen.prompt_tokens, seen.prompt_ns);
+        if let Some(load) = seen.load {
             self.load_cost = if self.load_cost.is_zero() {
                 load
             } else {
@@ -231,11 +220,11 @@ impl Placement {
             };
         }
         let m = self.backends.entry(id.clone()).or_insert_with(Memory::new);
-        if prompt_tokens >= 64 && prompt_ns > 0 {
-            let speed = prompt_tokens as f64 / (prompt_ns as f64 / 1e9);
+        if tokens >= 64 && ns > 0 {
+            let speed = tokens as f64 / (ns as f64 / 1e9);
             m.prompt_speed = 0.8 * m.prompt_speed + 0.2 * speed;
         }
-        m.service = m.service.mul_f64(0.8) + service.mul_f64(0.2);
+        m.service = m.service.mul_f64(0.8) + seen.service.mul_f64(0.2);
     }
 
     fn memory(&self, id: &BackendId) -> Option<&Memory> {

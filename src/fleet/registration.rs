@@ -57,21 +57,16 @@ impl Fleet {
         lease: Option<Duration>,
     ) -> (Arc<Target>, Registered) {
         let (target, what) = registry.register(base, lease, Instant::now());
-        match what {
-            Registered::New => {
-                self.update(|s| {
-                    s.add_backend(Arc::clone(&target));
-                });
-                tracing::info!(backend = %target.id, url = %target.base, ?lease, "backend registered");
-            }
-            Registered::Revived => {
-                self.update(|s| {
-                    s.add_backend(Arc::clone(&target));
-                });
-                self.set_draining_here(&target.id, false);
-                tracing::info!(backend = %target.id, "registration renewed while draining: back in service");
-            }
-            Registered::Renewed => {}
+        if what != Registered::Renewed {
+            self.update(|s| {
+                s.add_backend(Arc::clone(&target));
+            });
+        }
+        if what == Registered::New {
+            tracing::info!(backend = %target.id, url = %target.base, ?lease, "backend registered");
+        } else if what == Registered::Revived {
+            self.set_draining_here(&target.id, false);
+            tracing::info!(backend = %target.id, "registration renewed while draining: back in service");
         }
         (target, what)
     }

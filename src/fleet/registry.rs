@@ -14,7 +14,6 @@ use tokio::time::Instant;
 
 use super::{BackendId, Target};
 
-/// One registration.
 #[derive(Debug)]
 struct Registration {
     target: Arc<Target>,
@@ -64,16 +63,11 @@ impl Registry {
         let outcome = match leases.get_mut(&id) {
             Some(l) => {
                 l.expires = expires;
-                let revived = std::mem::replace(&mut l.retiring, false);
-                let target = Arc::clone(&l.target);
-                (
-                    target,
-                    if revived {
-                        Registered::Revived
-                    } else {
-                        Registered::Renewed
-                    },
-                )
+                let what = match std::mem::replace(&mut l.retiring, false) {
+                    true => Registered::Revived,
+                    false => Registered::Renewed,
+                };
+                (Arc::clone(&l.target), what)
             }
             None => {
                 let target = Arc::new(Target::new(id.clone(), base));
@@ -98,13 +92,7 @@ impl Registry {
     /// Deregisters: the backend is to be drained and forgotten. False when
     /// it is not a registered backend.
     pub fn deregister(&self, id: &BackendId) -> bool {
-        match self.lock().get_mut(id) {
-            Some(l) => {
-                l.retiring = true;
-                true
-            }
-            None => false,
-        }
+        self.lock().get_mut(id).map(|l| l.retiring = true).is_some()
     }
 
     /// Whether `id` is a registered backend (live or retiring).
@@ -165,22 +153,16 @@ impl Registry {
     /// Forgets a retiring registration (a renewal since keeps it).
     pub fn forget(&self, id: &BackendId) -> bool {
         let mut leases = self.lock();
-        if leases.get(id).is_some_and(|l| l.retiring) {
+        let retiring = leases.get(id).is_some_and(|l| l.retiring);
+        if retiring {
             leases.remove(id);
-            true
-        } else {
-            false
         }
+        retiring
     }
 
-    /// How many backends are registered (live or retiring).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether none is.
+    /// Whether no backend is registered (live or retiring).
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.lock().is_empty()
     }
 }
 

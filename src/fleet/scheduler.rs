@@ -80,9 +80,7 @@ impl Default for Policy {
 /// A tenant as `/__proxy/backends` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TenantView {
-    /// Its name.
     pub name: String,
-    /// Its weight.
     pub weight: f64,
     /// Requests waiting.
     pub waiting: usize,
@@ -147,7 +145,6 @@ impl<W> Scheduler<W> {
         Self::with_policy(limits, Policy::default())
     }
 
-    /// An empty fleet.
     pub fn with_policy(limits: Limits, policy: Policy) -> Self {
         Self {
             backends: BTreeMap::new(),
@@ -190,10 +187,10 @@ impl<W> Scheduler<W> {
 
     /// Counts a request a backend answered (a counter only: no re-index).
     pub fn count_served(&mut self, target: &Arc<Target>) {
-        if let Some(b) = self.backends.get_mut(&target.id) {
-            if Arc::ptr_eq(&b.target, target) {
-                b.served += 1;
-            }
+        if let Some(b) = self.backends.get_mut(&target.id)
+            && Arc::ptr_eq(&b.target, target)
+        {
+            b.served += 1;
         }
     }
 
@@ -431,16 +428,14 @@ impl<W> Scheduler<W> {
             }
             return out;
         }
-        if !self.fragile.is_empty() {
-            let fragile: Vec<u64> = self.fragile.iter().copied().collect();
-            for arrival in fragile {
-                let Some(w) = self.waiters.by_arrival.get(&arrival) else {
-                    continue;
-                };
-                if let Some(rejection) = self.rejection(&w.want) {
-                    let payload = self.dequeue(arrival).expect("waiter was just found");
-                    out.push((payload, Outcome::Rejected(rejection)));
-                }
+        let fragile: Vec<u64> = self.fragile.iter().copied().collect();
+        for arrival in fragile {
+            let Some(w) = self.waiters.by_arrival.get(&arrival) else {
+                continue;
+            };
+            if let Some(rejection) = self.rejection(&w.want) {
+                let payload = self.dequeue(arrival).expect("waiter was just found");
+                out.push((payload, Outcome::Rejected(rejection)));
             }
         }
         while let Some(id) = self.free.dirty.pop_first() {
@@ -464,10 +459,7 @@ impl<W> Scheduler<W> {
     /// free lately (or its slots over its usual service time).
     pub fn retry_after(&self, model: Option<&ModelName>, tenant: &str) -> Duration {
         let tenant_id = self.waiters.tenant_named(tenant);
-        let (mine, sharing) = match tenant_id {
-            Some(id) => self.waiters.standing(id, model),
-            None => (0, 0),
-        };
+        let (mine, sharing) = tenant_id.map_or((0, 0), |id| self.waiters.standing(id, model));
         let ahead = ((mine + 1) * sharing.max(1)).min(self.waiters.waiting_for(model) + 1);
         let stats = self.stats.get(&model.cloned());
         let rate = match stats {
@@ -501,11 +493,8 @@ impl<W> Scheduler<W> {
                 weight: t.weight,
                 waiting: t.waiting,
                 in_flight: t.in_flight,
-                share: if held == 0 {
-                    0.0
-                } else {
-                    f64::from(t.in_flight) / f64::from(held)
-                },
+                // No slot held: every in_flight is 0, and so every share.
+                share: f64::from(t.in_flight) / f64::from(held.max(1)),
                 oldest_wait_ms: self.waiters.oldest_of(*id).map_or(0, |since| {
                     now.saturating_duration_since(since).as_millis() as u64
                 }),
@@ -581,25 +570,13 @@ impl<W> Scheduler<W> {
 
     /// Grants the free slots of one backend to the waiters next in line.
     fn hand_out(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
-        self.hand_out_slots(id, now, out);
-        // Nobody left who can use what is free there: nothing to revisit
-        // until the backend or the queue changes.
-        self.free.dirty.remove(id);
-    }
-
-    fn hand_out_slots(&mut self, id: &BackendId, now: Instant, out: &mut Vec<(W, Outcome)>) {
-        if self.closed {
-            return;
-        }
-        loop {
-            let Some(backend) = self.backends.get(id) else {
-                return;
-            };
-            if !(backend.healthy && !backend.draining && self.slot_free(backend)) {
-                return;
-            }
-            let Some(arrival) = self.next_waiter(backend) else {
-                return;
+        while !self.closed {
+            let usable = self
+                .backends
+                .get(id)
+                .filter(|b| b.healthy && !b.draining && self.slot_free(b));
+            let Some(arrival) = usable.and_then(|b| self.next_waiter(b)) else {
+                break;
             };
             let waiter = self
                 .waiters
@@ -615,6 +592,9 @@ impl<W> Scheduler<W> {
             let grant = self.take_slot(id, waiter.tenant, waiter.want.model, now, true);
             out.push((waiter.payload, Outcome::Granted(grant)));
         }
+        // Nobody left who can use what is free there: nothing to revisit
+        // until the backend or the queue changes.
+        self.free.dirty.remove(id);
     }
 
     /// The waiter a free slot of `backend` goes to: interactive first unless
@@ -647,10 +627,7 @@ impl<W> Scheduler<W> {
         );
         let target = Arc::clone(&backend.target);
         self.reindex(id);
-        let charged = self
-            .stats
-            .get(&model)
-            .map_or(DEFAULT_SERVICE.as_nanos() as u64, |s| s.service_ns as u64);
+        let charged = self.usual_service(model.as_ref()).as_nanos() as u64;
         if let Some(t) = self.waiters.tenants.get_mut(&tenant) {
             t.in_flight += 1;
         }
@@ -748,10 +725,11 @@ impl<W> Scheduler<W> {
         if self.closed {
             return Some(Rejection::ShuttingDown);
         }
-        if let Some(model) = &want.model {
-            if !self.known.contains(model) && self.free.healthy > 0 {
-                return Some(Rejection::UnknownModel);
-            }
+        if let Some(model) = &want.model
+            && !self.known.contains(model)
+            && self.free.healthy > 0
+        {
+            return Some(Rejection::UnknownModel);
         }
         let bound = !want.tried.is_empty() || want.pin.is_some();
         let nowhere_to_go = bound && !self.backends.values().any(|b| self.is_eligible(b, want));

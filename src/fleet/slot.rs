@@ -60,11 +60,7 @@ impl Slot {
 
     /// The lease handed over from the previous request, if any.
     pub(super) fn take_handed(&mut self) -> Option<Remote> {
-        if std::mem::take(&mut self.handed) {
-            self.remote.take()
-        } else {
-            None
-        }
+        std::mem::take(&mut self.handed).then(|| self.remote.take())?
     }
 
     /// The backend answered in full: the slot goes back now.

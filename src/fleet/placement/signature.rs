@@ -33,13 +33,6 @@ pub struct Signature {
     pub placed: Mutex<Option<Placed>>,
 }
 
-impl Signature {
-    /// A prefix, a session or a runner context is at stake.
-    pub fn matters(&self) -> bool {
-        !self.blocks.is_empty() || self.session.is_some() || self.num_ctx.is_some()
-    }
-}
-
 /// Why a request went to its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placed {
@@ -80,29 +73,20 @@ impl Reason {
 
 #[derive(Deserialize)]
 struct Body {
-    #[serde(default)]
     messages: Option<Vec<Value>>,
-    #[serde(default)]
     prompt: Option<Value>,
-    #[serde(default)]
     system: Option<Value>,
     /// OpenAI Responses: the system prompt.
-    #[serde(default)]
     instructions: Option<Value>,
     /// OpenAI Responses: a string or a list of conversation items.
-    #[serde(default)]
     input: Option<Value>,
-    #[serde(default)]
     prompt_cache_key: Option<Value>,
-    #[serde(default)]
     user: Option<Value>,
-    #[serde(default)]
     options: Option<Options>,
 }
 
 #[derive(Deserialize)]
 struct Options {
-    #[serde(default)]
     num_ctx: Option<u64>,
 }
 
@@ -150,9 +134,7 @@ impl Signature {
         let mut blocks = Vec::with_capacity(text.len() / BLOCK_BYTES);
         let mut chain = 0u64;
         for block in text.chunks_exact(BLOCK_BYTES) {
-            let mut h = DefaultHasher::new();
-            (chain, block).hash(&mut h);
-            chain = h.finish();
+            chain = hash_of((chain, block));
             blocks.push(chain);
         }
         Some(Signature {
@@ -162,6 +144,11 @@ impl Signature {
             num_ctx,
             placed: Mutex::new(None),
         })
+    }
+
+    /// A prefix, a session or a runner context is at stake.
+    pub fn matters(&self) -> bool {
+        !self.blocks.is_empty() || self.session.is_some() || self.num_ctx.is_some()
     }
 
     /// What the last grant decided.

@@ -21,7 +21,6 @@ struct Entry {
     models: Vec<(ModelName, Rank)>,
 }
 
-/// The free-slot index.
 #[derive(Default)]
 pub(super) struct FreeIndex {
     any: BTreeSet<Rank>,

@@ -58,16 +58,14 @@ impl<W> Scheduler<W> {
             .collect();
         let model = want.model.as_ref();
         let queued = self.waiters.waiting_for(model);
-        match self
+        let choice = self
             .placement
-            .choose(Some(sig), model, &candidates, least_busy, queued)
-        {
-            Choice::Go(id, placed) => {
-                *sig.placed.lock().unwrap_or_else(|e| e.into_inner()) = Some(placed);
-                Some(id)
-            }
-            Choice::Wait => None,
-        }
+            .choose(Some(sig), model, &candidates, least_busy, queued);
+        let Choice::Go(id, placed) = choice else {
+            return None;
+        };
+        *sig.placed.lock().unwrap_or_else(|e| e.into_inner()) = Some(placed);
+        Some(id)
     }
 
     /// A waiter granted `id` from the queue: placement remembers what it

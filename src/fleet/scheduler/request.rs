@@ -41,9 +41,7 @@ impl Want {
 /// Who asks, how urgently, and (for a retry) its original arrival.
 #[derive(Debug, Clone)]
 pub struct Ticket {
-    /// The tenant's name.
     pub tenant: Arc<str>,
-    /// Its priority.
     pub priority: Priority,
     /// Set by the first [`Scheduler::enqueue`](super::Scheduler::enqueue); a retry passes it back to
     /// keep its place.

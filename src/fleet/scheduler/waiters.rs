@@ -22,7 +22,6 @@ use crate::policy::Priority;
 /// Which lane: a priority and the model, `None` for requests without one.
 type LaneKey = (Priority, Option<ModelName>);
 
-/// One waiting request.
 pub(super) struct Waiter<W> {
     pub want: Want,
     pub tenant: TenantId,
@@ -44,7 +43,7 @@ struct Lane {
 }
 
 /// A tenant's standing.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Tenant {
     /// Its name: a key's name, the `X-Corral-Tenant` header or the client address.
     pub name: Arc<str>,
@@ -112,11 +111,7 @@ impl<W> Waiters<W> {
                 name: Arc::clone(name),
                 weight: weight().max(f64::MIN_POSITIVE),
                 vt: self.vnow,
-                waiting: 0,
-                in_flight: 0,
-                slot_ns: 0,
-                owed: 0,
-                lanes: HashSet::new(),
+                ..Tenant::default()
             },
         );
         id
@@ -125,11 +120,12 @@ impl<W> Waiters<W> {
     /// Forgets a tenant with nothing waiting or in flight, so that client
     /// addresses that come and go do not pile up.
     pub fn forget_if_idle(&mut self, id: TenantId) {
-        if let Some(t) = self.tenants.get(&id) {
-            if t.waiting == 0 && t.in_flight == 0 {
-                self.by_name.remove(&t.name);
-                self.tenants.remove(&id);
-            }
+        if let Some(t) = self.tenants.get(&id)
+            && t.waiting == 0
+            && t.in_flight == 0
+        {
+            self.by_name.remove(&t.name);
+            self.tenants.remove(&id);
         }
     }
 
@@ -172,10 +168,9 @@ impl<W> Waiters<W> {
         }
         tenant.waiting += 1;
         let vt = tenant.vt;
-        let key: LaneKey = (waiter.priority, waiter.want.model.clone());
-        if !tenant.lanes.contains(&key) {
-            tenant.lanes.insert(key);
-        }
+        tenant
+            .lanes
+            .insert((waiter.priority, waiter.want.model.clone()));
         self.bytes += waiter.bytes;
         let lane = self.lane_mut(waiter.priority, waiter.want.model.as_ref());
         lane.len += 1;
@@ -195,13 +190,10 @@ impl<W> Waiters<W> {
         let vt = self.tenants.get(&tid).map_or(0, |t| t.vt);
         let lane = self.lane_mut(waiter.priority, waiter.want.model.as_ref());
         lane.len -= 1;
-        let emptied = match lane.fifo.get_mut(&tid) {
-            Some(fifo) => {
-                fifo.remove(&arrival);
-                fifo.is_empty()
-            }
-            None => false,
-        };
+        let emptied = lane.fifo.get_mut(&tid).is_some_and(|fifo| {
+            fifo.remove(&arrival);
+            fifo.is_empty()
+        });
         if emptied {
             lane.fifo.remove(&tid);
             lane.tenants.remove(&(vt, tid));
@@ -214,16 +206,14 @@ impl<W> Waiters<W> {
                     .remove(&(waiter.priority, waiter.want.model.clone()));
             }
         }
-        if emptied {
-            if let Some(m) = &waiter.want.model {
-                if self
-                    .by_model
-                    .get(m)
-                    .is_some_and(|l| l.iter().all(|l| l.len == 0))
-                {
-                    self.by_model.remove(m);
-                }
-            }
+        if emptied
+            && let Some(m) = &waiter.want.model
+            && self
+                .by_model
+                .get(m)
+                .is_some_and(|l| l.iter().all(|l| l.len == 0))
+        {
+            self.by_model.remove(m);
         }
         Some(waiter)
     }

@@ -152,11 +152,9 @@ pub fn degraded_foreign(
     if cap == 0 {
         return 0;
     }
-    let share = if instances == 0 {
-        0
-    } else {
-        cap / u32::try_from(instances).unwrap_or(u32::MAX)
-    };
+    let share = cap
+        .checked_div(u32::try_from(instances).unwrap_or(u32::MAX))
+        .unwrap_or(0);
     let others: Vec<u32> = holders
         .iter()
         .filter(|(i, _)| i.as_str() != me)

@@ -55,7 +55,7 @@ impl SharedState {
                 .arg(age_ms(since));
             match self.redis.run(inv).await {
                 Ok(Take::Taken(holders)) => {
-                    self.hold(&lease);
+                    let lease = self.hold(lease);
                     self.apply(fleet, id, &holders, 0);
                     return Some(lease);
                 }
@@ -72,17 +72,14 @@ impl SharedState {
                 Err(e) => self.mark_down(fleet, &e),
             }
         }
-        if self.fits_local_cap(fleet, id) {
-            self.hold(&lease);
-            Some(lease)
-        } else {
-            None
-        }
+        self.fits_local_cap(fleet, id).then(|| self.hold(lease))
     }
 
-    fn hold(&self, lease: &RedisLease) {
+    /// Records `lease` as held here.
+    fn hold(&self, lease: RedisLease) -> RedisLease {
         let (member, backend) = (lease.member.clone(), lease.backend.clone());
         self.inner().held.insert(member, backend);
+        lease
     }
 
     /// Keeps `lease`, which a finished request on `id` handed to the next
@@ -240,7 +237,6 @@ impl Drop for Handover<'_> {
     }
 }
 
-/// Milliseconds since `since`.
 fn age_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }

@@ -208,14 +208,10 @@ impl SharedState {
             .arg(&self.instance)
             .arg(leases::oldest_age(fleet))
             .arg(u8::from(seen))
-            .arg(ids.len());
-        for id in &ids {
-            inv.arg(id.to_string());
-        }
-        inv.arg(drains.len());
-        for d in &drains {
-            inv.arg(d.to_string());
-        }
+            .arg(ids.len())
+            .arg(strings(&ids))
+            .arg(drains.len())
+            .arg(strings(&drains));
         for (member, backend) in &held {
             inv.arg(backend.to_string()).arg(member);
         }
@@ -250,4 +246,9 @@ impl SharedState {
         self.apply_drained(fleet, &out.drained);
         self.sync_registered(fleet, rewrite || out.rewritten).await;
     }
+}
+
+/// Backend ids as script arguments, one each.
+pub(super) fn strings(ids: &[BackendId]) -> Vec<String> {
+    ids.iter().map(BackendId::to_string).collect()
 }

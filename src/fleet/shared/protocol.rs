@@ -60,7 +60,6 @@ impl Redis {
         self.conn.get_or_try_init(connect).await.cloned()
     }
 
-    /// Runs a script.
     pub(super) async fn run<T: FromRedisValue>(
         &self,
         invocation: redis::ScriptInvocation<'_>,
@@ -69,7 +68,6 @@ impl Redis {
         within(CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await
     }
 
-    /// Runs a plain command.
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
         let mut conn = self.connection().await?;
         within(CALL_TIMEOUT, cmd.query_async(&mut conn)).await

@@ -77,14 +77,10 @@ impl SharedState {
             .filter(|b| !b.is_empty())
             .map(BackendId::parse)
             .collect();
-        let (pending, known): (HashSet<BackendId>, HashSet<BackendId>) = {
-            let inner = self.inner();
-            let drains = &inner.drains;
-            (
-                drains.pending.keys().cloned().collect(),
-                drains.known().into_iter().collect(),
-            )
-        };
+        let inner = self.inner();
+        let pending: HashSet<BackendId> = inner.drains.pending.keys().cloned().collect();
+        let known: HashSet<BackendId> = inner.drains.known().into_iter().collect();
+        drop(inner);
         let changes: Vec<(BackendId, bool)> = fleet.read(|s| {
             let backends = s.backends().iter().filter(|(id, _)| !pending.contains(*id));
             backends
@@ -143,11 +139,9 @@ impl SharedState {
         let mut inv = scripts::REGISTERED.key(REGISTERED_KEY);
         inv.arg("set").arg(0).arg(id.to_string());
         match self.write_registered(inv).await {
-            Some(true) => {
-                self.inner().registering.deregistered.remove(id);
-            }
+            Some(true) => _ = self.inner().registering.deregistered.remove(id),
             Some(false) => {
-                tracing::warn!(backend = %id, "shared state: deregistration not shared yet");
+                tracing::warn!(backend = %id, "shared state: deregistration not shared yet")
             }
             None => {}
         }
@@ -193,9 +187,7 @@ impl SharedState {
         for (target, left) in &writes {
             registration_args(&mut inv, target, *left);
         }
-        for d in &deletes {
-            inv.arg(d.to_string());
-        }
+        inv.arg(super::strings(&deletes));
         let Registrations(out) = match self.redis.run(inv).await {
             Ok(out) => out,
             Err(e) => return self.mark_down(fleet, &e),
