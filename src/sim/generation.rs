@@ -16,10 +16,9 @@ use tokio::time::Instant;
 use super::cache::Lease;
 use super::faults::Fault;
 use super::generate::{Tokens, count_tokens};
-use super::name::Name;
 use super::reply::{BUSY, RUNNER_DIED};
 use super::sched::Slot;
-use super::state::ServerState;
+use super::state::{Kind, ServerState};
 use super::stats::InferenceGuard;
 
 /// What comes next in a generation.
@@ -124,23 +123,9 @@ impl Generation {
         ask: Ask<'_>,
     ) -> Result<Generation, Refusal> {
         let model = ask.model;
-        let index = if ask.cloud {
-            None
-        } else {
-            if model.is_empty() {
-                return Err((StatusCode::BAD_REQUEST, "model is required".into()));
-            }
-            let name = Name::parse(model)
-                .ok_or((StatusCode::BAD_REQUEST, "invalid model name".to_string()))?;
-            let index = state
-                .find(&name)
-                .ok_or_else(|| (StatusCode::NOT_FOUND, format!("model '{model}' not found")))?;
-            if state.model(index).embedding_only {
-                let msg = format!("\"{model}\" does not support chat");
-                return Err((StatusCode::BAD_REQUEST, msg));
-            }
-            Some(index)
-        };
+        let index = (!ask.cloud)
+            .then(|| state.resolve(model, Kind::Chat))
+            .transpose()?;
         let guard = state.counters.inference();
         asked_delay(headers).await;
         let fault = if ask.cloud {
