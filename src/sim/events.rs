@@ -15,13 +15,7 @@ use super::reply::respond;
 
 /// One `event: <name>\ndata: <json>\n\n` frame.
 pub(crate) fn sse(name: &str, data: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(data.len() + name.len() + 16);
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
+    Bytes::from([b"event: ", name.as_bytes(), b"\ndata: ", data, b"\n\n"].concat())
 }
 
 /// The body error that resets the connection.
