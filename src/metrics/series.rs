@@ -27,7 +27,7 @@ const OK: u16 = 200;
 pub const CAPACITY: usize = 4096;
 
 /// The series of one (endpoint, model) pair.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RequestSeries {
     endpoint: &'static str,
     model: Arc<str>,
@@ -45,13 +45,7 @@ impl RequestSeries {
         Self {
             endpoint,
             model,
-            ok: OnceLock::new(),
-            duration: OnceLock::new(),
-            first_byte: OnceLock::new(),
-            stream_errors: OnceLock::new(),
-            tokens_in: OnceLock::new(),
-            tokens_out: OnceLock::new(),
-            tokens_per_second: OnceLock::new(),
+            ..Self::default()
         }
     }
 

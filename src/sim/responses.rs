@@ -261,21 +261,11 @@ pub(crate) async fn responses(
         model,
         previous: req["previous_response_id"].clone(),
         instructions: req["instructions"].clone(),
-        tools: if req["tools"].is_array() {
-            req["tools"].clone()
-        } else {
-            json!([])
-        },
-        temperature: if req["temperature"].is_number() {
-            req["temperature"].clone()
-        } else {
-            json!(1)
-        },
-        top_p: if req["top_p"].is_number() {
-            req["top_p"].clone()
-        } else {
-            json!(1)
-        },
+        tools: Some(&req["tools"])
+            .filter(|t| t.is_array())
+            .map_or(json!([]), Value::clone),
+        temperature: number_or_one(&req["temperature"]),
+        top_p: number_or_one(&req["top_p"]),
         max_output_tokens: req["max_output_tokens"].clone(),
         store: req["store"] != json!(false),
         created_at: chrono::Utc::now().timestamp(),
@@ -395,6 +385,11 @@ pub(crate) async fn responses(
         })
     })
     .await
+}
+
+/// A sampling setting as sent, or Ollama's default of 1.
+fn number_or_one(v: &Value) -> Value {
+    if v.is_number() { v.clone() } else { json!(1) }
 }
 
 /// One streamed event: `type` and `sequence_number` added, keys sorted.
