@@ -21,8 +21,8 @@ use super::cache::Lease;
 use super::completion::{Api, Completion, Job};
 use super::faults::Fault;
 use super::generate::{NativeChunk, count_tokens, expected_embedding, raw_embedding};
-use super::generation::{Generation, Held, asked_delay};
-use super::reply::{self, BUSY, MID_STREAM, RUNNER_DIED, Shape, native_json, text_of, v1_json};
+use super::generation::{Generation, Held, asked_delay, slot_unless};
+use super::reply::{self, BUSY, MID_STREAM, Shape, native_json, text_of, v1_json};
 use super::sched::Slot;
 use super::spec::parse_go_duration;
 use super::state::{Kind, ServerState, SharedState};
@@ -131,18 +131,11 @@ async fn admit(
     let seq = state.inference_seq.load(Ordering::Relaxed);
     asked_delay(headers).await;
     let resp = match fault {
-        Some(Fault::Error) => reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED),
-        Some(Fault::Busy) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
         Some(Fault::Garbage) => reply::stream(
             "application/json; charset=utf-8",
             axum::body::Body::from("<html>this is not json {"),
         ),
-        Some(Fault::Hang) => {
-            // Held until the client goes away, which drops this future.
-            std::future::pending::<()>().await;
-            unreachable!("pending never completes")
-        }
-        _ => match state.acquire(index, keep_alive, ctx).await {
+        _ => match slot_unless(state, fault, index, keep_alive, ctx).await {
             Ok(slot) => {
                 return Ok(Admitted {
                     guard,
@@ -151,7 +144,7 @@ async fn admit(
                     seq,
                 });
             }
-            Err(_) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
+            Err((status, msg)) => reply::error(shape, status, msg),
         },
     };
     guard.abandon();
@@ -189,6 +182,7 @@ async fn text_answer(
         Ok(found) => found,
         Err(resp) => return resp,
     };
+    let bad_request = |msg: &str| reply::error(shape, StatusCode::BAD_REQUEST, msg);
     let messages = req.messages.as_deref().unwrap_or_default();
     let (input, rendered) = match api {
         Api::Generate | Api::V1Completions => {
@@ -196,19 +190,9 @@ async fn text_answer(
                 Some(Value::String(s)) => s.clone(),
                 None | Some(Value::Null) => String::new(),
                 Some(_) if api == Api::V1Completions => {
-                    return reply::error(
-                        shape,
-                        StatusCode::BAD_REQUEST,
-                        "invalid type for 'prompt' field",
-                    );
+                    return bad_request("invalid type for 'prompt' field");
                 }
-                Some(_) => {
-                    return reply::error(
-                        shape,
-                        StatusCode::BAD_REQUEST,
-                        "json: cannot unmarshal prompt",
-                    );
-                }
+                Some(_) => return bad_request("json: cannot unmarshal prompt"),
             };
             let rendered = render_prompt(req.system.as_deref(), &p);
             (p, rendered)
@@ -234,11 +218,7 @@ async fn text_answer(
         }
     };
     if api == Api::V1Chat && messages.is_empty() {
-        return reply::error(
-            shape,
-            StatusCode::BAD_REQUEST,
-            "[] is too short - 'messages'",
-        );
+        return bad_request("[] is too short - 'messages'");
     }
     let is_shortcut = match api {
         Api::Generate => input.is_empty(),
@@ -373,9 +353,10 @@ async fn embed_answer(
     } else {
         &req.input
     };
+    let bad_request = |msg: &str| reply::error(shape, StatusCode::BAD_REQUEST, msg);
     let inputs: Vec<String> = match source {
         None | Some(Value::Null) if shape == Shape::OpenAi => {
-            return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
+            return bad_request("invalid input");
         }
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) if s.is_empty() && shape == Shape::Native => Vec::new(),
@@ -385,20 +366,20 @@ async fn embed_answer(
                 a.iter().map(|v| v.as_str().map(str::to_owned)).collect();
             match strings {
                 Some(s) if s.is_empty() && shape == Shape::OpenAi => {
-                    return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
+                    return bad_request("invalid input");
                 }
                 Some(s) => s,
-                None => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+                None => return bad_request("invalid input type"),
             }
         }
-        Some(_) => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+        Some(_) => return bad_request("invalid input type"),
     };
     let format = req.encoding_format.as_deref().unwrap_or("float");
     if shape == Shape::OpenAi && format != "float" && format != "base64" {
         let msg = format!(
             "Invalid value for 'encoding_format' = {format}. Supported values: ['float', 'base64']."
         );
-        return reply::error(shape, StatusCode::BAD_REQUEST, &msg);
+        return bad_request(&msg);
     }
     if inputs.is_empty() {
         if state.sched.preload(index, ka).await.is_err() {
