@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::cloud;
 use super::events::{Moment, event_stream, feed, sse};
 use super::generation::{Ask, Generation};
-use super::reply::{self, MID_STREAM, Ordered, Shape, plain, respond, text_of};
+use super::reply::{self, MID_STREAM, Ordered, Shape, plain, respond, text_of, v1_json};
 use super::state::{ServerState, SharedState};
 use super::tools;
 
@@ -233,8 +233,7 @@ pub(crate) async fn responses(
         Some(prev) => match state.responses.get(prev, &auth) {
             Some(text) => text,
             None => {
-                let mut body = NOT_FOUND.as_bytes().to_vec();
-                body.push(b'\n');
+                let body = format!("{NOT_FOUND}\n");
                 return respond(StatusCode::NOT_FOUND, "application/json", body);
             }
         },
@@ -306,9 +305,7 @@ pub(crate) async fn responses(
             output,
             usage(turn.prompt_tokens, turn.emitted()),
         );
-        let mut bytes = whole.to_vec();
-        bytes.push(b'\n');
-        return respond(StatusCode::OK, "application/json", bytes);
+        return v1_json(StatusCode::OK, &whole);
     }
     let mut seq = 0u64;
     let mut text = String::new();
