@@ -49,11 +49,6 @@ impl RequestSeries {
         }
     }
 
-    /// The route path.
-    pub fn endpoint(&self) -> &'static str {
-        self.endpoint
-    }
-
     /// The model label.
     pub fn model(&self) -> &Arc<str> {
         &self.model
