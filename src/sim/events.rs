@@ -3,6 +3,8 @@
 //! first event, and [`feed`], which turns a generation's steps into
 //! frames; also the error that resets a streamed connection.
 
+use std::io::ErrorKind;
+
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -20,10 +22,7 @@ pub(crate) fn sse(name: &str, data: &[u8]) -> Bytes {
 
 /// The body error that resets the connection.
 pub(crate) fn connection_reset() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionReset,
-        "simulated connection reset",
-    )
+    std::io::Error::new(ErrorKind::ConnectionReset, "simulated connection reset")
 }
 
 /// Sender side of an event stream.

@@ -57,14 +57,7 @@ fn read_input(input: &Value) -> (String, String, bool) {
 
 fn uuid() -> String {
     let h = reply::hex(32);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    [&h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]].join("-")
 }
 
 /// What the response object echoes of the request.
@@ -86,13 +79,10 @@ fn usage(input: u64, output: u64) -> Ordered {
         ("input_tokens", plain(input)),
         ("output_tokens", plain(output)),
         ("total_tokens", plain(input + output)),
-        (
-            "input_tokens_details",
-            Ordered::Object(vec![("cached_tokens", plain(0))]),
-        ),
+        ("input_tokens_details", plain(json!({"cached_tokens": 0}))),
         (
             "output_tokens_details",
-            Ordered::Object(vec![("reasoning_tokens", plain(0))]),
+            plain(json!({"reasoning_tokens": 0})),
         ),
     ])
 }
@@ -128,13 +118,7 @@ fn response(
         ("tool_choice", plain("auto")),
         ("truncation", plain("disabled")),
         ("parallel_tool_calls", plain(true)),
-        (
-            "text",
-            Ordered::Object(vec![(
-                "format",
-                Ordered::Object(vec![("type", plain("text"))]),
-            )]),
-        ),
+        ("text", plain(json!({"format": {"type": "text"}}))),
         ("top_p", plain(e.top_p.clone())),
         ("presence_penalty", plain(0)),
         ("frequency_penalty", plain(0)),

@@ -274,11 +274,8 @@ async fn v1_models(State(state): SharedState) -> Response {
     let data: Vec<Value> = (0..state.names.len())
         .map(|i| v1_entry(&state, i, state.names[i].display()))
         .collect();
-    let data = if data.is_empty() {
-        Value::Null
-    } else {
-        json!(data)
-    };
+    // No models: `data` is null, as Ollama's nil slice is.
+    let data = (!data.is_empty()).then_some(data);
     v1_json(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
 
