@@ -96,15 +96,10 @@ pub(crate) fn refusal(state: &ServerState) -> Option<Response> {
 }
 
 fn signin_url(state: &ServerState) -> String {
-    format!(
-        "https://ollama.com/connect?name=corral-sim&key={}",
-        base64_url(&state.spec.seed.to_be_bytes())
-    )
-}
-
-fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    let key =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(state.spec.seed.to_be_bytes());
+    format!("https://ollama.com/connect?name=corral-sim&key={key}")
 }
 
 /// `GET /api/status`.

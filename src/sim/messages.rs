@@ -205,10 +205,8 @@ fn block_start(block: Ordered) -> Bytes {
 }
 
 fn block_delta(delta: Ordered) -> Bytes {
-    event(
-        "content_block_delta",
-        vec![("index", plain(0)), ("delta", delta)],
-    )
+    let fields = vec![("index", plain(0)), ("delta", delta)];
+    event("content_block_delta", fields)
 }
 
 fn stop_reason(turn: &Generation) -> &'static str {
