@@ -230,13 +230,9 @@ impl BackendCounters {
     pub fn retain(&self, now: &std::collections::HashSet<Arc<str>>) -> Vec<Arc<str>> {
         let mut map = self.by_backend.write().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<Arc<str>> = map.keys().filter(|b| !now.contains(*b)).cloned().collect();
-        for backend in &gone {
-            map.remove(backend);
-        }
+        map.retain(|backend, _| now.contains(backend));
         for backend in now {
-            if !map.contains_key(backend) {
-                map.insert(Arc::clone(backend), None);
-            }
+            map.entry(Arc::clone(backend)).or_default();
         }
         gone
     }
