@@ -163,7 +163,7 @@ pub struct ServeArgs {
     /// Client keys, comma-separated, each `name:key` or a bare key; when set,
     /// requests need `Authorization: Bearer <key>`.
     #[arg(
-        long = "api-keys",
+        long,
         env = "PROXY_API_KEYS",
         value_delimiter = ',',
         hide_env_values = true
@@ -172,7 +172,7 @@ pub struct ServeArgs {
 
     /// Key for the POST actions under /__proxy/; when empty they are loopback-only.
     #[arg(
-        long = "admin-key",
+        long,
         env = "PROXY_ADMIN_KEY",
         default_value = "",
         hide_env_values = true
@@ -181,7 +181,7 @@ pub struct ServeArgs {
 
     /// Bearer key for backend self-registration (`POST /__proxy/backends`); PROXY_ADMIN_KEY also works.
     #[arg(
-        long = "registration-key",
+        long,
         env = "REGISTRATION_KEY",
         default_value = "",
         hide_env_values = true
@@ -355,11 +355,7 @@ pub struct SimArgs {
     pub no_host_check: bool,
 
     /// What `/api/version` reports.
-    #[arg(
-        long = "ollama-version",
-        env = "SIM_OLLAMA_VERSION",
-        default_value = "0.33.0-rc2"
-    )]
+    #[arg(long, env = "SIM_OLLAMA_VERSION", default_value = "0.33.0-rc2")]
     pub ollama_version: String,
 
     /// Cloud stubs listed by `/api/tags` (`gpt-oss:120b-cloud`), comma-separated.

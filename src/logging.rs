@@ -30,12 +30,11 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let result = match format {
+    // Already installed (a test harness did it first) is fine.
+    let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    // Already installed (a test harness did it first) is fine.
-    let _ = result;
     Ok(())
 }
 

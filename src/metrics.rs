@@ -102,51 +102,32 @@ fn rate_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 13))
 }
 
-/// Every metric family corral exports.
+/// Every metric family corral exports; what each counts is its HELP text,
+/// registered in [`Metrics::new`].
 pub struct Metrics {
     registry: Registry,
-    /// Requests answered, by endpoint, model and status.
     pub requests: Family<RequestLabels, Counter>,
-    /// Whole request duration, until the response body ended.
     pub request_duration: HistogramFamily<EndpointLabels>,
-    /// Time until the first response byte was ready for the client.
     pub time_to_first_byte: HistogramFamily<EndpointLabels>,
-    /// Requests waiting for a slot now.
     pub queue_depth: Gauge,
-    /// Time spent waiting for a slot.
     pub queue_wait: Histogram,
-    /// Requests turned away before reaching a backend, by reason.
     pub rejections: Family<ReasonLabels, Counter>,
-    /// Time spent waiting for a slot, by tenant.
     pub tenant_queue_wait: HistogramFamily<TenantLabels>,
-    /// Requests waiting now, by tenant.
     pub tenant_queue_depth: Family<TenantLabels, Gauge>,
-    /// Requests holding a slot now, by tenant.
     pub tenant_in_flight: Family<TenantLabels, Gauge>,
-    /// Backend health now (1 healthy, 0 not).
     pub backend_healthy: Family<BackendLabels, Gauge>,
-    /// Requests holding a slot on the backend now.
     pub backend_in_flight: Family<BackendLabels, Gauge>,
-    /// Attempts sent to the backend.
     pub backend_requests: Family<BackendLabels, Counter>,
-    /// Failed attempts on the backend, by kind.
     pub backend_failures: Family<FailureLabels, Counter>,
-    /// Latency of the backend's last successful probe.
     pub probe_seconds: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    /// Attempts after the first.
     pub retries: Counter,
-    /// Streams that ended with an error after their first byte.
     pub stream_errors: Family<EndpointLabels, Counter>,
     /// Prompt and generated tokens, from the backend's final chunk or usage.
     pub tokens: Family<TokenLabels, Counter>,
-    /// Generation speed per request.
     pub tokens_per_second: HistogramFamily<ModelLabels>,
     /// Placements by the rule that chose the backend (ROUTING=cache-aware).
     pub placements: Family<ReasonLabels, Counter>,
-    /// Requests sent where their prompt prefix or session was expected.
     pub prefix_hits: Counter,
-    /// Prompt tokens the backends did not evaluate, estimated from the
-    /// prompt's size and the `prompt_eval_count` they reported.
     pub prompt_tokens_saved: Counter,
     /// Requests placed where their model was not known to be loaded (with that `num_ctx`).
     pub model_loads_caused: Counter,
@@ -176,18 +157,13 @@ pub struct Totals {
     pub tokens_out: AtomicU64,
 }
 
-/// A reading of [`Totals`].
+/// A reading of [`Totals`], field by field.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct TotalsView {
-    /// Routed requests answered or refused.
     pub requests: u64,
-    /// Of those, answered with a 5xx.
     pub errors: u64,
-    /// Slots acquired.
     pub queue_waits: u64,
-    /// Microseconds spent waiting for them.
     pub queue_wait_micros: u64,
-    /// Generated tokens.
     pub tokens_out: u64,
 }
 

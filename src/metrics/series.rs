@@ -27,7 +27,7 @@ const OK: u16 = 200;
 pub const CAPACITY: usize = 4096;
 
 /// The series of one (endpoint, model) pair.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RequestSeries {
     endpoint: &'static str,
     model: Arc<str>,
@@ -45,19 +45,8 @@ impl RequestSeries {
         Self {
             endpoint,
             model,
-            ok: OnceLock::new(),
-            duration: OnceLock::new(),
-            first_byte: OnceLock::new(),
-            stream_errors: OnceLock::new(),
-            tokens_in: OnceLock::new(),
-            tokens_out: OnceLock::new(),
-            tokens_per_second: OnceLock::new(),
+            ..Self::default()
         }
-    }
-
-    /// The route path.
-    pub fn endpoint(&self) -> &'static str {
-        self.endpoint
     }
 
     /// The model label.
@@ -241,13 +230,9 @@ impl BackendCounters {
     pub fn retain(&self, now: &std::collections::HashSet<Arc<str>>) -> Vec<Arc<str>> {
         let mut map = self.by_backend.write().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<Arc<str>> = map.keys().filter(|b| !now.contains(*b)).cloned().collect();
-        for backend in &gone {
-            map.remove(backend);
-        }
+        map.retain(|backend, _| now.contains(backend));
         for backend in now {
-            if !map.contains_key(backend) {
-                map.insert(Arc::clone(backend), None);
-            }
+            map.entry(Arc::clone(backend)).or_default();
         }
         gone
     }

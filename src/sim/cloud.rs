@@ -20,7 +20,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::completion::Api;
+use super::completion::{Api, v1_delta, v1_head, v1_usage};
 use super::generate::{Metrics, NativeChunk, SSE_DONE, sse_event};
 use super::generation::{Ask, Generation, Step};
 use super::reply::{native_json, respond, v1_json};
@@ -96,15 +96,10 @@ pub(crate) fn refusal(state: &ServerState) -> Option<Response> {
 }
 
 fn signin_url(state: &ServerState) -> String {
-    format!(
-        "https://ollama.com/connect?name=corral-sim&key={}",
-        base64_url(&state.spec.seed.to_be_bytes())
-    )
-}
-
-fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    let key =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(state.spec.seed.to_be_bytes());
+    format!("https://ollama.com/connect?name=corral-sim&key={key}")
 }
 
 /// `GET /api/status`.
@@ -260,31 +255,21 @@ async fn answer(
 async fn v1_chat(mut turn: Generation, model: &str, stream: bool) -> Response {
     let id = format!("chatcmpl-{}", rand::random::<u16>() % 999);
     let created = chrono::Utc::now().timestamp();
-    let head = |object: &str| {
-        json!({"id": id, "object": object, "created": created, "model": model,
-               "system_fingerprint": "fp_ollama"})
-    };
+    let head = |object: &str| v1_head(&id, object, created, model);
     if !stream {
         let text = turn.whole().await.unwrap_or_default();
         let reason = turn.done_reason();
-        let (p, c) = (turn.prompt_tokens, turn.emitted());
         let mut v = head("chat.completion");
         v["choices"] = json!([{"index": 0, "message": {"role": "assistant", "content": text},
                                "finish_reason": reason}]);
-        v["usage"] = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+        v["usage"] = v1_usage(turn.prompt_tokens, turn.emitted());
         return v1_json(StatusCode::OK, &v);
     }
     let mut out = Vec::new();
     let mut first = true;
     while let Step::Token(t) = turn.next().await {
-        let delta = if first {
-            json!({"role": "assistant", "content": t})
-        } else {
-            json!({"content": t})
-        };
-        first = false;
         let mut v = head("chat.completion.chunk");
-        v["choices"] = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
+        v["choices"] = json!([v1_delta(std::mem::take(&mut first), &t)]);
         out.extend_from_slice(&sse_event(&v));
     }
     let reason = turn.done_reason();

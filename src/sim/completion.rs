@@ -102,8 +102,7 @@ impl Completion {
     }
 
     fn usage(&self) -> Value {
-        let (p, c) = (self.job.prompt_eval_count, self.generation.emitted());
-        json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+        v1_usage(self.job.prompt_eval_count, self.generation.emitted())
     }
 
     fn context(&self) -> Option<Vec<u64>> {
@@ -132,11 +131,12 @@ impl Completion {
             Api::V1Chat => "chat.completion.chunk",
             _ => "text_completion",
         };
-        let mut v = json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.job.model,
-            "system_fingerprint": "fp_ollama",
-            "choices": if choice.is_null() { json!([]) } else { json!([choice]) },
-        });
+        let mut v = v1_head(&self.id, object, self.created, &self.job.model);
+        v["choices"] = if choice.is_null() {
+            json!([])
+        } else {
+            json!([choice])
+        };
         if let Some(u) = usage {
             v["usage"] = u;
         }
@@ -146,20 +146,10 @@ impl Completion {
     fn token_frame(&self, tok: &str) -> Bytes {
         match self.job.api {
             Api::Generate | Api::Chat => self.native_bytes(tok, false, true),
-            Api::V1Chat => {
-                let delta = if self.generation.emitted() <= 1 {
-                    json!({"role": "assistant", "content": tok})
-                } else {
-                    json!({"content": tok})
-                };
-                self.v1_chunk(
-                    json!({"index": 0, "delta": delta, "finish_reason": null}),
-                    None,
-                )
-            }
+            Api::V1Chat => self.v1_chunk(v1_delta(self.generation.emitted() <= 1, tok), None),
             Api::V1Completions => self.v1_chunk(
                 json!({"text": tok, "index": 0, "finish_reason": null}),
-                self.job.include_usage.then(zero_usage),
+                self.job.include_usage.then(|| v1_usage(0, 0)),
             ),
         }
     }
@@ -174,8 +164,8 @@ impl Completion {
                 } else {
                     json!({"text": "", "index": 0, "finish_reason": r})
                 };
-                let zero =
-                    (self.job.api == Api::V1Completions && self.job.include_usage).then(zero_usage);
+                let zero = (self.job.api == Api::V1Completions && self.job.include_usage)
+                    .then(|| v1_usage(0, 0));
                 let mut t = vec![self.v1_chunk(finish, zero)];
                 if self.job.include_usage {
                     t.push(self.v1_chunk(Value::Null, Some(self.usage())));
@@ -266,31 +256,43 @@ impl Completion {
                 let body = self.native_bytes(&text, true, false);
                 reply::stream("application/json; charset=utf-8", Body::from(body))
             }
-            Api::V1Chat => reply::v1_json(
-                StatusCode::OK,
-                &json!({
-                    "id": self.id, "object": "chat.completion", "created": self.created,
-                    "model": self.job.model, "system_fingerprint": "fp_ollama",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": reason}],
-                    "usage": self.usage(),
-                }),
-            ),
-            Api::V1Completions => reply::v1_json(
-                StatusCode::OK,
-                &json!({
-                    "id": self.id, "object": "text_completion", "created": self.created,
-                    "model": self.job.model, "system_fingerprint": "fp_ollama",
-                    "choices": [{"text": text, "index": 0, "finish_reason": reason}],
-                    "usage": self.usage(),
-                }),
-            ),
+            Api::V1Chat | Api::V1Completions => {
+                let (object, choice) = if self.job.api == Api::V1Chat {
+                    let message = json!({"role": "assistant", "content": text});
+                    let choice = json!({"index": 0, "message": message, "finish_reason": reason});
+                    ("chat.completion", choice)
+                } else {
+                    let choice = json!({"text": text, "index": 0, "finish_reason": reason});
+                    ("text_completion", choice)
+                };
+                let mut v = v1_head(&self.id, object, self.created, &self.job.model);
+                v["choices"] = json!([choice]);
+                v["usage"] = self.usage();
+                reply::v1_json(StatusCode::OK, &v)
+            }
         }
     }
 }
 
-fn zero_usage() -> Value {
-    json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+/// The fields every `/v1` chat or completions object starts with.
+pub(crate) fn v1_head(id: &str, object: &str, created: i64, model: &str) -> Value {
+    json!({"id": id, "object": object, "created": created, "model": model,
+           "system_fingerprint": "fp_ollama"})
+}
+
+/// The choice of one streamed chat token; the first names the role.
+pub(crate) fn v1_delta(first: bool, token: &str) -> Value {
+    let delta = if first {
+        json!({"role": "assistant", "content": token})
+    } else {
+        json!({"content": token})
+    };
+    json!({"index": 0, "delta": delta, "finish_reason": null})
+}
+
+/// `/v1` usage of `p` prompt and `c` completion tokens.
+pub(crate) fn v1_usage(p: u64, c: u64) -> Value {
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
 fn content_type_json(api: Api) -> &'static str {

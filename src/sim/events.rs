@@ -3,6 +3,8 @@
 //! first event, and [`feed`], which turns a generation's steps into
 //! frames; also the error that resets a streamed connection.
 
+use std::io::ErrorKind;
+
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -15,21 +17,12 @@ use super::reply::respond;
 
 /// One `event: <name>\ndata: <json>\n\n` frame.
 pub(crate) fn sse(name: &str, data: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(data.len() + name.len() + 16);
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
+    Bytes::from([b"event: ", name.as_bytes(), b"\ndata: ", data, b"\n\n"].concat())
 }
 
 /// The body error that resets the connection.
 pub(crate) fn connection_reset() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionReset,
-        "simulated connection reset",
-    )
+    std::io::Error::new(ErrorKind::ConnectionReset, "simulated connection reset")
 }
 
 /// Sender side of an event stream.

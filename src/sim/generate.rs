@@ -47,19 +47,14 @@ impl Tokens {
         }
     }
 
-    /// The next token, written into `out`.
-    pub fn push_next(&mut self, out: &mut String) {
-        if !std::mem::take(&mut self.first) {
-            out.push(' ');
-        }
-        out.push_str(WORDS[self.rng.random_range(0..WORDS.len())]);
-    }
-
-    /// The next token as a new string.
+    /// The next token.
     pub fn next_token(&mut self) -> String {
-        let mut s = String::with_capacity(12);
-        self.push_next(&mut s);
-        s
+        let space = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        format!("{space}{}", WORDS[self.rng.random_range(0..WORDS.len())])
     }
 }
 
@@ -67,12 +62,7 @@ impl Tokens {
 /// (the prompt, or the content of the last user message) with `tokens`
 /// tokens. Tests use it to assert on content.
 pub fn expected_text(seed: u64, model: &str, input: &str, tokens: usize) -> String {
-    let mut t = Tokens::new(seed, model, input);
-    let mut s = String::with_capacity(tokens * 8);
-    for _ in 0..tokens {
-        t.push_next(&mut s);
-    }
-    s
+    expected_tokens(seed, model, input, tokens).concat()
 }
 
 /// The exact tokens of [`expected_text`], one per stream chunk.
@@ -121,15 +111,8 @@ fn trim_fraction(s: String) -> String {
     let end = s[dot..]
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or(s.len(), |i| dot + i);
-    let frac = s[dot + 1..end].trim_end_matches('0');
-    let mut out = String::with_capacity(s.len());
-    out.push_str(&s[..dot]);
-    if !frac.is_empty() {
-        out.push('.');
-        out.push_str(frac);
-    }
-    out.push_str(&s[end..]);
-    out
+    let fraction = s[dot..end].trim_end_matches('0').trim_end_matches('.');
+    format!("{}{fraction}{}", &s[..dot], &s[end..])
 }
 
 /// The six metric fields of a final object, in nanoseconds (never 0).
@@ -212,18 +195,14 @@ impl<'a> NativeChunk<'a> {
 
 /// Serialises `value` as one NDJSON line.
 pub fn ndjson_line(value: &impl Serialize) -> Bytes {
-    let mut v = serde_json::to_vec(value).unwrap_or_default();
-    v.push(b'\n');
-    Bytes::from(v)
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    Bytes::from([&json[..], b"\n"].concat())
 }
 
 /// Serialises `value` as one SSE event `data: <json>\n\n`.
 pub fn sse_event(value: &impl Serialize) -> Bytes {
-    let mut v = Vec::with_capacity(256);
-    v.extend_from_slice(b"data: ");
-    serde_json::to_writer(&mut v, value).unwrap_or_default();
-    v.extend_from_slice(b"\n\n");
-    Bytes::from(v)
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    Bytes::from([b"data: ", &json[..], b"\n\n"].concat())
 }
 
 /// The SSE end marker.

@@ -16,10 +16,9 @@ use tokio::time::Instant;
 use super::cache::Lease;
 use super::faults::Fault;
 use super::generate::{Tokens, count_tokens};
-use super::name::Name;
 use super::reply::{BUSY, RUNNER_DIED};
 use super::sched::Slot;
-use super::state::ServerState;
+use super::state::{Kind, ServerState};
 use super::stats::InferenceGuard;
 
 /// What comes next in a generation.
@@ -90,6 +89,28 @@ pub(crate) async fn asked_delay(headers: &HeaderMap) {
     }
 }
 
+/// A slot on model `index`, unless `fault` strikes before any byte: then
+/// its status and message. A hang never returns (until the client goes
+/// away, which drops this future).
+pub(crate) async fn slot_unless(
+    state: &ServerState,
+    fault: Option<Fault>,
+    index: usize,
+    keep_alive: Option<Option<Duration>>,
+    ctx: Option<u64>,
+) -> Result<Slot, (StatusCode, &'static str)> {
+    let busy = (StatusCode::SERVICE_UNAVAILABLE, BUSY);
+    match fault {
+        Some(Fault::Error) => Err((StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED)),
+        Some(Fault::Busy) => Err(busy),
+        Some(Fault::Hang) => std::future::pending().await,
+        _ => state
+            .acquire(index, keep_alive, ctx)
+            .await
+            .map_err(|_| busy),
+    }
+}
+
 impl Generation {
     /// `limit` tokens (the server's default if `None`) for `model` and
     /// `input`, paced from now.
@@ -124,23 +145,9 @@ impl Generation {
         ask: Ask<'_>,
     ) -> Result<Generation, Refusal> {
         let model = ask.model;
-        let index = if ask.cloud {
-            None
-        } else {
-            if model.is_empty() {
-                return Err((StatusCode::BAD_REQUEST, "model is required".into()));
-            }
-            let name = Name::parse(model)
-                .ok_or((StatusCode::BAD_REQUEST, "invalid model name".to_string()))?;
-            let index = state
-                .find(&name)
-                .ok_or_else(|| (StatusCode::NOT_FOUND, format!("model '{model}' not found")))?;
-            if state.model(index).embedding_only {
-                let msg = format!("\"{model}\" does not support chat");
-                return Err((StatusCode::BAD_REQUEST, msg));
-            }
-            Some(index)
-        };
+        let index = (!ask.cloud)
+            .then(|| state.resolve(model, Kind::Chat))
+            .transpose()?;
         let guard = state.counters.inference();
         asked_delay(headers).await;
         let fault = if ask.cloud {
@@ -148,25 +155,14 @@ impl Generation {
         } else {
             state.pick_fault(headers)
         };
-        match fault {
-            Some(Fault::Error) => {
-                guard.abandon();
-                return Err((StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED.into()));
-            }
-            Some(Fault::Busy) => {
-                guard.abandon();
-                return Err((StatusCode::SERVICE_UNAVAILABLE, BUSY.into()));
-            }
-            Some(Fault::Hang) => std::future::pending::<()>().await,
-            _ => {}
-        }
+        // A cloud model (no index) takes no slot and has no fault.
         let slot = match index {
             None => None,
-            Some(i) => match state.acquire(i, None, None).await {
+            Some(i) => match slot_unless(state, fault, i, None, None).await {
                 Ok(slot) => Some(slot),
-                Err(_) => {
+                Err((status, msg)) => {
                     guard.abandon();
-                    return Err((StatusCode::SERVICE_UNAVAILABLE, BUSY.into()));
+                    return Err((status, msg.into()));
                 }
             },
         };
@@ -175,15 +171,9 @@ impl Generation {
             lease: None,
             slot,
         };
-        let prompt_tokens = count_tokens(ask.all_text);
-        let words = (model, ask.input);
+        let (words, tokens) = ((model, ask.input), count_tokens(ask.all_text));
         Ok(Generation::new(
-            state,
-            words,
-            ask.limit,
-            prompt_tokens,
-            fault,
-            held,
+            state, words, ask.limit, tokens, fault, held,
         ))
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::routing::{MethodRouter, post};
 use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -20,12 +21,11 @@ use super::cache::Lease;
 use super::completion::{Api, Completion, Job};
 use super::faults::Fault;
 use super::generate::{NativeChunk, count_tokens, expected_embedding, raw_embedding};
-use super::generation::{Generation, Held, asked_delay};
-use super::name::Name;
-use super::reply::{self, BUSY, MID_STREAM, RUNNER_DIED, Shape, native_json, text_of, v1_json};
+use super::generation::{Generation, Held, asked_delay, slot_unless};
+use super::reply::{self, BUSY, MID_STREAM, Shape, native_json, text_of, v1_json};
 use super::sched::Slot;
 use super::spec::parse_go_duration;
-use super::state::{ServerState, SharedState};
+use super::state::{Kind, ServerState, SharedState};
 use super::stats::InferenceGuard;
 use super::tokens::Token;
 use super::tokens::{render_chat, render_prompt};
@@ -66,58 +66,6 @@ struct InferenceRequest {
     dimensions: Option<usize>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Generate,
-    Chat,
-    Embed,
-    Embeddings,
-}
-
-/// Finds the model or answers the error Ollama gives for `kind`.
-#[expect(
-    clippy::result_large_err,
-    reason = "the error is the answer, built once per failed request"
-)]
-fn resolve(state: &ServerState, raw: &str, kind: Kind, shape: Shape) -> Result<usize, Response> {
-    if raw.is_empty() {
-        return Err(match kind {
-            Kind::Chat | Kind::Embeddings => {
-                reply::error(shape, StatusCode::BAD_REQUEST, "model is required")
-            }
-            Kind::Generate | Kind::Embed => {
-                reply::error(shape, StatusCode::NOT_FOUND, "model '' not found")
-            }
-        });
-    }
-    let Some(name) = Name::parse(raw) else {
-        return Err(reply::error(
-            shape,
-            StatusCode::BAD_REQUEST,
-            "invalid model name",
-        ));
-    };
-    let Some(index) = state.find(&name) else {
-        let msg = match kind {
-            Kind::Generate | Kind::Chat => format!("model '{raw}' not found"),
-            Kind::Embed | Kind::Embeddings => {
-                format!("model \"{raw}\" not found, try pulling it first")
-            }
-        };
-        return Err(reply::error(shape, StatusCode::NOT_FOUND, &msg));
-    };
-    if state.model(index).embedding_only && matches!(kind, Kind::Generate | Kind::Chat) {
-        let what = if kind == Kind::Generate {
-            "generate"
-        } else {
-            "chat"
-        };
-        let msg = format!("\"{raw}\" does not support {what}");
-        return Err(reply::error(shape, StatusCode::BAD_REQUEST, &msg));
-    }
-    Ok(index)
-}
-
 /// The request's model (as sent), its index and the keep-alive asked for,
 /// or the error Ollama answers for either.
 #[expect(
@@ -131,34 +79,27 @@ fn model_and_keep_alive(
     shape: Shape,
 ) -> Result<(String, usize, Option<Option<Duration>>), Response> {
     let model = req.model.clone().unwrap_or_default();
-    let index = resolve(state, &model, kind, shape)?;
-    Ok((model, index, keep_alive(&req.keep_alive)?))
+    let index = state
+        .resolve(&model, kind)
+        .map_err(|(status, msg)| reply::error(shape, status, &msg))?;
+    let keep_alive = keep_alive(&req.keep_alive)
+        .map_err(|msg| reply::error(Shape::Native, StatusCode::BAD_REQUEST, &msg))?;
+    Ok((model, index, keep_alive))
 }
 
 /// `None`: not given; `Some(None)`: forever; `Some(Some(d))`: `d`.
-#[expect(
-    clippy::result_large_err,
-    reason = "the error is the answer, built once per failed request"
-)]
-fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, Response> {
+fn keep_alive(v: &Option<Value>) -> Result<Option<Option<Duration>>, String> {
     let secs = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
         Some(Value::String(s)) => parse_go_duration(s).ok_or_else(|| {
-            let msg = if s.chars().all(|c| c.is_ascii_digit()) {
+            if s.chars().all(|c| c.is_ascii_digit()) {
                 format!("time: missing unit in duration \"{s}\"")
             } else {
                 format!("time: invalid duration \"{s}\"")
-            };
-            reply::error(Shape::Native, StatusCode::BAD_REQUEST, &msg)
+            }
         })?,
-        Some(_) => {
-            return Err(reply::error(
-                Shape::Native,
-                StatusCode::BAD_REQUEST,
-                "invalid keep_alive",
-            ));
-        }
+        Some(_) => return Err("invalid keep_alive".into()),
     };
     Ok(Some(if secs < 0.0 {
         None
@@ -190,18 +131,11 @@ async fn admit(
     let seq = state.inference_seq.load(Ordering::Relaxed);
     asked_delay(headers).await;
     let resp = match fault {
-        Some(Fault::Error) => reply::error(shape, StatusCode::INTERNAL_SERVER_ERROR, RUNNER_DIED),
-        Some(Fault::Busy) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
         Some(Fault::Garbage) => reply::stream(
             "application/json; charset=utf-8",
             axum::body::Body::from("<html>this is not json {"),
         ),
-        Some(Fault::Hang) => {
-            // Held until the client goes away, which drops this future.
-            std::future::pending::<()>().await;
-            unreachable!("pending never completes")
-        }
-        _ => match state.acquire(index, keep_alive, ctx).await {
+        _ => match slot_unless(state, fault, index, keep_alive, ctx).await {
             Ok(slot) => {
                 return Ok(Admitted {
                     guard,
@@ -210,7 +144,7 @@ async fn admit(
                     seq,
                 });
             }
-            Err(_) => reply::error(shape, StatusCode::SERVICE_UNAVAILABLE, BUSY),
+            Err((status, msg)) => reply::error(shape, status, msg),
         },
     };
     guard.abandon();
@@ -248,6 +182,7 @@ async fn text_answer(
         Ok(found) => found,
         Err(resp) => return resp,
     };
+    let bad_request = |msg: &str| reply::error(shape, StatusCode::BAD_REQUEST, msg);
     let messages = req.messages.as_deref().unwrap_or_default();
     let (input, rendered) = match api {
         Api::Generate | Api::V1Completions => {
@@ -255,19 +190,9 @@ async fn text_answer(
                 Some(Value::String(s)) => s.clone(),
                 None | Some(Value::Null) => String::new(),
                 Some(_) if api == Api::V1Completions => {
-                    return reply::error(
-                        shape,
-                        StatusCode::BAD_REQUEST,
-                        "invalid type for 'prompt' field",
-                    );
+                    return bad_request("invalid type for 'prompt' field");
                 }
-                Some(_) => {
-                    return reply::error(
-                        shape,
-                        StatusCode::BAD_REQUEST,
-                        "json: cannot unmarshal prompt",
-                    );
-                }
+                Some(_) => return bad_request("json: cannot unmarshal prompt"),
             };
             let rendered = render_prompt(req.system.as_deref(), &p);
             (p, rendered)
@@ -293,11 +218,7 @@ async fn text_answer(
         }
     };
     if api == Api::V1Chat && messages.is_empty() {
-        return reply::error(
-            shape,
-            StatusCode::BAD_REQUEST,
-            "[] is too short - 'messages'",
-        );
+        return bad_request("[] is too short - 'messages'");
     }
     let is_shortcut = match api {
         Api::Generate => input.is_empty(),
@@ -401,39 +322,14 @@ async fn shortcut(
     )
 }
 
-/// `POST /api/generate`.
-pub(crate) async fn generate(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    text_answer(s, h, b, Api::Generate).await
+/// The route of generate, chat or their `/v1` twin, answered as `api`.
+pub(crate) fn answer(api: Api) -> MethodRouter<Arc<ServerState>> {
+    post(move |State(s): SharedState, h: HeaderMap, b: Bytes| text_answer(s, h, b, api))
 }
 
-/// `POST /api/chat`.
-pub(crate) async fn chat(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    text_answer(s, h, b, Api::Chat).await
-}
-
-/// `POST /v1/chat/completions`.
-pub(crate) async fn v1_chat(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    text_answer(s, h, b, Api::V1Chat).await
-}
-
-/// `POST /v1/completions`.
-pub(crate) async fn v1_completions(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    text_answer(s, h, b, Api::V1Completions).await
-}
-
-/// `POST /api/embed`.
-pub(crate) async fn embed(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    embed_answer(s, h, b, Kind::Embed, Shape::Native).await
-}
-
-/// `POST /api/embeddings` (legacy).
-pub(crate) async fn embeddings(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    embed_answer(s, h, b, Kind::Embeddings, Shape::Native).await
-}
-
-/// `POST /v1/embeddings`.
-pub(crate) async fn v1_embeddings(State(s): SharedState, h: HeaderMap, b: Bytes) -> Response {
-    embed_answer(s, h, b, Kind::Embed, Shape::OpenAi).await
+/// The route of an embedding endpoint: `kind` of request, errors in `shape`.
+pub(crate) fn embed(kind: Kind, shape: Shape) -> MethodRouter<Arc<ServerState>> {
+    post(move |State(s): SharedState, h: HeaderMap, b: Bytes| embed_answer(s, h, b, kind, shape))
 }
 
 async fn embed_answer(
@@ -457,9 +353,10 @@ async fn embed_answer(
     } else {
         &req.input
     };
+    let bad_request = |msg: &str| reply::error(shape, StatusCode::BAD_REQUEST, msg);
     let inputs: Vec<String> = match source {
         None | Some(Value::Null) if shape == Shape::OpenAi => {
-            return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
+            return bad_request("invalid input");
         }
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) if s.is_empty() && shape == Shape::Native => Vec::new(),
@@ -469,20 +366,20 @@ async fn embed_answer(
                 a.iter().map(|v| v.as_str().map(str::to_owned)).collect();
             match strings {
                 Some(s) if s.is_empty() && shape == Shape::OpenAi => {
-                    return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input");
+                    return bad_request("invalid input");
                 }
                 Some(s) => s,
-                None => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+                None => return bad_request("invalid input type"),
             }
         }
-        Some(_) => return reply::error(shape, StatusCode::BAD_REQUEST, "invalid input type"),
+        Some(_) => return bad_request("invalid input type"),
     };
     let format = req.encoding_format.as_deref().unwrap_or("float");
     if shape == Shape::OpenAi && format != "float" && format != "base64" {
         let msg = format!(
             "Invalid value for 'encoding_format' = {format}. Supported values: ['float', 'base64']."
         );
-        return reply::error(shape, StatusCode::BAD_REQUEST, &msg);
+        return bad_request(&msg);
     }
     if inputs.is_empty() {
         if state.sched.preload(index, ka).await.is_err() {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::cloud;
 use super::events::{Moment, event_stream, feed, sse};
 use super::generation::{Ask, Generation};
-use super::reply::{self, MID_STREAM, Ordered, plain, respond, text_of};
+use super::reply::{self, MID_STREAM, Ordered, native_json, plain, text_of, v1_json};
 use super::state::SharedState;
 use super::tools::{self, arguments};
 
@@ -39,12 +39,10 @@ pub(crate) fn error(status: StatusCode, message: &str, gin: bool) -> Response {
             ("request_id", plain(format!("req_{}", reply::hex(24)))),
         ],
     );
-    let mut bytes = body.to_vec();
     if gin {
-        respond(status, "application/json; charset=utf-8", bytes)
+        native_json(status, &body)
     } else {
-        bytes.push(b'\n');
-        respond(status, "application/json", bytes)
+        v1_json(status, &body)
     }
 }
 
@@ -138,9 +136,7 @@ pub(crate) async fn messages(
             ("stop_reason", plain(stop)),
             ("usage", usage(turn.prompt_tokens, turn.emitted())),
         ]);
-        let mut bytes = message.to_vec();
-        bytes.push(b'\n');
-        return respond(StatusCode::OK, "application/json", bytes);
+        return v1_json(StatusCode::OK, &message);
     }
     let mut text = String::new();
     event_stream(move |tx| {
@@ -209,10 +205,8 @@ fn block_start(block: Ordered) -> Bytes {
 }
 
 fn block_delta(delta: Ordered) -> Bytes {
-    event(
-        "content_block_delta",
-        vec![("index", plain(0)), ("delta", delta)],
-    )
+    let fields = vec![("index", plain(0)), ("delta", delta)];
+    event("content_block_delta", fields)
 }
 
 fn stop_reason(turn: &Generation) -> &'static str {

@@ -188,8 +188,7 @@ pub async fn run(args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::
         None => vec![base; usize::from(args.count)],
     };
     let listeners = bind_consecutive(args.host, args.port_start, specs.len()).await?;
-    let mut servers = Vec::with_capacity(specs.len());
-    for (listener, spec) in listeners.into_iter().zip(specs) {
+    for (listener, spec) in listeners.iter().zip(&specs) {
         let addr = listener.local_addr()?;
         let models: Vec<&str> = spec.models.iter().map(|m| m.name.as_str()).collect();
         // A closed stdout (`corral sim | head -1`) must not stop the servers.
@@ -198,8 +197,8 @@ pub async fn run(args: SimArgs, shutdown: impl Future<Output = ()>) -> std::io::
             "sim: listening on http://{addr} models={}",
             models.join(",")
         );
-        servers.push(SimServer::start(listener, spec).await?);
     }
+    let servers = start_fleet(listeners, specs).await?;
     shutdown.await;
     for s in &servers {
         s.kill().await;

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::cloud;
 use super::events::{Moment, event_stream, feed, sse};
 use super::generation::{Ask, Generation};
-use super::reply::{self, MID_STREAM, Ordered, Shape, plain, respond, text_of};
+use super::reply::{self, MID_STREAM, Ordered, Shape, plain, respond, text_of, v1_json};
 use super::state::{ServerState, SharedState};
 use super::tools;
 
@@ -57,14 +57,7 @@ fn read_input(input: &Value) -> (String, String, bool) {
 
 fn uuid() -> String {
     let h = reply::hex(32);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    [&h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]].join("-")
 }
 
 /// What the response object echoes of the request.
@@ -86,13 +79,10 @@ fn usage(input: u64, output: u64) -> Ordered {
         ("input_tokens", plain(input)),
         ("output_tokens", plain(output)),
         ("total_tokens", plain(input + output)),
-        (
-            "input_tokens_details",
-            Ordered::Object(vec![("cached_tokens", plain(0))]),
-        ),
+        ("input_tokens_details", plain(json!({"cached_tokens": 0}))),
         (
             "output_tokens_details",
-            Ordered::Object(vec![("reasoning_tokens", plain(0))]),
+            plain(json!({"reasoning_tokens": 0})),
         ),
     ])
 }
@@ -128,13 +118,7 @@ fn response(
         ("tool_choice", plain("auto")),
         ("truncation", plain("disabled")),
         ("parallel_tool_calls", plain(true)),
-        (
-            "text",
-            Ordered::Object(vec![(
-                "format",
-                Ordered::Object(vec![("type", plain("text"))]),
-            )]),
-        ),
+        ("text", plain(json!({"format": {"type": "text"}}))),
         ("top_p", plain(e.top_p.clone())),
         ("presence_penalty", plain(0)),
         ("frequency_penalty", plain(0)),
@@ -233,8 +217,7 @@ pub(crate) async fn responses(
         Some(prev) => match state.responses.get(prev, &auth) {
             Some(text) => text,
             None => {
-                let mut body = NOT_FOUND.as_bytes().to_vec();
-                body.push(b'\n');
+                let body = format!("{NOT_FOUND}\n");
                 return respond(StatusCode::NOT_FOUND, "application/json", body);
             }
         },
@@ -261,21 +244,11 @@ pub(crate) async fn responses(
         model,
         previous: req["previous_response_id"].clone(),
         instructions: req["instructions"].clone(),
-        tools: if req["tools"].is_array() {
-            req["tools"].clone()
-        } else {
-            json!([])
-        },
-        temperature: if req["temperature"].is_number() {
-            req["temperature"].clone()
-        } else {
-            json!(1)
-        },
-        top_p: if req["top_p"].is_number() {
-            req["top_p"].clone()
-        } else {
-            json!(1)
-        },
+        tools: Some(&req["tools"])
+            .filter(|t| t.is_array())
+            .map_or(json!([]), Value::clone),
+        temperature: number_or_one(&req["temperature"]),
+        top_p: number_or_one(&req["top_p"]),
         max_output_tokens: req["max_output_tokens"].clone(),
         store: req["store"] != json!(false),
         created_at: chrono::Utc::now().timestamp(),
@@ -316,9 +289,7 @@ pub(crate) async fn responses(
             output,
             usage(turn.prompt_tokens, turn.emitted()),
         );
-        let mut bytes = whole.to_vec();
-        bytes.push(b'\n');
-        return respond(StatusCode::OK, "application/json", bytes);
+        return v1_json(StatusCode::OK, &whole);
     }
     let mut seq = 0u64;
     let mut text = String::new();
@@ -395,6 +366,11 @@ pub(crate) async fn responses(
         })
     })
     .await
+}
+
+/// A sampling setting as sent, or Ollama's default of 1.
+fn number_or_one(v: &Value) -> Value {
+    if v.is_number() { v.clone() } else { json!(1) }
 }
 
 /// One streamed event: `type` and `sequence_number` added, keys sorted.

@@ -17,12 +17,14 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::completion::Api;
 use super::generate::local_rfc3339;
+use super::inference::{answer, embed};
 use super::name::Name;
 use super::reply::{self, Shape, native_json, text, v1_json};
 use super::spec::ModelSpec;
-use super::state::{ServerState, SharedState};
-use super::{audio, cloud, inference, messages, responses};
+use super::state::{Kind, ServerState, SharedState};
+use super::{audio, cloud, messages, responses};
 
 /// Every route of a simulated Ollama server.
 pub(crate) fn router(state: Arc<ServerState>) -> Router {
@@ -32,18 +34,18 @@ pub(crate) fn router(state: Arc<ServerState>) -> Router {
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
-        .route("/api/generate", post(inference::generate))
-        .route("/api/chat", post(inference::chat))
-        .route("/api/embed", post(inference::embed))
-        .route("/api/embeddings", post(inference::embeddings))
+        .route("/api/generate", answer(Api::Generate))
+        .route("/api/chat", answer(Api::Chat))
+        .route("/api/embed", embed(Kind::Embed, Shape::Native))
+        .route("/api/embeddings", embed(Kind::Embeddings, Shape::Native))
         .route("/api/pull", post(progress))
         .route("/api/push", post(progress))
         .route("/api/create", post(progress))
         .route("/api/copy", post(empty_ok))
         .route("/api/delete", axum::routing::delete(empty_ok))
-        .route("/v1/chat/completions", post(inference::v1_chat))
-        .route("/v1/completions", post(inference::v1_completions))
-        .route("/v1/embeddings", post(inference::v1_embeddings))
+        .route("/v1/chat/completions", answer(Api::V1Chat))
+        .route("/v1/completions", answer(Api::V1Completions))
+        .route("/v1/embeddings", embed(Kind::Embed, Shape::OpenAi))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/audio/transcriptions", post(audio::transcriptions))
@@ -272,11 +274,8 @@ async fn v1_models(State(state): SharedState) -> Response {
     let data: Vec<Value> = (0..state.names.len())
         .map(|i| v1_entry(&state, i, state.names[i].display()))
         .collect();
-    let data = if data.is_empty() {
-        Value::Null
-    } else {
-        json!(data)
-    };
+    // No models: `data` is null, as Ollama's nil slice is.
+    let data = (!data.is_empty()).then_some(data);
     v1_json(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
 

@@ -59,26 +59,16 @@ impl SimServer {
         let start_delay = spec.faults.start_delay.filter(|d| !d.is_zero());
         let lifetime = spec.faults.lifetime;
         let state = Arc::new(ServerState::new(spec, addr));
+        let listener = listener.filter(|_| start_delay.is_none());
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let listening = Arc::new(AtomicBool::new(listener.is_some()));
         let life = Life {
             state: state.clone(),
-            cancel: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            listening: Arc::new(AtomicBool::new(false)),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+            listening: listening.clone(),
         };
-        let listener = if start_delay.is_some() {
-            None
-        } else {
-            listener
-        };
-        if listener.is_some() {
-            life.listening.store(true, Ordering::SeqCst);
-        }
-        let (cancel, tracker, listening) = (
-            life.cancel.clone(),
-            life.tracker.clone(),
-            life.listening.clone(),
-        );
-        life.tracker.spawn(async move {
+        tracker.clone().spawn(async move {
             let listener = match listener {
                 Some(l) => l,
                 None => {

@@ -147,28 +147,20 @@ impl ModelSpec {
     pub fn named(name: &str) -> ModelSpec {
         let lower = name.to_ascii_lowercase();
         let embedding_only = ["embed", "minilm", "bge"].iter().any(|k| lower.contains(k));
-        if embedding_only {
-            ModelSpec {
-                name: name.into(),
-                embedding_only,
-                family: "bert".into(),
-                parameter_size: "23M".into(),
-                quantization: "F16".into(),
-                size: 45_960_996,
-                context_length: 512,
-                load_time: None,
-            }
+        let (family, parameter_size, quantization, size, context_length) = if embedding_only {
+            ("bert", "23M", "F16", 45_960_996, 512)
         } else {
-            ModelSpec {
-                name: name.into(),
-                embedding_only,
-                family: "llama".into(),
-                parameter_size: "3.2B".into(),
-                quantization: "Q4_K_M".into(),
-                size: 2_019_393_189,
-                context_length: 4096,
-                load_time: None,
-            }
+            ("llama", "3.2B", "Q4_K_M", 2_019_393_189, 4096)
+        };
+        ModelSpec {
+            name: name.into(),
+            embedding_only,
+            family: family.into(),
+            parameter_size: parameter_size.into(),
+            quantization: quantization.into(),
+            size,
+            context_length,
+            load_time: None,
         }
     }
 }

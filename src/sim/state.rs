@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
 use super::cache::PromptCache;
@@ -19,6 +19,15 @@ use super::name::Name;
 use super::sched::{ModelInit, QueueFull, Scheduler, Slot};
 use super::spec::{FaultSpec, ModelSpec, ServerSpec};
 use super::stats::Counters;
+
+/// What a request asks of its model: the errors for a missing or unfit one differ.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Kind {
+    Generate,
+    Chat,
+    Embed,
+    Embeddings,
+}
 
 /// A handler's view of its server.
 pub(crate) type SharedState = State<Arc<ServerState>>;
@@ -88,6 +97,39 @@ impl ServerState {
     /// The index of the model `name` matches.
     pub fn find(&self, name: &Name) -> Option<usize> {
         self.names.iter().position(|n| n.matches(name))
+    }
+
+    /// The index of the model `raw` names, or the status and message Ollama
+    /// answers for `kind` when there is none or it cannot do `kind`.
+    pub fn resolve(&self, raw: &str, kind: Kind) -> Result<usize, (StatusCode, String)> {
+        let bad = |msg: &str| (StatusCode::BAD_REQUEST, msg.to_string());
+        if raw.is_empty() {
+            return Err(match kind {
+                Kind::Chat | Kind::Embeddings => bad("model is required"),
+                Kind::Generate | Kind::Embed => {
+                    (StatusCode::NOT_FOUND, "model '' not found".into())
+                }
+            });
+        }
+        let name = Name::parse(raw).ok_or_else(|| bad("invalid model name"))?;
+        let Some(index) = self.find(&name) else {
+            let msg = match kind {
+                Kind::Generate | Kind::Chat => format!("model '{raw}' not found"),
+                Kind::Embed | Kind::Embeddings => {
+                    format!("model \"{raw}\" not found, try pulling it first")
+                }
+            };
+            return Err((StatusCode::NOT_FOUND, msg));
+        };
+        match kind {
+            Kind::Generate if self.model(index).embedding_only => {
+                Err(bad(&format!("\"{raw}\" does not support generate")))
+            }
+            Kind::Chat if self.model(index).embedding_only => {
+                Err(bad(&format!("\"{raw}\" does not support chat")))
+            }
+            _ => Ok(index),
+        }
     }
 
     /// The spec of model `index`.

@@ -61,11 +61,10 @@ impl Counters {
     pub(crate) fn request(&self, path: &str) {
         let mut s = self.lock();
         s.total += 1;
-        match s.requests.get_mut(path) {
-            Some(n) => *n += 1,
-            None => {
-                s.requests.insert(path.to_owned(), 1);
-            }
+        if let Some(n) = s.requests.get_mut(path) {
+            *n += 1;
+        } else {
+            s.requests.insert(path.to_owned(), 1);
         }
     }
 
