@@ -549,11 +549,25 @@ storm_row() {
     echo "| $1 | $(kv connected "$line") | $3 | $(tcpext_delta TCPSynRetrans) | $(kv connect_p50_ms "$line") ms | $(kv connect_p99_ms "$line") ms | $(kv connect_max_ms "$line") ms | $(kv health_p50_ms "$line") ms | $(kv health_p99_ms "$line") ms | $(kv health_max_ms "$line") ms |" >>"$TMP/storm-rows.md"
 }
 
+# storm LABEL URL WANT: WANT clients connect to URL at once; logs the
+# loadgen's line and the TcpExt counters that moved, writes LABEL's row of
+# the storm table, and leaves the loadgen's line in STORM_LINE.
+storm() {
+    local before
+    before=$(listen_overflows)
+    tcpext "$TMP/tcpext-before"
+    STORM_LINE=$(taskset -c 1 "$LOADGEN" queue --proxy "$2" --clients "$3" --hold-secs 10)
+    tcpext "$TMP/tcpext-after"
+    log "$1: $STORM_LINE"
+    log "$1: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
+    storm_row "$1" "$STORM_LINE" $(($(listen_overflows) - before))
+}
+
 # queue_nginx WANT: the same storm against nginx on CPU 0, which holds every
 # request but the first in limit_req's delay queue and answers
 # /__proxy/health itself.
 queue_nginx() {
-    local want=$1 line before
+    local want=$1
     start_sims 31200 1 1 --parallel 1 --tokens-per-second 1
     local sims=$SIM_PID
     ports_free $NGINX_PORT $NGINX_PORT
@@ -578,13 +592,7 @@ EOF
     start nginx-queue taskset -c 0 nginx -p "$TMP/nginx-queue" -c "$TMP/nginx-queue/nginx.conf" -e "$TMP/nginx-queue/error.log"
     local nginx=$LAST_PID
     wait_for "http://127.0.0.1:$NGINX_PORT/__proxy/health" '.status == "ok"'
-    before=$(listen_overflows)
-    tcpext "$TMP/tcpext-before"
-    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$NGINX_PORT" --clients "$want" --hold-secs 10)
-    tcpext "$TMP/tcpext-after"
-    log "nginx: $line"
-    log "nginx: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
-    storm_row nginx "$line" $(($(listen_overflows) - before))
+    storm nginx "http://127.0.0.1:$NGINX_PORT" "$want"
     stop "$nginx"
     stop "$sims"
 }
@@ -596,15 +604,10 @@ queue_row() {
     local sims=$SIM_PID
     CORRAL=$bin start_corral 0 BACKEND_PORT_START=31200 BACKEND_PORT_END=31200 MAX_CONCURRENT_PER_BACKEND=1
     wait_for "http://127.0.0.1:$PROXY_PORT/__proxy/health" '.healthy_backends == 1'
-    local rss0 line gen queued inflight before
+    local rss0 line gen queued inflight
     rss0=$(peak_rss_mb "$CORRAL_PID")
-    before=$(listen_overflows)
-    tcpext "$TMP/tcpext-before"
-    line=$(taskset -c 1 "$LOADGEN" queue --proxy "http://127.0.0.1:$PROXY_PORT" --clients "$want" --hold-secs 10)
-    tcpext "$TMP/tcpext-after"
-    log "$label: $line"
-    log "$label: TcpExt moved: $(tcpext_moved "$TMP/tcpext-before" "$TMP/tcpext-after")"
-    storm_row "corral, $label" "$line" $(($(listen_overflows) - before))
+    storm "corral, $label" "http://127.0.0.1:$PROXY_PORT" "$want"
+    line=$STORM_LINE
     sleep 1
     gen=$(curl -fs --max-time 5 http://127.0.0.1:31200/__sim/stats | jq '.requests["/api/generate"] // 0')
     queued=$(curl -fs --max-time 5 "http://127.0.0.1:$PROXY_PORT/metrics" | awk '/^corral_queue_depth / {print $2}')
